@@ -1,0 +1,140 @@
+"""``lora-extract``: the extraction core on the command line, without ComfyUI.
+
+Exit status: 0 success, 2 bad input (one line on stderr says why; no output file),
+130 interrupted (Ctrl-C; no output file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from .extract import (
+    ALGORITHMS,
+    LORA_TYPES,
+    OUTPUT_DTYPES,
+    ExtractConfig,
+    ExtractionInputError,
+    extract_to_file,
+    open_source,
+)
+from .extract.keys import KEY_STYLES
+
+log = logging.getLogger("lora_extract")
+
+
+def _add_extract_options(p: argparse.ArgumentParser) -> None:
+    d = ExtractConfig()
+    p.add_argument("--rank", type=int, default=d.rank, help="rank, or rank cap for adaptive types")
+    p.add_argument("--conv-rank", type=int, default=d.conv_rank, help="rank for conv layers (0: same as --rank)")
+    p.add_argument("--lora-type", choices=LORA_TYPES, default=d.lora_type)
+    p.add_argument("--adaptive-param", type=float, default=d.adaptive_param)
+    p.add_argument("--algorithm", choices=ALGORITHMS, default=d.algorithm)
+    p.add_argument("--lowrank-iters", type=int, default=d.lowrank_iters)
+    p.add_argument("--dtype", choices=tuple(OUTPUT_DTYPES), default=d.output_dtype)
+    p.add_argument("--no-bias-diff", action="store_true", help="do not store bias / 1-D differences")
+    p.add_argument("--clamp-quantile", type=float, default=d.clamp_quantile)
+    p.add_argument("--no-clamp", action="store_true", help="do not clamp factor outliers")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="alpha (0: equal to rank)")
+    p.add_argument("--key-style", choices=KEY_STYLES, default=d.key_style)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--report", help="write the per-layer report as JSON here")
+    p.add_argument("--prefetch", type=int, default=2, help="layers read ahead in the background")
+
+
+def _config(a: argparse.Namespace) -> ExtractConfig:
+    return ExtractConfig(
+        rank=a.rank, conv_rank=a.conv_rank, lora_type=a.lora_type,
+        adaptive_param=a.adaptive_param, algorithm=a.algorithm, lowrank_iters=a.lowrank_iters,
+        output_dtype=a.dtype, bias_diff=not a.no_bias_diff,
+        clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
+        key_style=a.key_style, device=a.device).validate()
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int, key: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr,
+                       disable=not sys.stderr.isatty() and os.environ.get("LORA_EXTRACT_PROGRESS") != "1")
+        bar.set_postfix_str(key[-48:], refresh=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+    return update
+
+
+def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
+                report_path: str | None, prefetch: int, overwrite: bool = False) -> int:
+    base = open_source(base_path)
+    tuned = open_source(tuned_path)
+    report = extract_to_file(base, tuned, cfg, out, progress=_progress_bar("extract"),
+                             prefetch=prefetch, overwrite=overwrite)
+    if report_path:
+        with open(report_path, "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+    print(report.format_text())
+    return 0
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    if os.path.exists(a.output) and not a.overwrite:
+        raise ExtractionInputError(f"{a.output} already exists; pass --overwrite or pick another name.")
+    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .extract.synthetic import demo_layers, write_pair
+
+    folder = a.dir or tempfile.mkdtemp(prefix="lora-extract-demo-")
+    base, tuned = write_pair(folder, demo_layers(), seed=0)
+    out = os.path.join(folder, "demo_lora.safetensors")
+    print(f"demo pair: {base} and {tuned}")
+    return run_extract(base, tuned, out, _config(a), a.report, a.prefetch, overwrite=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-extract", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("extract", help="extract a LoRA from TUNED - BASE")
+    p.add_argument("base")
+    p.add_argument("tuned")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_extract_options(p)
+    p.set_defaults(func=cmd_extract)
+    p = sub.add_parser("demo", help="generate a small base/fine-tuned pair and extract it")
+    p.add_argument("--dir", help="folder for the demo files (default: a new temp folder)")
+    _add_extract_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * a.verbose, format="%(levelname)s %(message)s")
+    try:
+        return a.func(a)
+    except ExtractionInputError as e:
+        print(f"lora-extract: error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"lora-extract: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lora-extract: interrupted; no output file was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

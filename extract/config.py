@@ -1,0 +1,96 @@
+"""Extraction options as one validated, serialisable dataclass."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import ExtractionInputError
+from .keys import KEY_STYLES
+from .rank_rules import RANK_RULES
+
+LORA_TYPES = ("standard", "full", "adaptive_ratio", "adaptive_quantile", "adaptive_energy",
+              "adaptive_fro")
+ALGORITHMS = ("svd_linalg", "svd_lowrank")
+OUTPUT_DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+}
+MAX_RANK = 4096
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Every knob of an extraction. Defaults are those of the LoraExtract node."""
+
+    rank: int = 8
+    lora_type: str = "standard"
+    algorithm: str = "svd_linalg"
+    lowrank_iters: int = 7
+    output_dtype: str = "fp16"
+    bias_diff: bool = True
+    adaptive_param: float = 0.15
+    clamp_quantile: float | None = 0.99   # None: no clamp
+    conv_rank: int = 0                    # 0: same as rank
+    alpha: float = 0.0                    # 0: alpha equals each layer's rank (scale 1)
+    key_style: str = "comfy"
+    device: str = "cpu"
+    seed: int = 0                         # randomized SVD sketch; fixed for reproducible files
+    oversample: int = 16                  # extra randomized sketch columns past the rank cap
+
+    def validate(self) -> ExtractConfig:
+        def bad(what: str) -> ExtractionInputError:
+            return ExtractionInputError(what)
+        if self.lora_type not in LORA_TYPES:
+            raise bad(f"lora_type {self.lora_type!r} is not one of {', '.join(LORA_TYPES)}.")
+        if self.lora_type != "full" and self.lora_type not in RANK_RULES:
+            raise bad(f"lora_type {self.lora_type!r} has no rank rule.")
+        if self.algorithm not in ALGORITHMS:
+            raise bad(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
+            raise bad(f"rank {self.rank!r} is out of range: use 1..{MAX_RANK}.")
+        if not isinstance(self.conv_rank, int) or not 0 <= self.conv_rank <= MAX_RANK:
+            raise bad(f"conv_rank {self.conv_rank!r} is out of range: use 0 (same as rank) "
+                      f"or 1..{MAX_RANK}.")
+        if not 1 <= self.lowrank_iters <= 100:
+            raise bad(f"lowrank_iters {self.lowrank_iters!r} is out of range: use 1..100.")
+        if not 0.0 <= self.adaptive_param <= 1.0 or self.adaptive_param != self.adaptive_param:
+            raise bad(f"adaptive_param {self.adaptive_param!r} is out of range: use 0.0..1.0.")
+        if self.clamp_quantile is not None and not 0.0 < self.clamp_quantile <= 1.0:
+            raise bad(f"clamp_quantile {self.clamp_quantile!r} is out of range: use a value in "
+                      "(0, 1], e.g. 0.99, or turn clamping off.")
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise bad(f"output_dtype {self.output_dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}.")
+        if not self.alpha >= 0 or self.alpha != self.alpha:
+            raise bad(f"alpha {self.alpha!r} must be >= 0 (0 means alpha = rank).")
+        if self.key_style not in KEY_STYLES:
+            raise bad(f"key_style {self.key_style!r} is not one of {', '.join(KEY_STYLES)}.")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return OUTPUT_DTYPES[self.output_dtype]
+
+    def rank_cap(self, ndim: int) -> int:
+        """The rank (cap) for a weight with ``ndim`` dimensions: conv layers may differ."""
+        if ndim >= 3 and self.conv_rank:
+            return self.conv_rank
+        return self.rank
+
+    def file_tag(self) -> str:
+        """The ``{rank or type_param}`` part of output names: ``8`` or ``adaptive_ratio_0.15``."""
+        if self.lora_type == "standard":
+            return str(self.rank)
+        if self.lora_type == "full":
+            return "full"
+        return f"{self.lora_type}_{self.adaptive_param:g}"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def metadata(self) -> dict[str, str]:
+        """Every extraction parameter, as safetensors metadata (strings only)."""
+        meta = {f"lora_extract.{k}": json.dumps(v) for k, v in self.to_dict().items()}
+        meta["lora_extract.config"] = json.dumps(self.to_dict(), sort_keys=True)
+        return meta

@@ -1,0 +1,129 @@
+"""Per-layer extraction: one weight difference in, LoRA factors and their measured error out.
+
+This is a pure function of the difference tensor and the options. It is shared by the
+streaming pipeline, the ComfyUI nodes and the V2 block-swap manager, so all of them store
+identical factors for identical inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .clamp import clamp_factors
+from .config import ExtractConfig
+from .decompose import TruncatedSVD, exact_svd, randomized_svd, singular_values
+from .rank_rules import RULE_NEEDS, SpectrumTotals, select_rank
+
+# When the randomized sketch would be this large a share of the smaller side, an exact SVD
+# is as cheap and has no estimation error.
+RANDOMIZED_MAX_FRACTION = 0.25
+# How many leading singular values a result keeps for reports and charts.
+SPECTRUM_KEEP = 256
+
+
+def layer_kind(shape: tuple[int, ...]) -> str:
+    """A short name for the layer family a weight shape belongs to."""
+    if len(shape) == 2:
+        return "linear"
+    if len(shape) == 4:
+        return "conv1x1" if shape[2:] == (1, 1) else "conv"
+    if len(shape) == 5:
+        return "conv3d"
+    if len(shape) == 3:
+        return "conv1d"
+    return "vector" if len(shape) == 1 else "scalar"
+
+
+@dataclass
+class LoraFactors:
+    """Stored factors of one layer: ``(alpha / rank) * up @ down ~= dW`` at strength 1."""
+
+    up: torch.Tensor      # [out, r, 1...] in the output dtype
+    down: torch.Tensor    # [r, in, k...] in the output dtype
+    alpha: float
+    rank: int
+
+
+@dataclass
+class LayerExtraction:
+    """What extracting one matrix produced, and how well it reproduces the difference."""
+
+    factors: LoraFactors
+    rel_error: float               # ||dW - stored||_F / ||dW||_F, after clamp and dtype cast
+    rel_error_unclamped: float     # same, of the truncated SVD before clamp and cast
+    clamp_threshold: float | None  # |entry| limit applied by the clamp, None when off
+    spectrum: list[float] = field(default_factory=list)   # leading singular values (computed)
+    seconds: float = 0.0
+
+
+def _decompose(mat: torch.Tensor, cfg: ExtractConfig, cap: int, fro2: float,
+               generator: torch.Generator | None) -> tuple[TruncatedSVD, int]:
+    """Decompose ``mat`` and choose the rank by the configured rule."""
+    m, n = mat.shape
+    small = min(m, n)
+    rule = cfg.lora_type
+    need = RULE_NEEDS[rule]
+    # Adaptive rules look past the cap: oversampling makes the estimates near the cap accurate.
+    width = min(cap, small) + cfg.oversample
+    use_exact = cfg.algorithm == "svd_linalg" or width >= RANDOMIZED_MAX_FRACTION * small
+    if use_exact:
+        svd = exact_svd(mat)
+        totals = SpectrumTotals(nuclear=float(svd.S.double().sum()), energy=fro2)
+    else:
+        k = min(cap, small) if rule == "standard" else min(small, width)
+        svd = randomized_svd(mat, k, cfg.oversample, cfg.lowrank_iters, generator)
+        nuclear = float(singular_values(mat).double().sum()) if "nuclear" in need else None
+        totals = SpectrumTotals(nuclear=nuclear, energy=fro2)
+    rank = select_rank(rule, svd.S, cfg.adaptive_param, cap, small, totals)
+    return svd, rank
+
+
+def extract_matrix(diff: torch.Tensor, cfg: ExtractConfig, *, fro: float | None = None,
+                   generator: torch.Generator | None = None) -> LayerExtraction:
+    """Extract LoRA factors from a float32 weight difference of 2 or more dimensions.
+
+    ``diff`` is consumed: it is overwritten with the residual to measure the error without
+    a second full-size buffer. ``fro`` is ``||diff||_F`` if the caller already has it.
+    """
+    t0 = time.perf_counter()
+    shape = tuple(diff.shape)
+    out_dim = shape[0]
+    mat = diff.reshape(out_dim, -1)
+    if fro is None:
+        fro = float(torch.linalg.vector_norm(mat))
+    fro2 = fro * fro
+    cap = cfg.rank_cap(len(shape))
+    svd, rank = _decompose(mat, cfg, cap, fro2, generator)
+    kept = svd.truncate(rank)
+    kept_energy = float((kept.S.double() ** 2).sum())
+    # Eckart-Young: an orthogonal projection's error is exactly the energy it leaves out.
+    unclamped = math.sqrt(max(fro2 - kept_energy, 0.0)) / fro if fro > 0 else 0.0
+
+    alpha = float(cfg.alpha) if cfg.alpha > 0 else float(rank)
+    # Balanced factors (sqrt(S) on both sides), scaled so that alpha/rank * up @ down == dW.
+    root = torch.sqrt(kept.S) * math.sqrt(rank / alpha)
+    up = kept.U * root.unsqueeze(0)
+    down = kept.Vh * root.unsqueeze(1)
+    threshold = None
+    if cfg.clamp_quantile is not None:
+        up, down, threshold = clamp_factors(up, down, cfg.clamp_quantile)
+    up_out = up.to(cfg.torch_dtype)
+    down_out = down.to(cfg.torch_dtype)
+
+    # Residual in place: dW - (alpha/rank) * up @ down, with the factors as stored.
+    mat.addmm_(up_out.float(), down_out.float(), alpha=-(alpha / rank))
+    rel_error = float(torch.linalg.vector_norm(mat)) / fro if fro > 0 else 0.0
+
+    tail = (1,) * (len(shape) - 2)
+    factors = LoraFactors(
+        up=up_out.reshape(out_dim, rank, *tail).contiguous().cpu(),
+        down=down_out.reshape(rank, *shape[1:]).contiguous().cpu(),
+        alpha=alpha, rank=rank)
+    return LayerExtraction(
+        factors=factors, rel_error=rel_error, rel_error_unclamped=unclamped,
+        clamp_threshold=threshold, spectrum=svd.S[:SPECTRUM_KEEP].tolist(),
+        seconds=time.perf_counter() - t0)

@@ -1,0 +1,119 @@
+"""Pair the keys of a base and a fine-tuned source, and compute their differences.
+
+Every key of either model is classified here once, before any work, so a mismatch between the
+two models is reported before minutes of SVD, and no key can fall through the cracks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ExtractionInputError
+from .keys import diffusion_path
+from .sources import WeightSource
+
+# Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
+SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",
+                      ".scale_input")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """One parameter present in both models."""
+
+    tuned_key: str
+    base_key: str
+    path: str                     # the parameter path inside the diffusion model
+    shape: tuple[int, ...]
+
+
+@dataclass
+class PairPlan:
+    """The keys to process, and those left out with the reason."""
+
+    common: list[KeyPair] = field(default_factory=list)
+    left_out: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+    weight_paths: set[str] = field(default_factory=set)
+
+    def module_has_weight(self, path: str) -> bool:
+        """Whether ``<module>.weight`` exists next to a ``<module>.bias`` path."""
+        return path.rsplit(".", 1)[0] + ".weight" in self.weight_paths
+
+
+def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
+    """Match keys by diffusion path; refuse empty, disjoint or shape-mismatched models."""
+    base_keys = base.keys()
+    tuned_keys = tuned.keys()
+    for src, keys in ((base, base_keys), (tuned, tuned_keys)):
+        if not keys:
+            raise ExtractionInputError(f"{src.name}: the model has no weights. Check the file.")
+    plan = PairPlan()
+    base_by_path: dict[str, str] = {}
+    for k in base_keys:
+        p = diffusion_path(k)
+        if p is not None:
+            base_by_path[p] = k
+    seen_base: set[str] = set()
+    for k in tuned_keys:
+        p = diffusion_path(k)
+        if p is None:
+            plan.left_out.append((k, tuple(tuned.shape(k)),
+                                  "not part of the diffusion model (text encoder / VAE)"))
+            continue
+        if k.endswith(SYNTHETIC_SUFFIXES):
+            plan.left_out.append((k, tuple(tuned.shape(k)), "quantization metadata, not a weight"))
+            seen_base.add(base_by_path.get(p, ""))
+            continue
+        bk = base_by_path.get(p)
+        if bk is None:
+            plan.left_out.append((k, tuple(tuned.shape(k)), "only in the fine-tuned model"))
+            continue
+        seen_base.add(bk)
+        ts, bs = tuple(tuned.shape(k)), tuple(base.shape(bk))
+        if ts != bs:
+            raise ExtractionInputError(
+                f"key {k!r} has shape {list(ts)} in {tuned.name} but {list(bs)} in {base.name}: "
+                "the models are not the same architecture. Pick the matching base model.")
+        plan.common.append(KeyPair(k, bk, p, ts))
+    for k in base_keys:
+        if k in seen_base:
+            continue
+        p = diffusion_path(k)
+        reason = ("not part of the diffusion model (text encoder / VAE)" if p is None
+                  else "quantization metadata, not a weight" if k.endswith(SYNTHETIC_SUFFIXES)
+                  else "only in the base model")
+        plan.left_out.append((k, tuple(base.shape(k)), reason))
+    if not plan.common:
+        raise ExtractionInputError(
+            f"{tuned.name} and {base.name} share no weight keys: they are different "
+            f"architectures (e.g. {tuned_keys[0]!r} vs {base_keys[0]!r}). Pick the matching base model.")
+    plan.weight_paths = {kp.path for kp in plan.common if kp.path.endswith(".weight")}
+    return plan
+
+
+def load_difference(base: WeightSource, tuned: WeightSource, tuned_key: str, base_key: str,
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, float]:
+    """``tuned - base`` in float32 on ``device`` and its Frobenius norm.
+
+    A NaN or Inf in either model is an input error naming the key and the model.
+    """
+    diff = tuned.get(tuned_key, device, torch.float32)
+    b = base.get(base_key, device)
+    if b.dtype not in _FLOAT_DTYPES:
+        b = b.to(torch.float32)  # fp8 / ints: no mixed-dtype in-place subtraction for those
+    diff.sub_(b)  # in place, upcasting b element-wise: no second float32 buffer
+    del b
+    fro = float(torch.linalg.vector_norm(diff))
+    if fro != fro or fro == float("inf"):
+        for src, k in ((tuned, tuned_key), (base, base_key)):
+            if not bool(torch.isfinite(src.get(k, "cpu", torch.float32)).all()):
+                raise ExtractionInputError(
+                    f"key {k!r} in {src.name} contains NaN or Inf values; the model file is "
+                    "broken. Re-download or re-save it.")
+        raise ExtractionInputError(
+            f"key {tuned_key!r}: the difference overflows float32; the models are not a "
+            "base/fine-tune pair.")
+    return diff, fro

@@ -1,0 +1,175 @@
+"""Whole-model extraction: stream key pairs, extract each layer, collect tensors and the report."""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..memory.prefetch import Prefetcher
+from .config import ExtractConfig
+from .errors import ExtractionInputError
+from .keys import keys_for_param
+from .layer import extract_matrix, layer_kind
+from .pairing import KeyPair, PairPlan, load_difference, plan_pair
+from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
+from .sources import WeightSource
+from .writer import save_safetensors_atomic
+
+log = logging.getLogger(__name__)
+
+# progress(done, total, key) after each layer; check_interrupt() raises to stop between layers.
+ProgressFn = Callable[[int, int, str], None]
+InterruptFn = Callable[[], None]
+
+
+class NothingToExtract(ExtractionInputError):
+    """No parameter differs between the two models; nothing was written."""
+
+    def __init__(self, message: str, report: ExtractionReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class ExtractionResult:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    report: ExtractionReport | None = None
+
+
+def _layer_generator(cfg: ExtractConfig, key: str) -> torch.Generator:
+    # Seeded per key: the same layer gets the same sketch whatever order layers run in.
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(key.encode()))
+
+
+def _cast_checked(t: torch.Tensor, cfg: ExtractConfig, key: str) -> torch.Tensor:
+    out = t.to(cfg.torch_dtype).contiguous().cpu()
+    if not bool(torch.isfinite(out).all()):
+        raise ExtractionInputError(
+            f"key {key!r}: values overflow {cfg.output_dtype}; use output_dtype bf16 or fp32.")
+    return out
+
+
+def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConfig,
+                 plan: PairPlan, tensors: dict[str, torch.Tensor]) -> LayerReport:
+    """Turn one difference into output tensors (added to ``tensors``) and its report line."""
+    t0 = time.perf_counter()
+    shape = pair.shape
+    kind = layer_kind(shape)
+    entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED)
+    keys, role = keys_for_param(pair.path, cfg.key_style, plan.module_has_weight(pair.path))
+    if fro == 0.0:
+        entry.reason = "no difference"
+    elif role == "weight" and len(shape) >= 2:
+        if cfg.lora_type == "full":
+            tensors[keys.diff] = _cast_checked(diff, cfg, pair.tuned_key)
+            entry.status, entry.rel_error = STATUS_DIFF, 0.0
+        else:
+            res = extract_matrix(diff, cfg, fro=fro, generator=_layer_generator(cfg, pair.path))
+            f = res.factors
+            tensors[keys.up] = f.up
+            tensors[keys.down] = f.down
+            tensors[keys.alpha] = torch.tensor(f.alpha, dtype=torch.float32)
+            entry.status, entry.rank = STATUS_LORA, f.rank
+            entry.rel_error, entry.rel_error_unclamped = res.rel_error, res.rel_error_unclamped
+            entry.spectrum = res.spectrum
+            if not all(map(bool, (torch.isfinite(f.up).all(), torch.isfinite(f.down).all()))):
+                raise ExtractionInputError(
+                    f"key {pair.tuned_key!r}: factors overflow {cfg.output_dtype}; "
+                    "use output_dtype bf16 or fp32.")
+    elif not cfg.bias_diff:
+        entry.reason = "bias_diff is off (biases and non-matrix parameters not stored)"
+    else:
+        target = keys.diff_b if role == "bias" else keys.diff
+        stored = _cast_checked(diff, cfg, pair.tuned_key)
+        tensors[target] = stored
+        entry.status = STATUS_DIFF
+        entry.rel_error = float(torch.linalg.vector_norm(stored.float() - diff)) / fro
+    entry.seconds = time.perf_counter() - t0
+    return entry
+
+
+def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
+                 progress: ProgressFn | None = None, check_interrupt: InterruptFn | None = None,
+                 prefetch: int = 2) -> ExtractionResult:
+    """Extract a LoRA from ``tuned - base``; returns tensors, metadata and the report.
+
+    Raises :class:`ExtractionInputError` for bad input (before any heavy work where possible)
+    and :class:`NothingToExtract` when the models are identical.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    plan = plan_pair(base, tuned)
+    report = ExtractionReport(config=cfg.to_dict())
+    for key, shape, reason in plan.left_out:
+        report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
+                               status=STATUS_SKIPPED, reason=reason))
+    tensors: dict[str, torch.Tensor] = {}
+    total = len(plan.common)
+
+    def load(pair: KeyPair) -> tuple[torch.Tensor, float]:
+        return load_difference(base, tuned, pair.tuned_key, pair.base_key, cfg.device)
+
+    for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
+        if check_interrupt is not None:
+            check_interrupt()
+        report.add(process_pair(pair, diff, fro, cfg, plan, tensors))
+        del diff
+        if progress is not None:
+            progress(i + 1, total, pair.tuned_key)
+    if check_interrupt is not None:
+        check_interrupt()
+    report.seconds = time.perf_counter() - t0
+    if not tensors:
+        differs = [r for r in report.layers if r.reason != "no difference" and r.status != STATUS_SKIPPED]
+        msg = ("the two models are identical: no parameter differs, so there is nothing to "
+               "extract and no file was written." if not differs else
+               "no parameter could be stored; see the report.")
+        raise NothingToExtract(msg, report)
+    metadata = cfg.metadata()
+    metadata.update(_network_metadata(cfg, report))
+    return ExtractionResult(tensors=tensors, metadata=metadata, report=report)
+
+
+def _network_metadata(cfg: ExtractConfig, report: ExtractionReport) -> dict[str, str]:
+    """kohya-compatible ``ss_*`` fields (trainers and UIs read them) plus our format version."""
+    import json
+
+    s = report.summary()
+    dim = s.rank_max if s.rank_max is not None else cfg.rank
+    meta = {"lora_extract.format": "1", "lora_extract.key_style": cfg.key_style}
+    if cfg.key_style == "kohya":
+        alpha = cfg.alpha if cfg.alpha > 0 else dim
+        meta.update({
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(dim),
+            "ss_network_alpha": f"{alpha:g}",
+            "ss_network_args": json.dumps({
+                "conv_dim": str(cfg.conv_rank or cfg.rank),
+                "conv_alpha": f"{(cfg.alpha if cfg.alpha > 0 else (cfg.conv_rank or cfg.rank)):g}",
+                "algo": "lora", "extracted_by": "lora_extract",
+            }),
+        })
+    return meta
+
+
+def extract_to_file(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, path: str, *,
+                    progress: ProgressFn | None = None, check_interrupt: InterruptFn | None = None,
+                    prefetch: int = 2, overwrite: bool = False) -> ExtractionReport:
+    """Extract and write the LoRA atomically to ``path``; returns the report."""
+    result = extract_lora(base, tuned, cfg, progress=progress, check_interrupt=check_interrupt,
+                          prefetch=prefetch)
+    report = result.report
+    assert report is not None
+    t0 = time.perf_counter()
+    report.file_bytes = save_safetensors_atomic(result.tensors, path, result.metadata,
+                                                overwrite=overwrite)
+    report.output_path = path
+    report.seconds += time.perf_counter() - t0
+    log.info("saved %s (%d bytes)", path, report.file_bytes)
+    return report

@@ -1,0 +1,127 @@
+"""Typed extraction report: one entry per model key, and a summary.
+
+Every key of either model appears exactly once: extracted as a LoRA, stored as a diff, or
+skipped with the reason. Serialises to JSON for the command line and the node's report output.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+
+STATUS_LORA = "lora"
+STATUS_DIFF = "diff"
+STATUS_SKIPPED = "skipped"
+
+
+@dataclass
+class LayerReport:
+    key: str
+    shape: list[int]
+    kind: str
+    status: str                          # lora / diff / skipped
+    reason: str = ""                     # why skipped, or a note (e.g. "clamped at 0.0123")
+    rank: int | None = None
+    rel_error: float | None = None       # of the stored tensors against the difference
+    rel_error_unclamped: float | None = None
+    seconds: float = 0.0
+    spectrum: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ExtractionSummary:
+    layers: int
+    lora: int
+    diff: int
+    skipped: int
+    mean_error: float | None
+    median_error: float | None
+    worst_error: float | None
+    worst_key: str | None
+    mean_clamp_added_error: float | None
+    rank_min: int | None
+    rank_max: int | None
+    file_bytes: int
+    seconds: float
+
+
+@dataclass
+class ExtractionReport:
+    config: dict[str, object]
+    layers: list[LayerReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    output_path: str | None = None
+    file_bytes: int = 0
+    seconds: float = 0.0
+
+    def add(self, layer: LayerReport) -> None:
+        self.layers.append(layer)
+
+    def summary(self) -> ExtractionSummary:
+        lora = [r for r in self.layers if r.status == STATUS_LORA]
+        errs = [r.rel_error for r in lora if r.rel_error is not None]
+        clamp_added = [r.rel_error - r.rel_error_unclamped for r in lora
+                       if r.rel_error is not None and r.rel_error_unclamped is not None]
+        worst = max(lora, key=lambda r: r.rel_error or 0.0) if lora else None
+        ranks = [r.rank for r in lora if r.rank is not None]
+        return ExtractionSummary(
+            layers=len(self.layers),
+            lora=len(lora),
+            diff=sum(r.status == STATUS_DIFF for r in self.layers),
+            skipped=sum(r.status == STATUS_SKIPPED for r in self.layers),
+            mean_error=statistics.fmean(errs) if errs else None,
+            median_error=statistics.median(errs) if errs else None,
+            worst_error=worst.rel_error if worst else None,
+            worst_key=worst.key if worst else None,
+            mean_clamp_added_error=statistics.fmean(clamp_added) if clamp_added else None,
+            rank_min=min(ranks) if ranks else None,
+            rank_max=max(ranks) if ranks else None,
+            file_bytes=self.file_bytes,
+            seconds=self.seconds,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "config": self.config,
+            "summary": asdict(self.summary()),
+            "notes": list(self.notes),
+            "output_path": self.output_path,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def skipped_reasons(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.layers:
+            if r.status == STATUS_SKIPPED:
+                out[r.reason] = out.get(r.reason, 0) + 1
+        return out
+
+    def format_text(self, worst: int = 5) -> str:
+        """A short human summary (node UI, command line)."""
+        s = self.summary()
+        lines = [
+            f"layers: {s.layers} ({s.lora} LoRA, {s.diff} diff, {s.skipped} skipped)",
+        ]
+        if s.rank_min is not None:
+            lines.append(f"rank: {s.rank_min}..{s.rank_max}")
+        if s.mean_error is not None:
+            lines.append(f"relative error: mean {s.mean_error:.4f}, median {s.median_error:.4f}, "
+                         f"worst {s.worst_error:.4f} ({s.worst_key})")
+        if s.mean_clamp_added_error is not None:
+            lines.append(f"error added by clamp + dtype cast: mean {s.mean_clamp_added_error:+.5f}")
+        for reason, n in sorted(self.skipped_reasons().items()):
+            lines.append(f"skipped {n}: {reason}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        if self.output_path:
+            lines.append(f"file: {self.output_path} ({s.file_bytes / 2**20:.2f} MiB)")
+        lines.append(f"time: {s.seconds:.2f} s")
+        lora = sorted((r for r in self.layers if r.status == STATUS_LORA and r.rel_error is not None),
+                      key=lambda r: -(r.rel_error or 0.0))[:worst]
+        if lora:
+            lines.append("worst layers:")
+            lines.extend(f"  {r.rel_error:.4f}  rank {r.rank}  {r.key}" for r in lora)
+        return "\n".join(lines)

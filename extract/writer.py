@@ -1,0 +1,81 @@
+"""Atomic safetensors output: the file appears under its final name only when complete.
+
+We serialise ourselves (header + raw bytes, streamed tensor by tensor) instead of building the
+whole file in memory, write to a hidden temporary name in the destination folder, fsync, and
+then hard-link it to the final name, which fails instead of overwriting if that name exists.
+Any failure (disk full, interrupt, crash of the writer) removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+
+import torch
+
+from .errors import ExtractionInputError
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    # A byte view works for every dtype, including bf16/fp8 that numpy does not know.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, t in tensors.items():
+        if t.dtype not in _DTYPE_NAMES:
+            raise ExtractionInputError(f"cannot save {key!r}: dtype {t.dtype} is not supported.")
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for t in tensors.values():
+        f.write(_tensor_bytes(t))
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str,
+                            metadata: Mapping[str, str] | None = None, *,
+                            overwrite: bool = False) -> int:
+    """Write ``tensors`` to ``path`` atomically; return the file size in bytes.
+
+    Refuses to replace an existing file unless ``overwrite`` is set.
+    """
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; choose another name.")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors.part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_safetensors(f, tensors, metadata or {})
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic, and never replaces a file that appeared meanwhile
+            os.unlink(tmp)
+    except BaseException:
+        # BaseException: an interrupt or Ctrl-C must not leave a temporary file behind either.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return os.path.getsize(path)

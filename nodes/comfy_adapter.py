@@ -1,0 +1,168 @@
+"""The one place that calls into ComfyUI internals.
+
+ComfyUI's Python API changes between versions; keeping every call here means a version bump
+touches one file. Everything is imported lazily inside functions, so importing the pack (for
+the command line or the core tests) never imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DIFFUSION_PREFIX = "diffusion_model."
+
+
+# --- folders -------------------------------------------------------------------------------
+
+def output_directory() -> str:
+    import folder_paths
+
+    return folder_paths.get_output_directory()
+
+
+def loras_directory() -> str:
+    import folder_paths
+
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def lora_file_names() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_full_path(name: str) -> str | None:
+    import folder_paths
+
+    return folder_paths.get_full_path("loras", name)
+
+
+# --- progress and interrupt ---------------------------------------------------------------
+
+def progress_bar(total: int) -> Callable[[int, int, str], None]:
+    """A progress callback driving ComfyUI's per-node progress bar."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, total_: int, key: str) -> None:
+        bar.update_absolute(done, total_)
+    return update
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def send_progress_text(text: str, node_id: str | None) -> None:
+    """Live status text on the node (newer ComfyUI); silently absent on older versions."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    send = getattr(instance, "send_progress_text", None)
+    if send is not None:
+        send(text, node_id)
+
+
+# --- devices and memory -------------------------------------------------------------------
+
+def compute_device() -> torch.device:
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
+
+
+def free_memory(bytes_needed: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload models until ``bytes_needed`` are free on ``device``."""
+    import comfy.model_management
+
+    comfy.model_management.free_memory(bytes_needed, device)
+
+
+def free_and_total_memory(device: torch.device) -> tuple[int, int]:
+    import comfy.model_management
+
+    free = comfy.model_management.get_free_memory(device)
+    total = comfy.model_management.get_total_memory(device)
+    return int(free), int(total)
+
+
+def soft_empty_cache() -> None:
+    import comfy.model_management
+
+    comfy.model_management.soft_empty_cache()
+
+
+# --- reading a MODEL ----------------------------------------------------------------------
+
+def _stored_weight(patcher, key: str) -> tuple[torch.Tensor, Callable | None]:
+    """The unpatched weight of ``key`` and ComfyUI's convert function for it, if any.
+
+    A loaded model may hold patched weights in place; the original is then in the patcher's
+    backup (shared between clones), exactly where ``get_key_patches`` looks for it.
+    """
+    import comfy.model_patcher
+
+    weight, _set_func, convert_func = comfy.model_patcher.get_key_weight(patcher.model, key)
+    backup = getattr(patcher, "backup", {}).get(key)
+    if backup is not None:
+        weight = backup.weight
+    hook_backup = getattr(patcher, "hook_backup", {}).get(key)
+    if hook_backup is not None:
+        weight = hook_backup[0]
+    return weight, convert_func
+
+
+def _dequantize(weight: torch.Tensor) -> torch.Tensor:
+    # Quantized tensor subclasses (newer ComfyUI) know how to give back a float tensor.
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) and callable(getattr(weight, "dequantize", None)):
+        return weight.dequantize()
+    return weight
+
+
+class ComfyModelSource:
+    """A ComfyUI MODEL (ModelPatcher) as a weight source, weights computed as patched.
+
+    Each ``get`` computes one weight in float32: the stored weight, dequantized and converted,
+    plus the patcher's patches (upstream LoRAs) via ``comfy.lora.calculate_weight``. This works
+    whether or not the model is loaded, never moves the whole model to the GPU, and never
+    rounds the weight to the model's storage dtype before we take the difference.
+    """
+
+    def __init__(self, patcher, name: str) -> None:
+        self.patcher = patcher
+        self.name = name
+        sd = patcher.model_state_dict(filter_prefix=DIFFUSION_PREFIX)
+        self._shapes = {k: tuple(v.shape) for k, v in sd.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def get(self, key: str, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+        import comfy.lora
+
+        weight, convert_func = _stored_weight(self.patcher, key)
+        w = _dequantize(weight).to(device=device, dtype=torch.float32, copy=True)
+        if convert_func is not None:
+            w = convert_func(w, inplace=True)
+        patches = self.patcher.patches.get(key)
+        if patches:
+            w = comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float32)
+        return w if dtype is None or dtype == torch.float32 else w.to(dtype)

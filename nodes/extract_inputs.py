@@ -1,0 +1,80 @@
+"""Input definitions and config building shared by the extraction nodes (V1 and V2)."""
+
+from __future__ import annotations
+
+from ..extract.config import ALGORITHMS, LORA_TYPES, OUTPUT_DTYPES, ExtractConfig
+from ..extract.keys import KEY_STYLES
+
+SAVE_TO = ("output", "models/loras")
+
+
+def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
+    """The LoraExtract inputs, defaults and ranges as the KJ node documents them, plus extras."""
+    return {
+        "required": {
+            "finetuned_model": ("MODEL", {"tooltip": "The fine-tuned model: the LoRA will hold what it changed."}),
+            "original_model": ("MODEL", {"tooltip": "The base model the fine-tune started from."}),
+            "filename_prefix": ("STRING", {
+                "default": default_prefix,
+                "tooltip": "File name prefix, relative to the output folder (sub-folders allowed, "
+                           "no '..' or absolute paths)."}),
+            "rank": ("INT", {"default": 8, "min": 1, "max": 4096, "step": 1,
+                             "tooltip": "LoRA rank for 'standard'; the rank cap for adaptive types."}),
+            "lora_type": (list(LORA_TYPES), {
+                "default": "standard",
+                "tooltip": "standard: fixed rank. full: store the whole difference. adaptive_*: "
+                           "rank per layer from the spectrum and adaptive_param (capped by rank)."}),
+            "algorithm": (list(ALGORITHMS), {
+                "default": "svd_linalg",
+                "tooltip": "svd_linalg: exact SVD. svd_lowrank: randomized SVD, much faster, "
+                           "error within a fraction of a percent of optimal; works with every lora_type."}),
+            "lowrank_iters": ("INT", {"default": 7, "min": 1, "max": 100, "step": 1,
+                                      "tooltip": "Power iterations of svd_lowrank: more is slower and more accurate."}),
+            "output_dtype": (list(OUTPUT_DTYPES), {"default": "fp16", "tooltip": "Data type of the saved LoRA."}),
+            "bias_diff": ("BOOLEAN", {"default": True, "tooltip": "Also store bias and other non-matrix "
+                                                                  "differences (norms, pos_embed, modulation)."}),
+            "adaptive_param": ("FLOAT", {
+                "default": 0.15, "min": 0.0, "max": 1.0, "step": 0.01,
+                "tooltip": "adaptive_ratio: keep sigma > p*sigma_max. adaptive_quantile: share of the "
+                           "sum of sigma. adaptive_energy: share of sum sigma^2. adaptive_fro: share of ||dW||."}),
+            "clamp_quantile": ("BOOLEAN", {"default": True, "tooltip": "Clip factor outliers at the 0.99 "
+                                                                       "quantile of their absolute values."}),
+        },
+        "optional": {
+            "conv_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1,
+                                  "tooltip": "Rank (cap) for conv layers; 0 = same as rank."}),
+            "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5,
+                                "tooltip": "LoRA alpha; 0 = equal to the rank (scale 1). The factors are "
+                                           "rescaled so strength 1 reproduces the difference."}),
+            "key_style": (list(KEY_STYLES), {"default": "comfy",
+                                             "tooltip": "comfy: diffusion_model.* keys. kohya: lora_unet_* keys "
+                                                        "and ss_* metadata."}),
+            "save_to": (list(SAVE_TO), {"default": "output",
+                                        "tooltip": "output: ComfyUI's output folder. models/loras: LoraLoader "
+                                                   "lists the file at once."}),
+        },
+        "hidden": {"unique_id": "UNIQUE_ID"},
+    }
+
+
+def build_config(*, rank: int, lora_type: str, algorithm: str, lowrank_iters: int,
+                 output_dtype: str, bias_diff: bool, adaptive_param: float,
+                 clamp_quantile: bool, conv_rank: int, alpha: float, key_style: str,
+                 device: str) -> ExtractConfig:
+    return ExtractConfig(
+        rank=rank, lora_type=lora_type, algorithm=algorithm, lowrank_iters=lowrank_iters,
+        output_dtype=output_dtype, bias_diff=bias_diff, adaptive_param=adaptive_param,
+        clamp_quantile=0.99 if clamp_quantile else None, conv_rank=conv_rank, alpha=alpha,
+        key_style=key_style, device=device).validate()
+
+
+def save_root_and_prefix(save_to: str, filename_prefix: str, output_dir: str, loras_dir: str) -> tuple[str, str]:
+    """The folder files go under, and the prefix relative to it.
+
+    With ``models/loras`` a leading ``loras/`` (the default prefix) is dropped, so the file
+    lands directly where LoraLoader looks instead of in ``loras/loras/``.
+    """
+    if save_to == "models/loras":
+        p = filename_prefix.replace("\\", "/")
+        return loras_dir, p[len("loras/"):] if p.startswith("loras/") else p
+    return output_dir, filename_prefix

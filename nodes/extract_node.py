@@ -1,0 +1,81 @@
+"""The LoraExtract node: fine-tuned MODEL minus original MODEL, saved as a LoRA file."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from ..extract.output_paths import next_free_path, resolve_prefix
+from ..extract.pipeline import extract_to_file
+from . import comfy_adapter as comfy
+from .extract_inputs import build_config, extraction_inputs, save_root_and_prefix
+
+log = logging.getLogger(__name__)
+
+
+def run_node_extraction(finetuned_model, original_model, filename_prefix: str, name_suffix: str,
+                        cfg, save_to: str, unique_id: str | None):
+    """Shared body of the extraction nodes: resolve the file name, extract, save, report."""
+    root, prefix = save_root_and_prefix(save_to, filename_prefix, comfy.output_directory(),
+                                        comfy.loras_directory())
+    folder, stem = resolve_prefix(root, prefix)
+    path = next_free_path(folder, stem, lambda c: f"{stem}_{name_suffix}_{c:05}_.safetensors")
+    tuned = comfy.ComfyModelSource(finetuned_model, "finetuned_model")
+    base = comfy.ComfyModelSource(original_model, "original_model")
+    bar = comfy.progress_bar(max(1, len(tuned.keys())))
+    device = torch.device(cfg.device)
+    if device.type != "cpu":
+        # Room for the largest layer's float32 difference, its factors and the SVD workspace;
+        # ComfyUI unloads other models to make it, instead of us loading both inputs whole.
+        largest = max((math.prod(tuned.shape(k)) for k in tuned.keys()), default=0)
+        comfy.free_memory(largest * 4 * 4, device)
+
+    def progress(done: int, total: int, key: str) -> None:
+        bar(done, total, key)
+        comfy.send_progress_text(f"layer {done}/{total}: {key}", unique_id)
+
+    try:
+        report = extract_to_file(base, tuned, cfg, path, progress=progress,
+                                 check_interrupt=comfy.check_interrupt)
+    finally:
+        # Release cached GPU blocks whatever happened (success, error or interrupt).
+        comfy.soft_empty_cache()
+    text = report.format_text()
+    log.info("LoRA extraction finished:\n%s", text)
+    return path, text, report
+
+
+class LoraExtract:
+    """Extract a LoRA from the difference of two models and save it."""
+
+    DESCRIPTION = ("Extracts the difference between a fine-tuned and an original model as a LoRA "
+                   "file (SVD per layer), with a per-layer report of ranks and errors.")
+    CATEGORY = "LoRA extraction"
+    FUNCTION = "extract"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("lora_path", "report")
+    OUTPUT_TOOLTIPS = ("Full path of the saved LoRA file.", "Per-layer extraction summary.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return extraction_inputs("loras/ComfyUI_extracted_lora")
+
+    def extract(self, finetuned_model, original_model, filename_prefix: str, rank: int,
+                lora_type: str, algorithm: str, lowrank_iters: int, output_dtype: str,
+                bias_diff: bool, adaptive_param: float, clamp_quantile: bool, conv_rank: int = 0,
+                alpha: float = 0.0, key_style: str = "comfy", save_to: str = "output",
+                unique_id: str | None = None) -> dict:
+        cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
+                           lowrank_iters=lowrank_iters, output_dtype=output_dtype,
+                           bias_diff=bias_diff, adaptive_param=adaptive_param,
+                           clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
+                           key_style=key_style, device=str(comfy.compute_device()))
+        path, text, _report = run_node_extraction(
+            finetuned_model, original_model, filename_prefix,
+            f"rank_{cfg.file_tag()}_{output_dtype}", cfg, save_to, unique_id)
+        summary = f"saved {os.path.basename(path)}\n{text}"
+        return {"ui": {"text": [summary]}, "result": (path, text)}

@@ -1,0 +1,23 @@
+"""Test setup: the ComfyUI stub is importable as ``comfy`` / ``folder_paths``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+STUB = os.path.join(os.path.dirname(__file__), "comfy_stub")
+if STUB not in sys.path:
+    sys.path.insert(0, STUB)
+TESTS = os.path.dirname(__file__)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,21 @@
+"""Shared test helpers: constructed spectra and optimal truncation errors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def matrix_with_spectrum(m: int, n: int, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random m x n matrix whose singular values are exactly ``sigma`` (padded with zeros)."""
+    k = sigma.numel()
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    return ((u * sigma.double()) @ v.T).float()
+
+
+def optimal_rel_error(a: torch.Tensor, k: int) -> float:
+    """Eckart-Young: the best rank-k relative Frobenius error of ``a``."""
+    s = torch.linalg.svdvals(a.reshape(a.shape[0], -1).double())
+    return math.sqrt(float((s[k:] ** 2).sum())) / math.sqrt(float((s ** 2).sum()))

@@ -1,0 +1,39 @@
+"""The numeric core never imports ComfyUI (it must run without it, and stay testable)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+COMFY_MODULES = {"comfy", "folder_paths", "server", "comfy_api", "comfy_extras", "nodes"}
+
+
+def test_core_imports_no_comfyui_module() -> None:
+    code = (
+        "import sys\n"
+        "import lora_extract.extract, lora_extract.memory, lora_extract.resize, lora_extract.cli\n"
+        "import lora_extract\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(COMFY_MODULES)!r})\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    # The stub directory must not be on the path: if the core tried to import comfy, it fails.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_core_sources_do_not_mention_comfy_imports() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    offenders = []
+    for pkg in ("extract", "resize", "memory"):
+        for dirpath, _dirs, files in os.walk(os.path.join(root, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    text = open(os.path.join(dirpath, f), encoding="utf-8").read()
+                    for line in text.splitlines():
+                        s = line.strip()
+                        if s.startswith(("import ", "from ")) and s.split()[1].split(".")[0] in COMFY_MODULES:
+                            offenders.append(f"{f}: {s}")
+    assert offenders == []
