@@ -37,10 +37,18 @@ class PairPlan:
     common: list[KeyPair] = field(default_factory=list)
     left_out: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
     weight_paths: set[str] = field(default_factory=set)
+    # Modules that contain sub-modules. ComfyUI's loader never patches parameters that sit
+    # directly on such modules (e.g. WAN ``blocks.N.modulation``, a DiT root ``pos_embed``).
+    nonleaf_modules: set[str] = field(default_factory=set)
 
     def module_has_weight(self, path: str) -> bool:
         """Whether ``<module>.weight`` exists next to a ``<module>.bias`` path."""
         return path.rsplit(".", 1)[0] + ".weight" in self.weight_paths
+
+    def on_nonleaf_module(self, path: str) -> bool:
+        """Whether the parameter's owning module also has child modules."""
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        return parent in self.nonleaf_modules
 
 
 def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
@@ -91,6 +99,11 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
             f"{tuned.name} and {base.name} share no weight keys: they are different "
             f"architectures (e.g. {tuned_keys[0]!r} vs {base_keys[0]!r}). Pick the matching base model.")
     plan.weight_paths = {kp.path for kp in plan.common if kp.path.endswith(".weight")}
+    for kp in plan.common:
+        parts = kp.path.split(".")
+        # Every proper ancestor of the owning module has a child module (root included: "").
+        plan.nonleaf_modules.add("")
+        plan.nonleaf_modules.update(".".join(parts[: j + 1]) for j in range(len(parts) - 2))
     return plan
 
 

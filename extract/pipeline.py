@@ -15,6 +15,7 @@ from .config import ExtractConfig
 from .errors import ExtractionInputError
 from .keys import keys_for_param
 from .layer import extract_matrix, layer_kind
+from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
 from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
 from .sources import WeightSource
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 # progress(done, total, key) after each layer; check_interrupt() raises to stop between layers.
 ProgressFn = Callable[[int, int, str], None]
 InterruptFn = Callable[[], None]
+
+
+# Measured against ComfyUI 0.3.64 and the 2026-08 code: its loader accepts these keys without a
+# warning but only patches parameters of leaf modules. Say so instead of letting it pass silently.
+NONLEAF_NOTE = ("stored as .diff, but ComfyUI's loader does not apply diffs to parameters of "
+                "modules that have sub-modules (it ignores them silently)")
 
 
 class NothingToExtract(ExtractionInputError):
@@ -90,6 +97,8 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
         tensors[target] = stored
         entry.status = STATUS_DIFF
         entry.rel_error = float(torch.linalg.vector_norm(stored.float() - diff)) / fro
+        if plan.on_nonleaf_module(pair.path):
+            entry.reason = NONLEAF_NOTE
     entry.seconds = time.perf_counter() - t0
     return entry
 
@@ -112,18 +121,34 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     tensors: dict[str, torch.Tensor] = {}
     total = len(plan.common)
 
+    # Accelerator OOM on a layer: that layer is redone on the CPU (noted in the report).
+    fallback = OomFallback(cfg.device)
+
     def load(pair: KeyPair) -> tuple[torch.Tensor, float]:
-        return load_difference(base, tuned, pair.tuned_key, pair.base_key, cfg.device)
+        return fallback.call(pair.tuned_key, lambda dev: load_difference(
+            base, tuned, pair.tuned_key, pair.base_key, dev))
+
+    def process(pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
+        loaded_on = "cpu" if fallback.ran_on_cpu(pair.tuned_key) else fallback.requested
+
+        def work(dev: str) -> LayerReport:
+            if dev == loaded_on:
+                return process_pair(pair, diff, fro, cfg, plan, tensors)
+            # A retry: the failed attempt consumed the difference in place, so read it again.
+            d, f = load_difference(base, tuned, pair.tuned_key, pair.base_key, dev)
+            return process_pair(pair, d, f, cfg, plan, tensors)
+        return fallback.call(pair.tuned_key, work, loaded_on)
 
     for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
         if check_interrupt is not None:
             check_interrupt()
-        report.add(process_pair(pair, diff, fro, cfg, plan, tensors))
+        report.add(process(pair, diff, fro))
         del diff
         if progress is not None:
             progress(i + 1, total, pair.tuned_key)
     if check_interrupt is not None:
         check_interrupt()
+    report.notes.extend(fallback.notes())
     report.seconds = time.perf_counter() - t0
     if not tensors:
         differs = [r for r in report.layers if r.reason != "no difference" and r.status != STATUS_SKIPPED]
@@ -131,6 +156,11 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
                "extract and no file was written." if not differs else
                "no parameter could be stored; see the report.")
         raise NothingToExtract(msg, report)
+    ignored = [r.key for r in report.layers if r.reason == NONLEAF_NOTE]
+    if ignored:
+        report.notes.append(
+            f"{len(ignored)} parameter difference(s) such as {ignored[0]!r} are stored, but "
+            "ComfyUI's LoRA loader ignores parameters of non-leaf modules; other loaders apply them.")
     metadata = cfg.metadata()
     metadata.update(_network_metadata(cfg, report))
     return ExtractionResult(tensors=tensors, metadata=metadata, report=report)

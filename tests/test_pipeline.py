@@ -190,3 +190,12 @@ def test_report_json_round_trip(pair_dir) -> None:
     assert d["summary"]["lora"] == sum(1 for r in d["layers"] if r["status"] == "lora")
     assert d["config"]["rank"] == 4
     assert "worst layers" in res.report.format_text()
+
+
+def test_parameters_comfyui_ignores_are_flagged(pair_dir) -> None:
+    base_p, tuned_p = pair_dir
+    res = extract_lora(SafetensorsSource(base_p), SafetensorsSource(tuned_p), ExtractConfig(rank=4))
+    flagged = {r.key for r in res.report.layers if "does not apply" in r.reason}
+    # blocks.0 has sub-modules (self_attn), so its own 'modulation' is never patched by ComfyUI.
+    assert flagged == {"diffusion_model.blocks.0.modulation"}
+    assert any("non-leaf" in n for n in res.report.notes)

@@ -1,0 +1,106 @@
+"""Against a real ComfyUI server: LoraExtract, then LoraLoaderModelOnly on the base model.
+
+Runs when ``COMFYUI_ROOT`` points at a ComfyUI checkout whose server (``COMFY_URL``, default
+http://127.0.0.1:8188) runs with this pack and the tiny model pairs of
+``shared/comfyui/make_tiny_models.py`` in ``models/diffusion_models``; skipped otherwise.
+Checks: no "lora key not loaded" in the server log, and every tensor the fine-tune changed is
+patched by the LoRA to the error our report states (bar parameters ComfyUI's loader never
+patches, which our report must flag).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.environ.get("COMFYUI_ROOT")
+pytestmark = pytest.mark.skipif(not ROOT, reason="COMFYUI_ROOT is not set (no real ComfyUI here)")
+
+ARCHS = ("tiny_sd15", "tiny_sd3", "tiny_flux_like", "tiny_wan21")
+
+
+@pytest.fixture(scope="module")
+def server():
+    from integration.comfy_http import ComfyServer
+
+    log = os.environ.get("COMFY_LOG", os.path.expanduser("~/comfyui-run/server.log"))
+    s = ComfyServer(os.environ.get("COMFY_URL", "http://127.0.0.1:8188"), log)
+    if not s.alive():
+        pytest.skip(f"no ComfyUI server answering at {s.url}")
+    if not s.object_info("LoraExtract"):
+        pytest.fail("the server runs without the LoraExtract node: is the pack installed and importable?")
+    return s
+
+
+def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for p in ("model.diffusion_model.", "diffusion_model."):
+        if any(k.startswith(p) for k in sd):
+            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    return sd
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_extract_then_load_on_real_comfyui(server, arch: str) -> None:
+    models = os.path.join(ROOT, "models", "diffusion_models")
+    if not os.path.exists(os.path.join(models, f"{arch}_base.safetensors")):
+        pytest.skip(f"{arch} models not generated")
+    tag = f"itest_{arch}_{int(time.time() * 1000)}"
+    extract = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f"{arch}_tuned.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": f"{arch}_base.safetensors", "weight_dtype": "default"}},
+        "3": {"class_type": "LoraExtract", "inputs": {
+            "finetuned_model": ["1", 0], "original_model": ["2", 0], "filename_prefix": f"loras/{tag}",
+            "rank": 16, "lora_type": "standard", "algorithm": "svd_linalg", "lowrank_iters": 7,
+            "output_dtype": "fp32", "bias_diff": True, "adaptive_param": 0.15, "clamp_quantile": False,
+            "conv_rank": 16, "alpha": 0.0, "key_style": "comfy", "save_to": "models/loras"}},
+    }
+    res = server.run(extract)
+    assert res.status == "success", json.dumps(res.messages)[-3000:]
+    lora_path, report_text = res.outputs["3"]["text"][0], None
+    lora_files = glob.glob(os.path.join(ROOT, "models", "loras", f"{tag}_*.safetensors"))
+    assert len(lora_files) == 1, lora_files
+    lora_name = os.path.basename(lora_files[0])
+    del lora_path, report_text
+
+    apply = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f"{arch}_base.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora_name,
+                                                              "strength_model": 1.0}},
+        "3": {"class_type": "ModelSave", "inputs": {"model": ["2", 0], "filename_prefix": f"itest/{tag}"}},
+    }
+    res = server.run(apply)
+    assert res.status == "success", json.dumps(res.messages)[-3000:]
+    assert "lora key not loaded" not in res.log, res.log
+    saved = glob.glob(os.path.join(ROOT, "output", "itest", f"{tag}_*.safetensors"))
+    assert len(saved) == 1, saved
+
+    base = _strip(load_file(os.path.join(models, f"{arch}_base.safetensors")))
+    tuned = _strip(load_file(os.path.join(models, f"{arch}_tuned.safetensors")))
+    patched = _strip(load_file(saved[0]))
+    lora = load_file(lora_files[0])
+    unpatched = []
+    for k, t in tuned.items():
+        d = float((t.float() - base[k].float()).norm())
+        if d == 0 or k not in patched:
+            continue
+        if torch.equal(patched[k], base[k].to(patched[k].dtype)):
+            unpatched.append(k)
+            continue
+        rel = float((patched[k].float() - t.float()).norm()) / d
+        # rank 16 covers the constructed low-rank part (rank 4-16); the rest is small noise.
+        assert rel < 0.35, (k, rel)
+    print(f"{arch}: {len(tuned)} tensors, unpatched by ComfyUI: {unpatched}")
+    # ComfyUI never patches parameters of non-leaf modules; everything else must be patched.
+    for k in unpatched:
+        assert f"diffusion_model.{k}.diff" in lora, f"{k} changed but is not in the LoRA"
+        parent = k.rsplit(".", 1)[0] if "." in k else ""
+        assert parent == "" or any(o.startswith(parent + ".") and o.count(".") > k.count(".")
+                                   for o in tuned), f"{k} was not patched by ComfyUI"
+    os.remove(saved[0])
+    os.remove(lora_files[0])
