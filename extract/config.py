@@ -66,6 +66,13 @@ class ExtractConfig:
             raise bad(f"alpha {self.alpha!r} must be >= 0 (0 means alpha = rank).")
         if self.key_style not in KEY_STYLES:
             raise bad(f"key_style {self.key_style!r} is not one of {', '.join(KEY_STYLES)}.")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise bad(f"device {self.device!r} is not a torch device; use cpu, cuda or cuda:N.") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            # Caught here, not as a torch assertion half-way through the first layer.
+            raise bad(f"device {self.device!r}: CUDA is not available to this torch; use cpu.")
         return self
 
     @property

@@ -14,7 +14,7 @@ from ..memory.prefetch import Prefetcher
 from .config import ExtractConfig
 from .errors import ExtractionInputError
 from .keys import keys_for_param
-from .layer import extract_matrix, layer_kind
+from .layer import LayerExtraction, extract_matrix, layer_kind
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
 from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
@@ -63,8 +63,13 @@ def _cast_checked(t: torch.Tensor, cfg: ExtractConfig, key: str) -> torch.Tensor
 
 
 def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConfig,
-                 plan: PairPlan, tensors: dict[str, torch.Tensor]) -> LayerReport:
-    """Turn one difference into output tensors (added to ``tensors``) and its report line."""
+                 plan: PairPlan, tensors: dict[str, torch.Tensor],
+                 extraction: LayerExtraction | None = None) -> LayerReport:
+    """Turn one difference into output tensors (added to ``tensors``) and its report line.
+
+    ``extraction``: the layer's factors when the caller already extracted them (the V2
+    manager's batched SVD); otherwise they are extracted here.
+    """
     t0 = time.perf_counter()
     shape = pair.shape
     kind = layer_kind(shape)
@@ -77,7 +82,8 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
             tensors[keys.diff] = _cast_checked(diff, cfg, pair.tuned_key)
             entry.status, entry.rel_error = STATUS_DIFF, 0.0
         else:
-            res = extract_matrix(diff, cfg, fro=fro, generator=_layer_generator(cfg, pair.path))
+            res = extraction or extract_matrix(diff, cfg, fro=fro,
+                                               generator=_layer_generator(cfg, pair.path))
             f = res.factors
             tensors[keys.up] = f.up
             tensors[keys.down] = f.down
@@ -150,11 +156,20 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
         check_interrupt()
     report.notes.extend(fallback.notes())
     report.seconds = time.perf_counter() - t0
+    return finish_result(cfg, report, tensors)
+
+
+def finish_result(cfg: ExtractConfig, report: ExtractionReport,
+                  tensors: dict[str, torch.Tensor]) -> ExtractionResult:
+    """Refuse an empty result, add notes and file metadata (shared by V1 and the V2 manager)."""
     if not tensors:
-        differs = [r for r in report.layers if r.reason != "no difference" and r.status != STATUS_SKIPPED]
+        # Parameters that differ but were not stored (bias_diff off): the models are not identical.
+        differs = [r for r in report.layers if r.status != STATUS_SKIPPED
+                   or r.reason.startswith("bias_diff is off")]
         msg = ("the two models are identical: no parameter differs, so there is nothing to "
                "extract and no file was written." if not differs else
-               "no parameter could be stored; see the report.")
+               f"{len(differs)} parameter(s) differ (e.g. {differs[0].key!r}) but none could be "
+               f"stored: {differs[0].reason}. No file was written; turn bias_diff on to store them.")
         raise NothingToExtract(msg, report)
     ignored = [r.key for r in report.layers if r.reason == NONLEAF_NOTE]
     if ignored:

@@ -161,7 +161,7 @@ def _parse_safetensors_header(path: str) -> tuple[dict[str, tuple[torch.dtype, t
         raise ExtractionInputError(f"{path}: cannot read file ({e.strerror}).") from e
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting too
         raise ExtractionInputError(
             f"{path}: not a valid safetensors file (header is not JSON: {e}). "
             "Is it a .ckpt/.pt renamed to .safetensors?") from e
@@ -177,21 +177,27 @@ def _parse_safetensors_header(path: str) -> tuple[dict[str, tuple[torch.dtype, t
     for key, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise ExtractionInputError(f"{path}: header entry for {key!r} is malformed.")
-        dt = SAFETENSORS_DTYPES.get(info["dtype"])
+        dt = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dt is None:
             raise ExtractionInputError(
                 f"{path}: tensor {key!r} has unsupported dtype {info['dtype']!r} "
                 f"(supported: {', '.join(SAFETENSORS_DTYPES)}).")
         shape = info["shape"]
         offsets = info["data_offsets"]
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+        # type() is int, not isinstance: JSON true/false are bools, which torch refuses as sizes;
+        # and torch sizes are int64.
+        if (not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2**63 for s in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets)):
+                or not all(type(o) is int for o in offsets)):
             raise ExtractionInputError(f"{path}: header entry for {key!r} has a bad shape/offsets.")
         begin, end = offsets
-        numel = 1
+        numel = extent = 1
         for s in shape:
             numel *= s
+            extent *= max(s, 1)
+        if extent >= 2**63:  # even with a zero dimension, torch cannot describe such a shape
+            raise ExtractionInputError(
+                f"{path}: tensor {key!r} has an impossible shape {shape}. The file is corrupt.")
         expected = numel * torch.empty((), dtype=dt).element_size()
         if not 0 <= begin <= end <= data_len or end - begin != expected:
             raise ExtractionInputError(

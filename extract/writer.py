@@ -8,6 +8,7 @@ Any failure (disk full, interrupt, crash of the writer) removes the temporary fi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -58,11 +59,19 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str,
 
     Refuses to replace an existing file unless ``overwrite`` is set.
     """
+    if "\x00" in os.fspath(path):
+        raise ExtractionInputError(f"output path {path!r} contains a NUL byte; use a plain file name.")
     folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(folder, path, e) from e
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another name.")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors.part", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors.part", dir=folder)
+    except OSError as e:
+        raise _unwritable(folder, path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             _write_safetensors(f, tensors, metadata or {})
@@ -71,11 +80,44 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str,
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # atomic, and never replaces a file that appeared meanwhile
-            os.unlink(tmp)
-    except BaseException:
+            _link_or_rename(tmp, path)
+    except BaseException as e:
         # BaseException: an interrupt or Ctrl-C must not leave a temporary file behind either.
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError):
+            # Disk full, quota, I/O error, folder removed: say where, and that nothing was left.
+            raise _unwritable(folder, path, e) from e
         raise
     return os.path.getsize(path)
+
+
+# errno values of file systems that have no hard links (exFAT/FAT drives, some network shares).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
+def _link_or_rename(tmp: str, path: str) -> None:
+    """Move ``tmp`` to ``path`` without ever replacing a file that is already there."""
+    try:
+        os.link(tmp, path)  # atomic, and never replaces a file that appeared meanwhile
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        # No hard links here: check again and rename (replacing is only possible in the
+        # instant between the check and the rename).
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} already exists; choose another name.") from e
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _unwritable(folder: str, path: str, e: OSError) -> ExtractionInputError:
+    reason = e.strerror or str(e)
+    hint = ("free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check that the folder exists and is writable")
+    return ExtractionInputError(
+        f"cannot write {os.path.basename(path)!r} to folder {folder}: {reason} "
+        f"(errno {e.errno}). No file was written; {hint}, or choose another output folder.")

@@ -1,0 +1,312 @@
+"""Faults during a run: a full disk, an unwritable folder, exceptions and interrupts at any layer.
+
+Each case checks the same promise: the error (or interrupt) reaches the caller unchanged or as
+one clear message, and the output folder holds neither a partial file nor a temporary file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+import torch
+
+import lora_extract.extract.pipeline as pipeline
+import lora_extract.extract.writer as writer
+from lora_extract.cli import main
+from lora_extract.extract import ExtractConfig, ExtractionInputError, SafetensorsSource, extract_to_file
+from lora_extract.extract.synthetic import demo_layers, write_pair
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return write_pair(str(tmp_path_factory.mktemp("faults")), demo_layers(24), seed=11)
+
+
+N_LAYERS = len(demo_layers(24))
+
+
+class _DiskFills:
+    """A file object that accepts ``limit`` bytes, writes part of the next chunk, then fails
+    with ENOSPC, as a real full disk does."""
+
+    def __init__(self, f, limit: int) -> None:
+        self._f = f
+        self._left = limit
+
+    def write(self, b) -> int:
+        b = memoryview(b).cast("B")
+        if len(b) > self._left:
+            self._f.write(b[: self._left])
+            self._left = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._left -= len(b)
+        return self._f.write(b)
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+def _fill_disk_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(writer.os, "fdopen", lambda fd, mode: _DiskFills(real_fdopen(fd, mode), limit))
+
+
+def _files_under(folder) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), folder)
+                  for d, _, fs in os.walk(str(folder)) for f in fs)
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "lora-extract-prefetch"]
+
+
+@pytest.mark.parametrize("limit", [0, 5, 200, 20_000])
+def test_disk_full_mid_write_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, limit: int) -> None:
+    tensors = {f"k{i}": torch.randn(64, 64) for i in range(4)}  # 64 KiB: the failure is mid-data
+    out = tmp_path / "out" / "lora.safetensors"
+    _fill_disk_after(monkeypatch, limit)
+    with pytest.raises(ExtractionInputError) as info:
+        writer.save_safetensors_atomic(tensors, str(out))
+    msg = str(info.value)
+    assert str(tmp_path / "out") in msg and "No space left on device" in msg
+    assert "free some disk space" in msg and "No file was written" in msg
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_disk_full_through_cli_exits_2_with_one_line(pair, tmp_path, monkeypatch, capsys) -> None:
+    _fill_disk_after(monkeypatch, 1000)
+    out = tmp_path / "o.safetensors"
+    assert main(["extract", *pair, "-o", str(out), "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(tmp_path) in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_folder_that_is_a_file_is_a_clear_error(pair, tmp_path) -> None:
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_bytes(b"x")
+    out = blocker / "lora.safetensors"
+    with pytest.raises(ExtractionInputError, match="not_a_folder") as info:
+        extract_to_file(SafetensorsSource(pair[0]), SafetensorsSource(pair[1]), ExtractConfig(rank=2), str(out))
+    assert "check that the folder exists and is writable" in str(info.value)
+    assert _files_under(tmp_path) == ["not_a_folder"] and blocker.read_bytes() == b"x"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_folder_where_files_cannot_be_created_is_a_clear_error() -> None:
+    # /proc refuses new files even for root, so this is a real failure, not a mock.
+    with pytest.raises(ExtractionInputError, match=r"folder /proc: .*errno"):
+        writer.save_safetensors_atomic({"a": torch.ones(2)}, "/proc/lora_extract_test.safetensors")
+
+
+def test_name_taken_between_check_and_rename_is_not_overwritten(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "lora.safetensors"
+    out.write_bytes(b"someone else's file")
+    # Another process creates the name after our existence check: the hard link must refuse.
+    monkeypatch.setattr(writer.os.path, "exists", lambda p: False if p == str(out) else os.access(p, os.F_OK))
+    with pytest.raises(FileExistsError):
+        writer.save_safetensors_atomic({"a": torch.ones(3)}, str(out))
+    assert out.read_bytes() == b"someone else's file"
+    assert os.listdir(tmp_path) == ["lora.safetensors"]
+
+
+class NewComfyInterrupt(BaseException):
+    """Newer ComfyUI's InterruptProcessingException derives from BaseException."""
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("at", [0, N_LAYERS // 2, N_LAYERS - 1])
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), NewComfyInterrupt()])
+def test_failure_at_any_layer_propagates_and_leaves_no_file(pair, tmp_path, monkeypatch, at: int,
+                                                             exc: BaseException, prefetch: int) -> None:
+    real = pipeline.process_pair
+    calls = 0
+
+    def failing(*a, **k):
+        nonlocal calls
+        calls += 1
+        if calls == at + 1:
+            raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "process_pair", failing)
+    out = tmp_path / "lora.safetensors"
+    with pytest.raises(type(exc)) as info:
+        extract_to_file(SafetensorsSource(pair[0]), SafetensorsSource(pair[1]), ExtractConfig(rank=2),
+                        str(out), prefetch=prefetch)
+    assert info.value is exc  # the very same exception: nothing wrapped or swallowed it
+    assert calls == at + 1    # stopped at that layer, did not carry on
+    assert os.listdir(tmp_path) == []
+    assert _prefetch_threads() == []
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.EIO, "Input/output error"), NewComfyInterrupt()])
+def test_failure_while_reading_a_layer_propagates(pair, tmp_path, exc: BaseException) -> None:
+    tuned = SafetensorsSource(pair[1])
+    real_get = tuned.get
+    reads = 0
+
+    def get(key, device="cpu", dtype=None):
+        nonlocal reads
+        reads += 1
+        if reads == 5:
+            raise exc
+        return real_get(key, device, dtype)
+
+    tuned.get = get  # type: ignore[method-assign]
+    with pytest.raises(type(exc)):
+        extract_to_file(SafetensorsSource(pair[0]), tuned, ExtractConfig(rank=2), str(tmp_path / "x.safetensors"))
+    assert os.listdir(tmp_path) == []
+    assert _prefetch_threads() == []
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), NewComfyInterrupt()])
+def test_interrupt_while_writing_leaves_no_temp_file(pair, tmp_path, monkeypatch, exc: BaseException) -> None:
+    real = writer._tensor_bytes
+    n = 0
+
+    def slow(t):
+        nonlocal n
+        n += 1
+        if n == 3:
+            raise exc
+        return real(t)
+
+    monkeypatch.setattr(writer, "_tensor_bytes", slow)
+    with pytest.raises(type(exc)):
+        extract_to_file(SafetensorsSource(pair[0]), SafetensorsSource(pair[1]), ExtractConfig(rank=2),
+                        str(tmp_path / "x.safetensors"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_while_writing_through_cli_exits_130(pair, tmp_path, monkeypatch, capsys) -> None:
+    def interrupted(t):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "_tensor_bytes", interrupted)
+    assert main(["extract", *pair, "-o", str(tmp_path / "o.safetensors"), "--rank", "2"]) == 130
+    assert "no output file was written" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_real_sigint_to_the_cli_stops_it_cleanly(tmp_path) -> None:
+    """A real Ctrl-C (SIGINT) in the middle of a run: exit 130, one line, no file, no temp."""
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(0)
+    # Full-rank differences: every layer costs a real SVD, so the run lasts seconds.
+    base_sd = {f"diffusion_model.blocks.{i}.proj.weight": torch.randn(256, 256, generator=g)
+               for i in range(150)}
+    tuned_sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base_sd.items()}
+    base, tuned = str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors")
+    writer.save_safetensors_atomic(base_sd, base)
+    writer.save_safetensors_atomic(tuned_sd, tuned)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = dict(os.environ, LORA_EXTRACT_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_extract.cli", "extract", base, tuned, "-o",
+                             str(out_dir / "o.safetensors"), "--rank", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    seen = b""
+    while b"layer" not in seen:  # wait until layers are being processed
+        chunk = proc.stderr.read1(4096)
+        assert chunk, f"the run ended before it could be interrupted: {seen!r}"
+        seen += chunk
+    proc.send_signal(2)  # SIGINT, what Ctrl-C sends
+    _out, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (seen + rest).decode(errors="replace")[-2000:]
+    assert b"interrupted; no output file was written" in rest
+    assert b"Traceback" not in rest
+    assert os.listdir(out_dir) == []
+
+
+def test_hard_crash_while_writing_never_leaves_a_file_under_the_final_name(tmp_path) -> None:
+    """SIGKILL mid-write (nothing can clean up): the final name never appears; at most a hidden
+    ``.tmp-*.safetensors.part`` remains, which ComfyUI's loaders do not list."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "lora.safetensors"
+    script = f"""
+import os, signal, torch
+import lora_extract.extract.writer as w
+real = w._tensor_bytes
+n = 0
+def crash(t):
+    global n
+    n += 1
+    if n == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(t)
+w._tensor_bytes = crash
+w.save_safetensors_atomic({{f"k{{i}}": torch.ones(1000) for i in range(5)}}, {str(out)!r})
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert r.returncode == -9, r.stderr.decode(errors="replace")
+    left = os.listdir(tmp_path)
+    assert "lora.safetensors" not in left
+    assert all(n.startswith(".tmp-") and n.endswith(".safetensors.part") for n in left), left
+
+
+# Blind handlers that legitimately do not re-raise in place, with the reason.
+HANDS_ON_ELSEWHERE = {
+    os.path.join("memory", "prefetch.py"): "the worker hands the exception to the consumer, which re-raises it",
+}
+
+
+def test_no_blind_except_swallows_an_interrupt() -> None:
+    """``except Exception`` / ``BaseException`` / bare ``except`` anywhere in the pack must re-raise:
+    ComfyUI's interrupt is an Exception in 0.3.64 and a BaseException later, Ctrl-C a BaseException."""
+    import ast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    offenders = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in ("tests", "benchmarks", ".git", "build", ".venv")]
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(d, name)
+            rel = os.path.relpath(path, root)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), rel)
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.ExceptHandler):
+                    continue
+                types = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+                blind = any(t is None or (isinstance(t, ast.Name) and t.id in ("Exception", "BaseException"))
+                            for t in types)
+                reraises = any(isinstance(n, ast.Raise) for n in ast.walk(node))
+                if blind and not reraises and rel not in HANDS_ON_ELSEWHERE:
+                    offenders.append(f"{rel}:{node.lineno}")
+    assert offenders == [], f"blind except without re-raise: {offenders}"
+
+
+def test_folder_without_hard_links_still_gets_the_file(tmp_path, monkeypatch) -> None:
+    """exFAT drives and some network shares refuse hard links: fall back to a checked rename."""
+    import errno as errno_
+
+    def no_links(src, dst):
+        raise OSError(errno_.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(writer.os, "link", no_links)
+    out = tmp_path / "lora.safetensors"
+    writer.save_safetensors_atomic({"a": torch.arange(4.0)}, str(out))
+    assert os.listdir(tmp_path) == ["lora.safetensors"]
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(out))["a"], torch.arange(4.0))
+    with pytest.raises(FileExistsError):
+        writer.save_safetensors_atomic({"a": torch.ones(1)}, str(out))
+    assert os.listdir(tmp_path) == ["lora.safetensors"]

@@ -1,0 +1,105 @@
+"""Interrupts and failures inside the LoraExtract and LoraExtractV2 nodes (through the ComfyUI stub).
+
+ComfyUI 0.3.64 derives ``InterruptProcessingException`` from ``Exception``; newer ComfyUI derives
+it from ``BaseException``. Both must reach ComfyUI's executor unchanged, within one layer of the
+cancel, with accelerator memory released and no file left behind.
+"""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management as mm
+import folder_paths
+import pytest
+import torch
+from comfy.model_patcher import ModelPatcher
+from test_node_extract import _run, module_from_state_dict
+
+import lora_extract.extract.pipeline as pipeline
+from lora_extract.extract import ExtractionInputError
+from lora_extract.extract.synthetic import demo_layers, make_pair
+
+
+@pytest.fixture
+def comfy_dirs(tmp_path):
+    folder_paths._set_base_dir(str(tmp_path))
+    mm.interrupt_current_processing(False)
+    yield tmp_path
+    mm.interrupt_current_processing(False)
+
+
+@pytest.fixture(scope="module")
+def patchers():
+    base, tuned = make_pair(demo_layers(24), seed=8)
+    patcher = ModelPatcher(module_from_state_dict(base), torch.device("cpu"), torch.device("cpu"))
+    tuned_patcher = patcher.clone()
+    tuned_patcher.add_patches({k: (tuned[k] - base[k],) for k in base})
+    return patcher, tuned_patcher
+
+
+def _written(root) -> list[str]:
+    return [f for _, _, fs in os.walk(str(root)) for f in fs]
+
+
+class NewInterrupt(BaseException):
+    """The shape of InterruptProcessingException in current ComfyUI (a BaseException)."""
+
+
+def _run_node(node_name: str, inputs: dict) -> dict:
+    from lora_extract import NODE_CLASS_MAPPINGS
+
+    if node_name == "LoraExtract":
+        return _run(inputs)
+    defaults = dict(filename_prefix="loras/v2", rank=8, lora_type="standard", algorithm="svd_linalg",
+                    lowrank_iters=7, output_dtype="fp16", bias_diff=True, adaptive_param=0.15,
+                    clamp_quantile=True, batch_size=3)
+    return NODE_CLASS_MAPPINGS[node_name]().extract(**{**defaults, **inputs})
+
+
+@pytest.mark.parametrize("node_name", ["LoraExtract", "LoraExtractV2"])
+@pytest.mark.parametrize("exc_type", [mm.InterruptProcessingException, NewInterrupt],
+                         ids=["comfy-0.3.64-Exception", "newer-comfy-BaseException"])
+@pytest.mark.parametrize("cancel_at", [1, 7])
+def test_cancel_is_honoured_within_one_layer(comfy_dirs, patchers, monkeypatch, exc_type, cancel_at: int,
+                                             node_name: str) -> None:
+    patcher, tuned_patcher = patchers
+    monkeypatch.setattr(mm, "InterruptProcessingException", exc_type)
+    if node_name == "LoraExtractV2":
+        manager = pytest.importorskip("lora_extract.memory.manager")
+        from lora_extract.memory.cache import ResidentCache
+
+        monkeypatch.setattr("lora_extract.memory.cache.RESIDENT", ResidentCache())
+    real = pipeline.process_pair
+    done = 0
+
+    def count_layers(*a, **k):
+        nonlocal done
+        done += 1
+        if done == cancel_at:
+            mm.interrupt_current_processing(True)  # the user presses Cancel during this layer
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "process_pair", count_layers)
+    if node_name == "LoraExtractV2":
+        monkeypatch.setattr(manager, "process_pair", count_layers)
+    empties = mm._soft_empty_cache_calls
+    with pytest.raises(exc_type):
+        _run_node(node_name, dict(finetuned_model=tuned_patcher, original_model=patcher))
+    assert done == cancel_at                    # no further layer was started
+    assert mm._soft_empty_cache_calls > empties  # memory released in the node's finally
+    assert _written(comfy_dirs) == []
+
+
+def test_error_in_a_layer_releases_memory_and_writes_nothing(comfy_dirs, patchers, monkeypatch) -> None:
+    patcher, _ = patchers
+    broken = patcher.clone()
+    key = "diffusion_model.blocks.0.self_attn.qkv.weight"
+    bad = torch.zeros(patcher.model_state_dict()[key].shape)
+    bad[0, 0] = float("nan")
+    broken.add_patches({key: (bad,)})
+    empties = mm._soft_empty_cache_calls
+    with pytest.raises(ExtractionInputError, match=r"qkv\.weight.*finetuned_model.*NaN or Inf"):
+        _run(dict(finetuned_model=broken, original_model=patcher))
+    assert mm._soft_empty_cache_calls > empties
+    assert _written(comfy_dirs) == []
