@@ -1,0 +1,114 @@
+"""The LoraResize node: compress a LoRA (or a weighted merge) against its base model."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..extract.config import OUTPUT_DTYPES
+from ..extract.errors import ExtractionInputError
+from ..resize import DEFAULT_RECIPES, BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
+from . import comfy_adapter as comfy
+
+log = logging.getLogger(__name__)
+
+NONE = "none"
+DEVICES = ("default", "cpu")
+SAVE_TO = ("output", "models/loras")
+
+
+def _lora_path(name: str) -> str:
+    """A LoRA name from the loras folder (``.safetensors`` may be left out) -> its full path."""
+    for candidate in (name, name + ".safetensors"):
+        path = comfy.lora_full_path(candidate)
+        if path is not None:
+            return path
+    raise ExtractionInputError(f"LoRA {name!r} is not in the loras folder; pick one from the list.")
+
+
+def _base_model(model, ckpt_name: str, unet_name: str) -> BaseModel:
+    files = [(f, n) for f, n in (("checkpoints", ckpt_name), ("diffusion_models", unet_name)) if n and n != NONE]
+    if len(files) > 1:
+        raise ExtractionInputError(
+            f"both ckpt_name {ckpt_name!r} and unet_name {unet_name!r} are set; choose one base model.")
+    if files:
+        folder, name = files[0]
+        path = comfy.model_full_path(folder, name)
+        if path is None:
+            raise ExtractionInputError(f"{name!r} is not in the {folder} folder; pick one from the list.")
+        return BaseModel.open(path)
+    if model is not None:
+        # Weights as patched, read one at a time; norms are cached for this run only.
+        return BaseModel(comfy.ComfyModelSource(model, "model"))
+    raise ExtractionInputError(
+        "no base model: connect a MODEL or pick a ckpt_name / unet_name (the model the LoRA was "
+        "trained on).")
+
+
+class LoraResize:
+    """Resize a LoRA by scoring its SVD dimensions against the base model."""
+
+    DESCRIPTION = ("Compresses a LoRA: exact SVD of every layer, dimensions scored against the base "
+                   "model's layers (or the LoRA itself) by score recipes, kept by threshold or target "
+                   "size. One file per recipe.")
+    CATEGORY = "LoRA extraction"
+    FUNCTION = "resize"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("lora_paths", "report")
+    OUTPUT_TOOLTIPS = ("Full paths of the saved LoRA files, one per line (one per recipe).",
+                       "What was kept per recipe: thresholds, ranks, errors, skipped layers.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "lora_name": (comfy.lora_file_names(), {"tooltip": "The LoRA to resize (ignored when merge is set)."}),
+                "score_recipes": ("STRING", {
+                    "default": DEFAULT_RECIPES,
+                    "tooltip": "Recipes separated by ':'. Methods spn_ckpt, fro_ckpt, spn_lora, fro_lora, "
+                               "subspace, params (weights normalised to 1), then thr=X (keep score >= X) or "
+                               "size=MiB, optional rescale=Z. E.g. fro_ckpt=1,thr=-3.5:spn_ckpt=1,size=32"}),
+                "output_dtype": (list(OUTPUT_DTYPES), {"default": "fp16"}),
+                "device": (list(DEVICES), {"default": "default",
+                                           "tooltip": "default: ComfyUI's compute device. cpu: keep the GPU free."}),
+                "verbose": ("BOOLEAN", {"default": False, "tooltip": "Per-layer ranks and errors in the report."}),
+            },
+            "optional": {
+                "model": ("MODEL", {"tooltip": "Base model, if no checkpoint file is chosen (UNet layers only)."}),
+                "ckpt_name": ([NONE, *comfy.model_file_names("checkpoints")], {
+                    "default": NONE, "tooltip": "Base checkpoint file (text encoders included); norms are cached next to it."}),
+                "unet_name": ([NONE, *comfy.model_file_names("diffusion_models")], {
+                    "default": NONE, "tooltip": "Or a base diffusion model file."}),
+                "merge": ("STRING", {"default": "", "tooltip": "Weighted merge resized instead of lora_name, "
+                                                               "e.g. 'style.safetensors:0.7,char.safetensors:0.3'."}),
+                "save_to": (list(SAVE_TO), {"default": "output"}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def resize(self, lora_name: str, score_recipes: str, output_dtype: str, device: str, verbose: bool,
+               model=None, ckpt_name: str = NONE, unet_name: str = NONE, merge: str = "",
+               save_to: str = "output", unique_id: str | None = None) -> dict:
+        recipes = parse_recipes(score_recipes)
+        dev = str(comfy.compute_device()) if device == "default" else "cpu"
+        opts = ResizeOptions(output_dtype=output_dtype, device=dev).validate()
+        lora = open_lora_input(merge if merge.strip() else lora_name, resolve=_lora_path)
+        base = _base_model(model, ckpt_name, unet_name)
+        folder = (comfy.loras_directory() if save_to == "models/loras"
+                  else os.path.join(comfy.output_directory(), "loras"))
+        bar = comfy.progress_bar(max(1, len(lora.prefixes) + len(recipes)))
+
+        def progress(done: int, total: int, key: str) -> None:
+            bar(done, total, key)
+            comfy.send_progress_text(f"{done}/{total}: {key}", unique_id)
+
+        try:
+            report = resize_lora(base, lora, recipes, folder, opts, progress=progress,
+                                 check_interrupt=comfy.check_interrupt)
+        finally:
+            if dev != "cpu":
+                comfy.soft_empty_cache()
+        text = report.format_text(per_layer=verbose)
+        log.info("LoRA resize finished:\n%s", text)
+        return {"ui": {"text": [text]}, "result": ("\n".join(report.output_paths), text)}

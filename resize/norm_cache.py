@@ -1,0 +1,130 @@
+"""On-disk cache of base-model layer norms, keyed by the checkpoint file's identity.
+
+Spectral norms of a whole base model take a while; they depend only on the checkpoint, so they
+are stored next to it (``<checkpoint>.lora_norms.json``) or, when that folder is read-only, in
+``~/.cache/lora_extract/``. The file records the checkpoint's size and mtime (nanoseconds):
+when either differs, the cached norms are ignored and recomputed, so a replaced checkpoint
+never gets stale norms. Saves are atomic (temp file + rename) and merge with what another run
+may have saved meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+CACHE_SUFFIX = ".lora_norms.json"
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str) -> FileIdentity:
+        st = os.stat(path)
+        return cls(st.st_size, st.st_mtime_ns)
+
+
+def _fallback_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "lora_extract")
+
+
+def cache_paths(checkpoint: str) -> list[str]:
+    """Where the cache for ``checkpoint`` may live: next to it first, then the user cache."""
+    real = os.path.realpath(checkpoint)
+    digest = hashlib.sha1(real.encode("utf-8")).hexdigest()[:16]
+    return [real + CACHE_SUFFIX,
+            os.path.join(_fallback_dir(), f"{os.path.basename(real)}.{digest}{CACHE_SUFFIX}")]
+
+
+class NormCache:
+    """Per-layer norms (``{target id: {"fro": x, "spn": y}}``) of one checkpoint, or in memory only."""
+
+    def __init__(self, checkpoint: str | None) -> None:
+        self.checkpoint = checkpoint
+        self.identity = FileIdentity.of(checkpoint) if checkpoint else None
+        self.entries: dict[str, dict[str, float]] = {}
+        self.loaded_from: str | None = None
+        self.dirty = False
+        if checkpoint:
+            for path in cache_paths(checkpoint):
+                got = self._read(path)
+                if got is not None:
+                    self.entries, self.loaded_from = got, path
+                    break
+
+    def _read(self, path: str) -> dict[str, dict[str, float]] | None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable norms cache %s (%s)", path, e)
+            return None
+        if (not isinstance(data, dict) or data.get("format") != CACHE_FORMAT
+                or data.get("identity") != self._identity_dict()):
+            log.info("norms cache %s is for another version of the checkpoint; recomputing", path)
+            return None
+        entries = data.get("norms")
+        return entries if isinstance(entries, dict) else None
+
+    def _identity_dict(self) -> dict[str, int] | None:
+        if self.identity is None:
+            return None
+        return {"size": self.identity.size, "mtime_ns": self.identity.mtime_ns}
+
+    def get(self, ident: str, what: str) -> float | None:
+        v = self.entries.get(ident, {}).get(what)
+        return float(v) if isinstance(v, (int, float)) else None
+
+    def put(self, ident: str, what: str, value: float) -> None:
+        self.entries.setdefault(ident, {})[what] = float(value)
+        self.dirty = True
+
+    def save(self) -> str | None:
+        """Write the cache (if anything new was computed); returns the path written, or None."""
+        if not self.dirty or not self.checkpoint:
+            return None
+        if FileIdentity.of(self.checkpoint) != self.identity:
+            log.warning("%s changed during the run; norms not cached", self.checkpoint)
+            return None
+        for path in cache_paths(self.checkpoint):
+            try:
+                merged = dict(self._read(path) or {})
+                for k, v in self.entries.items():
+                    merged.setdefault(k, {}).update(v)
+                _write_json_atomic(path, {"format": CACHE_FORMAT, "identity": self._identity_dict(),
+                                          "checkpoint": os.path.basename(self.checkpoint),
+                                          "norms": merged})
+            except OSError as e:
+                log.info("cannot write norms cache %s (%s); trying the next place", path, e)
+                continue
+            self.dirty = False
+            return path
+        log.warning("could not write the norms cache anywhere; the next run recomputes them")
+        return None
+
+
+def _write_json_atomic(path: str, data: object) -> None:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException: an interrupt must not leave the temporary file behind either.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

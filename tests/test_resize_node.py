@@ -1,0 +1,96 @@
+"""The LoraResize node through the ComfyUI stub: folders, MODEL input, merge, interrupt."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import comfy.model_management
+import folder_paths
+import pytest
+import torch
+from comfy.model_patcher import ModelPatcher
+from helpers import module_from_state_dict
+from safetensors.torch import load_file, save_file
+from test_resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
+
+from lora_extract import NODE_CLASS_MAPPINGS
+from lora_extract.extract.errors import ExtractionInputError
+
+PREFIX = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.fixture
+def comfy_dirs(tmp_path, gen):
+    folder_paths._set_base_dir(str(tmp_path))
+    comfy.model_management.interrupt_current_processing(False)
+    base_path, base_sd = make_base(str(tmp_path / "models" / "checkpoints"), gen, "sdxl_base.safetensors")
+    for name in ("a", "b"):
+        sd: dict[str, torch.Tensor] = {}
+        kohya_layer(sd, PREFIX, *lora_pair(32, (32,), spectrum(8, 0.5, 0.3), gen, 4.0), 4.0)
+        save_file(sd, str(tmp_path / "models" / "loras" / f"{name}.safetensors"))
+    yield tmp_path, base_sd
+    comfy.model_management.interrupt_current_processing(False)
+
+
+def _node():
+    return NODE_CLASS_MAPPINGS["LoraResize"]()
+
+
+def _inputs(**kw) -> dict:
+    d = dict(lora_name="a.safetensors", score_recipes="spn_lora,thr=-1:spn_lora,size=0.001",
+             output_dtype="fp16", device="default", verbose=True)
+    d.update(kw)
+    return d
+
+
+def test_input_types_list_the_model_folders(comfy_dirs) -> None:
+    types = NODE_CLASS_MAPPINGS["LoraResize"].INPUT_TYPES()
+    assert types["required"]["lora_name"][0] == ["a.safetensors", "b.safetensors"]
+    assert types["optional"]["ckpt_name"][0] == ["none", "sdxl_base.safetensors"]
+    assert types["required"]["score_recipes"][1]["default"] == "fro_ckpt=1,thr=-3.5"
+
+
+def test_node_resizes_against_a_checkpoint_file(comfy_dirs) -> None:
+    tmp_path, _ = comfy_dirs
+    res = _node().resize(**_inputs(ckpt_name="sdxl_base.safetensors"))
+    paths = res["result"][0].split("\n")
+    assert len(paths) == 2 and all(os.path.dirname(p) == str(tmp_path / "output" / "loras") for p in paths)
+    assert os.path.basename(paths[0]) == "a_spnlora1.00_th-1.00.safetensors"
+    lora = load_file(paths[0])
+    assert lora[PREFIX + ".lora_down.weight"].shape == (2, 32)   # 0.3^i >= 0.1 for i = 0, 1
+    assert "dim:   8->2" in res["result"][1]
+    # base norms are cached next to the checkpoint
+    assert os.path.isfile(tmp_path / "models" / "checkpoints" / "sdxl_base.safetensors.lora_norms.json")
+
+
+def test_node_with_model_input_and_merge_saved_to_loras(comfy_dirs) -> None:
+    tmp_path, base_sd = comfy_dirs
+    unet = {k[len(UNET):]: t for k, t in base_sd.items() if k.startswith(UNET)}
+    root = module_from_state_dict(unet, prefix="diffusion_model.")
+    patcher = ModelPatcher(root, torch.device("cpu"), torch.device("cpu"))
+    res = _node().resize(**_inputs(model=patcher, merge="a:0.5,b:0.5", score_recipes="spn_ckpt,thr=-3",
+                                   save_to="models/loras"))
+    path = res["result"][0]
+    assert os.path.dirname(path) == str(tmp_path / "models" / "loras")
+    assert os.path.basename(path).startswith("a0.5+b0.5_spnckpt1.00_th-3.00")
+    assert load_file(path)[PREFIX + ".lora_up.weight"].shape[1] <= 16
+
+
+def test_node_errors_are_clear(comfy_dirs) -> None:
+    with pytest.raises(ExtractionInputError, match="no base model"):
+        _node().resize(**_inputs())
+    with pytest.raises(ExtractionInputError, match="not in the loras folder"):
+        _node().resize(**_inputs(merge="missing:1", ckpt_name="sdxl_base.safetensors"))
+    with pytest.raises(ExtractionInputError, match="exactly one of thr= and size="):
+        _node().resize(**_inputs(score_recipes="fro_ckpt", ckpt_name="sdxl_base.safetensors"))
+
+
+def test_interrupt_stops_between_layers_without_files(comfy_dirs) -> None:
+    tmp_path, _ = comfy_dirs
+    shutil.rmtree(tmp_path / "output", ignore_errors=True)
+    comfy.model_management.interrupt_current_processing(True)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _node().resize(**_inputs(ckpt_name="sdxl_base.safetensors"))
+    out = tmp_path / "output" / "loras"
+    assert not out.exists() or os.listdir(out) == []
