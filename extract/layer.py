@@ -60,26 +60,42 @@ class LayerExtraction:
     seconds: float = 0.0
 
 
+def svd_plan(m: int, n: int, cfg: ExtractConfig, cap: int) -> tuple[bool, int]:
+    """Whether an ``m x n`` matrix gets an exact SVD, and the randomized sketch rank if not.
+
+    Shared with the batched path (``extract/batched.py``) so both decompose alike.
+    """
+    small = min(m, n)
+    # Adaptive rules look past the cap: oversampling makes the estimates near the cap accurate.
+    width = min(cap, small) + cfg.oversample
+    use_exact = cfg.algorithm == "svd_linalg" or width >= RANDOMIZED_MAX_FRACTION * small
+    k = min(cap, small) if cfg.lora_type == "standard" else min(small, width)
+    return use_exact, k
+
+
+def choose_rank(mat: torch.Tensor, svd: TruncatedSVD, exact: bool, cfg: ExtractConfig, cap: int,
+                fro2: float) -> int:
+    """The rank the configured rule picks from ``svd`` (computed exactly or randomized)."""
+    small = min(mat.shape)
+    if exact:
+        totals = SpectrumTotals(nuclear=float(svd.S.double().sum()), energy=fro2)
+    else:
+        need = RULE_NEEDS[cfg.lora_type]
+        nuclear = float(singular_values(mat).double().sum()) if "nuclear" in need else None
+        totals = SpectrumTotals(nuclear=nuclear, energy=fro2)
+    return select_rank(cfg.lora_type, svd.S, cfg.adaptive_param, cap, small, totals)
+
+
 def _decompose(mat: torch.Tensor, cfg: ExtractConfig, cap: int, fro2: float,
                generator: torch.Generator | None) -> tuple[TruncatedSVD, int]:
     """Decompose ``mat`` and choose the rank by the configured rule."""
     m, n = mat.shape
-    small = min(m, n)
-    rule = cfg.lora_type
-    need = RULE_NEEDS[rule]
-    # Adaptive rules look past the cap: oversampling makes the estimates near the cap accurate.
-    width = min(cap, small) + cfg.oversample
-    use_exact = cfg.algorithm == "svd_linalg" or width >= RANDOMIZED_MAX_FRACTION * small
+    use_exact, k = svd_plan(m, n, cfg, cap)
     if use_exact:
         svd = exact_svd(mat)
-        totals = SpectrumTotals(nuclear=float(svd.S.double().sum()), energy=fro2)
     else:
-        k = min(cap, small) if rule == "standard" else min(small, width)
         svd = randomized_svd(mat, k, cfg.oversample, cfg.lowrank_iters, generator)
-        nuclear = float(singular_values(mat).double().sum()) if "nuclear" in need else None
-        totals = SpectrumTotals(nuclear=nuclear, energy=fro2)
-    rank = select_rank(rule, svd.S, cfg.adaptive_param, cap, small, totals)
-    return svd, rank
+    return svd, choose_rank(mat, svd, use_exact, cfg, cap, fro2)
 
 
 def extract_matrix(diff: torch.Tensor, cfg: ExtractConfig, *, fro: float | None = None,
@@ -90,14 +106,24 @@ def extract_matrix(diff: torch.Tensor, cfg: ExtractConfig, *, fro: float | None 
     a second full-size buffer. ``fro`` is ``||diff||_F`` if the caller already has it.
     """
     t0 = time.perf_counter()
+    mat = diff.reshape(diff.shape[0], -1)
+    if fro is None:
+        fro = float(torch.linalg.vector_norm(mat))
+    cap = cfg.rank_cap(diff.dim())
+    svd, rank = _decompose(mat, cfg, cap, fro * fro, generator)
+    return finish_extraction(diff, svd, rank, fro, cfg, t0)
+
+
+def finish_extraction(diff: torch.Tensor, svd: TruncatedSVD, rank: int, fro: float,
+                      cfg: ExtractConfig, t0: float) -> LayerExtraction:
+    """Balanced, clamped, cast factors of ``diff`` from its decomposition, and their error.
+
+    ``diff`` is consumed (overwritten with the residual). ``t0`` is when the layer's work began.
+    """
     shape = tuple(diff.shape)
     out_dim = shape[0]
     mat = diff.reshape(out_dim, -1)
-    if fro is None:
-        fro = float(torch.linalg.vector_norm(mat))
     fro2 = fro * fro
-    cap = cfg.rank_cap(len(shape))
-    svd, rank = _decompose(mat, cfg, cap, fro2, generator)
     kept = svd.truncate(rank)
     kept_energy = float((kept.S.double() ** 2).sum())
     # Eckart-Young: an orthogonal projection's error is exactly the energy it leaves out.

@@ -1,6 +1,9 @@
-"""Memory management for extraction: background prefetch (and, later, the V2 block-swap manager).
+"""Memory management for extraction: background prefetch (V1) and the V2 block-swap manager.
 
-Pure torch; never imports ComfyUI.
+Pure torch; never imports ComfyUI. The V2 entry point is ``memory.manager.extract_lora_v2``
+(not re-exported here: ``extract.pipeline`` imports ``memory.prefetch``, and the manager
+imports the pipeline). Policy: ``blocks`` and ``planner``; mechanics: ``streamer``,
+``buffers``, ``cache``, ``monitor``.
 """
 
 from .prefetch import Prefetcher

@@ -1,0 +1,108 @@
+"""Batched extraction: same-shaped weight differences decomposed in one SVD call.
+
+A batched LAPACK/cuSOLVER call on ``[B, m, n]`` replaces B separate launches. On a GPU that is
+where batching pays (small and medium layers leave most of the device idle one at a time); on a
+CPU MKL already uses every core for one matrix, so batching gains nothing there (measured
+0.92-1.15x, see ../shared/notes/svd-on-cpu.md) and callers keep it off.
+
+Every step mirrors the per-layer path in ``layer.py`` / ``decompose.py`` (same orientation,
+same per-layer seeded sketch, same rank rules, clamp and scaling through
+``layer.finish_extraction``), so a layer gets the same rank and the same factors, within float
+rounding, whether it was extracted alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .config import ExtractConfig
+from .decompose import TruncatedSVD
+from .layer import LayerExtraction, choose_rank, finish_extraction, svd_plan
+
+
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(y, mode="reduced")
+    return q
+
+
+def batched_exact_svd(stack: torch.Tensor) -> list[TruncatedSVD]:
+    """Thin SVD of each ``[m, n]`` matrix of ``stack`` ``[B, m, n]``, on the tall orientation."""
+    m, n = stack.shape[-2:]
+    if m >= n:
+        u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+        return [TruncatedSVD(u[i], s[i], vh[i]) for i in range(stack.shape[0])]
+    # Wide matrices are factorized transposed, as decompose.exact_svd does (much faster).
+    u, s, vh = torch.linalg.svd(stack.mT, full_matrices=False)
+    return [TruncatedSVD(vh[i].T, s[i], u[i].T) for i in range(stack.shape[0])]
+
+
+def batched_randomized_svd(stack: torch.Tensor, k: int, oversample: int, niter: int,
+                           generators: Sequence[torch.Generator | None]) -> list[TruncatedSVD]:
+    """Top-``k`` triplets of each matrix of ``stack``, as ``decompose.randomized_svd`` computes them.
+
+    Each matrix gets its own Gaussian sketch from its own generator (drawn on the CPU, as the
+    per-layer path does), so the result does not depend on which layers share the batch.
+    """
+    b_size = stack.shape[0]
+    m, n = stack.shape[-2:]
+    width = min(k + oversample, m, n)
+    transposed = m < n
+    mat = stack.mT if transposed else stack          # [B, M, N] with M >= N
+    omegas = [torch.randn(mat.shape[-1], width, generator=g, dtype=stack.dtype, device="cpu")
+              for g in generators]
+    omega = torch.stack(omegas).to(stack.device)
+    q = _orthonormal(mat @ omega)                    # [B, M, width]
+    for _ in range(niter):
+        z = _orthonormal(mat.mT @ q)                 # [B, N, width]
+        q = _orthonormal(mat @ z)
+    small = q.mT @ mat                               # [B, width, N]
+    ub, s, vh = torch.linalg.svd(small, full_matrices=False)
+    u = q @ ub
+    k = min(k, width)
+    out = []
+    for i in range(b_size):
+        ui, si, vhi = u[i, :, :k], s[i, :k], vh[i, :k, :]
+        out.append(TruncatedSVD(vhi.T, si, ui.T) if transposed else TruncatedSVD(ui, si, vhi))
+    return out
+
+
+def same_shape_groups(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    """Indices grouped by identical shape, groups in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(tuple(s), []).append(i)
+    return list(groups.values())
+
+
+def extract_matrices(diffs: Sequence[torch.Tensor], cfg: ExtractConfig, fros: Sequence[float],
+                     generators: Sequence[torch.Generator | None]) -> list[LayerExtraction]:
+    """``layer.extract_matrix`` for several differences; same-shaped ones share one SVD call.
+
+    The differences are consumed (overwritten with their residuals), like ``extract_matrix``.
+    Results come back in input order.
+    """
+    results: list[LayerExtraction | None] = [None] * len(diffs)
+    for group in same_shape_groups([tuple(d.shape) for d in diffs]):
+        t0 = time.perf_counter()
+        mats = [diffs[i].reshape(diffs[i].shape[0], -1) for i in group]
+        m, n = mats[0].shape
+        cap = cfg.rank_cap(diffs[group[0]].dim())
+        use_exact, k = svd_plan(m, n, cfg, cap)
+        # The stack is a copy: the per-layer residuals below overwrite ``diffs`` in place.
+        stack = torch.stack(mats)
+        if use_exact:
+            svds = batched_exact_svd(stack)
+        else:
+            svds = batched_randomized_svd(stack, k, cfg.oversample, cfg.lowrank_iters,
+                                          [generators[i] for i in group])
+        del stack
+        # The batch's time is shared out evenly: per-layer seconds stay comparable with V1.
+        share = (time.perf_counter() - t0) / len(group)
+        for i, mat, svd in zip(group, mats, svds, strict=True):
+            t_layer = time.perf_counter() - share
+            rank = choose_rank(mat, svd, use_exact, cfg, cap, fros[i] * fros[i])
+            results[i] = finish_extraction(diffs[i], svd, rank, fros[i], cfg, t_layer)
+    return [r for r in results if r is not None]

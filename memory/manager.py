@@ -1,0 +1,320 @@
+"""The V2 extraction: the planner's policy carried out by the streamer, with the same results as V1.
+
+Layers are processed in model order (the output file has V1's keys in V1's order); what differs
+is how they get to the device (batches read ahead, resident blocks kept between runs) and how
+they are decomposed (same-shaped matrices of a batch in one batched SVD on an accelerator).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..extract import batched
+from ..extract.config import ExtractConfig
+from ..extract.keys import keys_for_param
+from ..extract.layer import LayerExtraction, extract_matrix, layer_kind
+from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
+from ..extract.pairing import KeyPair, PairPlan, plan_pair
+from ..extract.pipeline import (
+    ExtractionResult,
+    InterruptFn,
+    ProgressFn,
+    _layer_generator,
+    finish_result,
+    process_pair,
+)
+from ..extract.report import STATUS_SKIPPED, ExtractionReport, LayerReport
+from ..extract.sources import WeightSource
+from ..extract.writer import save_safetensors_atomic
+from .blocks import block_of
+from .buffers import StagingPool
+from .cache import RESIDENT, ResidentCache, source_identity
+from .monitor import VramMonitor, VramProbe, format_reading, torch_probe
+from .planner import (
+    MODES,
+    BlockSize,
+    MemoryOptions,
+    form_batches,
+    plan_memory,
+    shrink_batch,
+)
+from .run_report import BatchRecord, MemoryRunReport
+from .streamer import LoadedLayer, PairStreamer, pair_bytes
+
+log = logging.getLogger(__name__)
+
+# free_memory(bytes, device): ask the host application (ComfyUI) to make room on the device.
+FreeMemoryFn = Callable[[int, torch.device], None]
+
+
+@dataclass
+class V2Result:
+    result: ExtractionResult
+    memory: MemoryRunReport
+
+
+def _needs_svd(pair: KeyPair, layer: LoadedLayer, cfg: ExtractConfig, plan: PairPlan) -> bool:
+    """Whether ``process_pair`` would decompose this layer (the same test it applies).
+
+    Safe if the two ever drift apart: a layer extracted here that process_pair stores otherwise
+    is wasted work, and one not extracted here is extracted by process_pair itself.
+    """
+    if layer.fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
+        return False
+    _keys, role = keys_for_param(pair.path, cfg.key_style, plan.module_has_weight(pair.path))
+    return role == "weight"
+
+
+class _Run:
+    """State of one V2 extraction (kept off the function so each step stays short)."""
+
+    def __init__(self, cfg: ExtractConfig, opts: MemoryOptions, mem: MemoryRunReport,
+                 cache: ResidentCache, use_batched: bool,
+                 workers: ThreadPoolExecutor | None = None) -> None:
+        self.cfg, self.opts, self.mem, self.cache = cfg, opts, mem, cache
+        self.use_batched = use_batched
+        self.workers = workers                 # CPU: the layers of a batch run side by side
+        self.limit = mem.plan.batch_size       # layers per SVD call; halved on OOM / threshold
+
+    def extract(self, layers: list[LoadedLayer]) -> list[LayerExtraction]:
+        """Factors of ``layers``; on out-of-memory: halve the batch and retry, then use the CPU."""
+        out: list[LayerExtraction] = []
+        i = 0
+        while i < len(layers):
+            chunk = layers[i:i + self.limit]
+            try:
+                out.extend(self._decompose(chunk))
+                i += len(chunk)
+                continue
+            except OOM_ERRORS:
+                pass  # handled below, outside the handler, so the failed attempt's memory is freed
+            self._out_of_memory(chunk)
+            if len(chunk) == 1:
+                # The differences are consumed only by the final residual step, after every
+                # large allocation, so the failed attempt left this one intact.
+                layer = chunk[0]
+                layer.diff = layer.diff.cpu()
+                out.append(extract_matrix(layer.diff, self.cfg, fro=layer.fro,
+                                          generator=_layer_generator(self.cfg, layer.pair.path)))
+                self.mem.oom_events.append(
+                    f"out of memory at {layer.pair.tuned_key!r} alone: extracted on the CPU.")
+                i += 1
+        return out
+
+    def _decompose(self, chunk: list[LoadedLayer]) -> list[LayerExtraction]:
+        gens = [_layer_generator(self.cfg, layer.pair.path) for layer in chunk]
+        if self.workers is not None and len(chunk) > 1:
+            return list(self.workers.map(
+                lambda lg: extract_matrix(lg[0].diff, self.cfg, fro=lg[0].fro, generator=lg[1]),
+                zip(chunk, gens, strict=True)))
+        if len(chunk) == 1 or not self.use_batched:
+            return [extract_matrix(layer.diff, self.cfg, fro=layer.fro, generator=g)
+                    for layer, g in zip(chunk, gens, strict=True)]
+        return batched.extract_matrices([layer.diff for layer in chunk], self.cfg,
+                                        [layer.fro for layer in chunk], gens)
+
+    def _out_of_memory(self, chunk: list[LoadedLayer]) -> None:
+        freed = self.cache.clear()
+        release_accelerator_cache(self.cfg.device)
+        old = self.limit
+        self.limit = shrink_batch(self.limit)
+        if old != self.limit:
+            self.mem.oom_events.append(
+                f"out of memory on a batch of {len(chunk)} at {chunk[0].pair.tuned_key!r}: "
+                f"batch {old} -> {self.limit}, {freed / 2**20:.0f} MiB of resident blocks offloaded.")
+        log.warning("out of memory on %s; batch now %d", self.cfg.device, self.limit)
+
+    def after_batch(self, monitor: VramMonitor, streamer: PairStreamer, n: int, seconds: float) -> None:
+        reading = monitor.read()
+        self.mem.batches.append(BatchRecord(n, seconds, reading))
+        if self.opts.debug:
+            log.info("batch of %d layers in %.2fs, VRAM %s", n, seconds, format_reading(reading))
+        if monitor.over(reading):
+            freed = self.cache.clear()
+            streamer.resident_keys = set()     # keep nothing more this run
+            release_accelerator_cache(self.cfg.device)
+            old, self.limit = self.limit, shrink_batch(self.limit)
+            msg = (f"VRAM threshold exceeded ({format_reading(reading)} > "
+                   f"{100 * monitor.threshold:.1f}%): offloaded {freed / 2**20:.0f} MiB of resident "
+                   f"blocks, batch {old} -> {self.limit}")
+            self.mem.threshold_events.append(msg)
+            log.debug(msg)
+
+
+def cpu_workers(device: torch.device, batch_size: int, batched_svd: bool) -> int:
+    """Threads that extract a batch's layers side by side on a CPU (1: one after another).
+
+    On a CPU the batch's layers run in parallel threads with one BLAS thread each, instead of
+    one layer at a time on every core: the tall-skinny QRs and small matmuls of an extraction
+    scale poorly across threads, and on a busy machine multi-threaded BLAS regions stall
+    (measured 5-10x slower than single-threaded ones on a loaded 2-core runner).
+    """
+    if device.type != "cpu" or batched_svd:
+        return 1
+    return max(1, min(batch_size, os.cpu_count() or 1))
+
+
+@contextmanager
+def _layer_parallel(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A thread pool for the layers, with torch limited to one intra-op thread meanwhile."""
+    if workers <= 1:
+        yield None
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lora-extract-layer") as ex:
+            yield ex
+    finally:
+        torch.set_num_threads(before)
+
+
+def _own_stored_copies(tensors: dict[str, torch.Tensor], stored_before: int,
+                       layer: LoadedLayer) -> None:
+    """Copy stored tensors that still alias the layer's reused host buffer.
+
+    A difference stored as is (``.diff``/``.diff_b``, or ``full``) in float32 is the buffer
+    itself (``.to(float32)`` of a float32 tensor returns it), and the buffer is handed to the
+    next layer once this one is released.
+    """
+    buf = layer.host_buffer
+    if buf is None:
+        return
+    lo = buf.data_ptr()
+    hi = lo + buf.numel()
+    for key in list(tensors)[stored_before:]:
+        t = tensors[key]
+        if t.device.type == "cpu" and lo <= t.data_ptr() < hi:
+            tensors[key] = t.clone()
+
+
+def _stream(streamer: PairStreamer, batches: list[list[KeyPair]], run: _Run, cfg: ExtractConfig,
+            plan: PairPlan, report: ExtractionReport, progress: ProgressFn | None,
+            check_interrupt: InterruptFn | None, monitor: VramMonitor) -> dict[str, torch.Tensor]:
+    """Extract every batch the streamer delivers, in model order; returns the output tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    done = 0
+    # closing(): on an error or interrupt the reader thread is stopped and joined right here,
+    # not whenever the traceback that holds this generator is collected.
+    with closing(streamer.batches(batches)) as loaded_batches:
+        for loaded in loaded_batches:
+            if check_interrupt is not None:
+                check_interrupt()
+            tb = time.perf_counter()
+            todo = [x for x in loaded.layers if _needs_svd(x.pair, x, cfg, plan)]
+            extracted = dict(zip((id(x) for x in todo), run.extract(todo), strict=True))
+            for layer in loaded.layers:
+                if check_interrupt is not None and done:
+                    check_interrupt()
+                ex = extracted.get(id(layer))
+                stored_before = len(tensors)
+                entry = process_pair(layer.pair, layer.diff, layer.fro, cfg, plan, tensors,
+                                     extraction=ex)
+                _own_stored_copies(tensors, stored_before, layer)
+                # process_pair timed only the storing: add the (batched) decomposition's share.
+                entry.seconds += ex.seconds if ex is not None else 0.0
+                report.add(entry)
+                layer.release()
+                done += 1
+                if progress is not None:
+                    progress(done, len(plan.common), layer.pair.tuned_key)
+            run.after_batch(monitor, streamer, len(loaded.layers), time.perf_counter() - tb)
+    if check_interrupt is not None:
+        check_interrupt()
+    return tensors
+
+
+def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
+                    opts: MemoryOptions, *, progress: ProgressFn | None = None,
+                    check_interrupt: InterruptFn | None = None, probe: VramProbe | None = None,
+                    free_memory: FreeMemoryFn | None = None, cache: ResidentCache = RESIDENT,
+                    batched_svd: bool | None = None) -> V2Result:
+    """Extract like ``pipeline.extract_lora`` (same ranks and factors), managing device memory.
+
+    ``probe`` reads (free, total) device memory (default: ``torch.cuda``; None readings mean no
+    accelerator). ``free_memory`` asks the host application to make room first. ``batched_svd``
+    defaults to on for CUDA only: on a CPU it does not pay (see ``extract/batched.py``).
+    """
+    cfg.validate()
+    opts.validate()
+    t0 = time.perf_counter()
+    device = torch.device(cfg.device)
+    monitor = VramMonitor(probe or torch_probe(device), opts.memory_threshold)
+    plan = plan_pair(base, tuned)
+    report = ExtractionReport(config=cfg.to_dict())
+    for key, shape, reason in plan.left_out:
+        report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
+                               status=STATUS_SKIPPED, reason=reason))
+    sizes = [pair_bytes(p.shape) for p in plan.common]
+    blocks: dict[str, int] = {}
+    for p, size in zip(plan.common, sizes, strict=True):
+        blocks[block_of(p.tuned_key)] = blocks.get(block_of(p.tuned_key), 0) + size
+    largest = max(sizes)
+    identity = (source_identity(base), source_identity(tuned), str(device))
+    stale = cache.keep_only(identity)
+    if stale:
+        release_accelerator_cache(cfg.device)
+    initial = monitor.read()
+    sized = [BlockSize(n, b) for n, b in blocks.items()]
+    if free_memory is not None and initial is not None:
+        # What the plan would use if the whole device were free; ComfyUI unloads models to make
+        # that room (instead of us loading both inputs whole), and the plan keeps what it got.
+        wish = plan_memory(sized, largest, initial.total, opts)
+        wanted = (wish.working_bytes + wish.resident_bytes) / MODES[opts.mode].budget_fraction
+        free_memory(int(min(wanted, initial.total)), device)
+    reading = monitor.read()
+    mplan = plan_memory(sized, largest, None if reading is None else reading.free + cache.nbytes,
+                        opts)
+    use_batched = batched_svd if batched_svd is not None else device.type == "cuda"
+    mem = MemoryRunReport(options=opts, plan=mplan, device=str(device), initial_vram=initial,
+                          batched_svd=use_batched)
+    resident = set(mplan.resident)
+    resident_keys = {p.tuned_key for p in plan.common if block_of(p.tuned_key) in resident}
+    if opts.debug:
+        log.info("V2 plan: mode %s, budget %s, %d blocks kept, %d offloaded, batch %d, ahead %d",
+                 opts.mode, mplan.budget_bytes, len(mplan.resident), len(mplan.offloaded),
+                 mplan.batch_size, mplan.prefetch_ahead)
+    batches = [[plan.common[i] for i in b]
+               for b in form_batches(sizes, mplan.batch_size, mplan.max_batch_bytes)]
+    pool = StagingPool(mplan.staging_bytes, pin=device.type == "cuda")
+    streamer = PairStreamer(base, tuned, device, pool, mplan.prefetch_ahead, cache, identity,
+                            resident_keys)
+    workers = cpu_workers(device, mplan.batch_size, use_batched)
+    mem.cpu_workers = workers
+    with _layer_parallel(workers) as pool_exec:
+        run = _Run(cfg, opts, mem, cache, use_batched, pool_exec)
+        tensors = _stream(streamer, batches, run, cfg, plan, report, progress, check_interrupt,
+                          monitor)
+    mem.cache_hits, mem.bytes_moved = streamer.cache_hits, streamer.bytes_moved
+    mem.cached_layers = len(cache.keys_for(identity))
+    for key in streamer.oom_keys:
+        mem.oom_events.append(f"out of memory moving {key!r} to {device}: extracted on the CPU.")
+    mem.final_vram = monitor.read()
+    mem.seconds = report.seconds = time.perf_counter() - t0
+    report.notes.extend(mem.notes())
+    return V2Result(finish_result(cfg, report, tensors), mem)
+
+
+def extract_to_file_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
+                       opts: MemoryOptions, path: str, *, overwrite: bool = False,
+                       **kwargs) -> tuple[ExtractionReport, MemoryRunReport]:
+    """``extract_lora_v2`` and an atomic write of the file; returns both reports."""
+    out = extract_lora_v2(base, tuned, cfg, opts, **kwargs)
+    report = out.result.report
+    assert report is not None
+    t0 = time.perf_counter()
+    report.file_bytes = save_safetensors_atomic(out.result.tensors, path, out.result.metadata,
+                                                overwrite=overwrite)
+    report.output_path = out.memory.saved_path = path
+    report.seconds += time.perf_counter() - t0
+    out.memory.seconds = report.seconds
+    log.info("saved %s (%d bytes)", path, report.file_bytes)
+    return report, out.memory
