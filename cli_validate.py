@@ -1,0 +1,105 @@
+"""``lora-extract validate BASE TUNED LORA``: does BASE + LORA reproduce TUNED, layer by layer?
+
+Prints the summary (coverage, errors, quality bands, worst layers); ``--report`` writes every
+layer as JSON, ``--chart`` the report chart as PNG. Exit status 0 when the check ran (whatever
+the quality), 2 on bad input, 130 on Ctrl-C, as the other commands; ``--max-error`` turns a
+whole-model error above the limit, or any uncovered / unmatched key, into exit status 1 for
+scripts and CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+
+from .extract import ExtractionInputError, open_source
+from .extract.validate import validate_lora
+
+log = logging.getLogger("lora_extract")
+
+
+def _public_mode(tmp: str) -> None:
+    # mkstemp creates 0600 files; a report is an ordinary file, readable as the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
+def _write_atomic_text(path: str, text: str) -> None:
+    """Write a small text file under a temporary name, then rename: never a partial report."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        _public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        # Ctrl-C or a full disk: no half-written report under the final name.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_chart_atomic(img, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        img.save(tmp, format="PNG")
+        _public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from .cli import _progress_bar  # the command line's one tqdm progress bar
+
+    for out in (a.report, a.chart):
+        if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise ExtractionInputError(f"{out}: the folder does not exist; create it or pick another path.")
+    base = open_source(a.base)
+    tuned = open_source(a.tuned)
+    lora = open_source(a.lora)
+    report = validate_lora(base, tuned, lora, device=a.device, progress=_progress_bar("validate"),
+                           spectrum_layers=0 if a.chart is None else 4)
+    if a.report:
+        _write_atomic_text(a.report, report.to_json())
+    if a.chart:
+        from .charts import validation_chart
+
+        _save_chart_atomic(validation_chart(report), a.chart)
+    print(report.format_text())
+    if a.max_error is not None:
+        s = report.summary()
+        failed = ((s.overall_error or 0.0) > a.max_error or s.uncovered > 0 or s.unmatched_keys > 0
+                  or s.not_merged > 0)
+        if failed:
+            print(json.dumps({"failed": True, "overall_error": s.overall_error,
+                              "uncovered": s.uncovered, "unmatched_keys": s.unmatched_keys,
+                              "not_merged": s.not_merged}), file=sys.stderr)
+            return 1
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``validate`` on the ``lora-extract`` command line."""
+    p = subparsers.add_parser("validate", help="check that BASE + LORA reproduces TUNED, per layer")
+    p.add_argument("base", help="the original model (.safetensors, or .ckpt loaded safely)")
+    p.add_argument("tuned", help="the fine-tuned model")
+    p.add_argument("lora", help="the LoRA file to check (comfy or kohya keys)")
+    p.add_argument("--report", help="write the per-layer validation as JSON here")
+    p.add_argument("--chart", help="write the report chart (PNG) here")
+    p.add_argument("--device", default="cpu", help="where to apply the LoRA (cpu, cuda)")
+    p.add_argument("--max-error", type=float, default=None,
+                   help="exit 1 if the whole-model relative error exceeds this (e.g. 0.2), or if "
+                        "any changed weight is uncovered or any LoRA key matches nothing")
+    p.set_defaults(func=cmd_validate)
+    return p
