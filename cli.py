@@ -13,6 +13,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from .cli_resize import add_parser as add_resize_parser
+from .cli_validate import add_parser as add_validate_parser
 from .extract import (
     ALGORITHMS,
     LORA_TYPES,
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="folder for the demo files (default: a new temp folder)")
     _add_extract_options(p)
     p.set_defaults(func=cmd_demo)
+    add_validate_parser(sub)
+    add_resize_parser(sub)
     return parser
 
 
@@ -129,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lora-extract: error: {e}", file=sys.stderr)
         return 2
     except FileExistsError as e:
+        print(f"lora-extract: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # e.g. an unwritable --report path: one line naming the file, not a traceback.
         print(f"lora-extract: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

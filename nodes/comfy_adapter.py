@@ -31,6 +31,18 @@ def loras_directory() -> str:
     return folder_paths.get_folder_paths("loras")[0]
 
 
+def loras_directories() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_folder_paths("loras")
+
+
+def temp_directory() -> str:
+    import folder_paths
+
+    return folder_paths.get_temp_directory()
+
+
 def lora_file_names() -> list[str]:
     import folder_paths
 
@@ -41,6 +53,37 @@ def lora_full_path(name: str) -> str | None:
     import folder_paths
 
     return folder_paths.get_full_path("loras", name)
+
+
+def model_file_names(folder: str) -> list[str]:
+    """Files ComfyUI lists in a model folder (``checkpoints``, ``diffusion_models``, ...)."""
+    import folder_paths
+
+    return folder_paths.get_filename_list(folder)
+
+
+def model_full_path(folder: str, name: str) -> str | None:
+    import folder_paths
+
+    return folder_paths.get_full_path(folder, name)
+
+
+def save_preview_png(image, name: str) -> dict[str, str]:
+    """Save a PIL image to ComfyUI's temp folder; the ``ui`` entry that previews it on the node.
+
+    Same place and naming as ComfyUI's PreviewImage (``<name>_<counter>_.png`` in the temp
+    folder, fast compression); the temp folder is emptied when ComfyUI starts.
+    """
+    import os
+
+    import folder_paths
+
+    temp = folder_paths.get_temp_directory()
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        name, temp, image.width, image.height)
+    file = f"{filename}_{counter:05}_.png"
+    image.save(os.path.join(folder, file), compress_level=1)
+    return {"filename": file, "subfolder": subfolder, "type": "temp"}
 
 
 # --- progress and interrupt ---------------------------------------------------------------

@@ -5,20 +5,45 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from ..charts import extraction_chart
 from ..extract.output_paths import next_free_path, resolve_prefix
 from ..extract.pipeline import extract_to_file
+from ..extract.report import ExtractionReport
 from . import comfy_adapter as comfy
+from .chart_output import chart_outputs
 from .extract_inputs import build_config, extraction_inputs, save_root_and_prefix
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class NodeExtraction:
+    """What an extraction node returns: the file, its report, and the report chart."""
+
+    path: str
+    text: str
+    report: ExtractionReport
+    chart: torch.Tensor                     # IMAGE [1, H, W, 3]
+    preview: list[dict[str, str]]           # ui "images" entries showing the chart on the node
+
+    def ui(self) -> dict[str, list]:
+        summary = f"saved {os.path.basename(self.path)}\n{self.text}"
+        return {"text": [summary], "images": self.preview}
+
+
 def run_node_extraction(finetuned_model, original_model, filename_prefix: str, name_suffix: str,
-                        cfg, save_to: str, unique_id: str | None):
-    """Shared body of the extraction nodes: resolve the file name, extract, save, report."""
+                        cfg, save_to: str, unique_id: str | None,
+                        extract_fn: Callable[..., ExtractionReport] = extract_to_file) -> NodeExtraction:
+    """Shared body of the extraction nodes: resolve the file name, extract, save, report, chart.
+
+    ``extract_fn(base, tuned, cfg, path, progress=..., check_interrupt=...)`` writes the file and
+    returns its report; V1 uses ``extract_to_file``, another engine can pass its own.
+    """
     root, prefix = save_root_and_prefix(save_to, filename_prefix, comfy.output_directory(),
                                         comfy.loras_directory())
     folder, stem = resolve_prefix(root, prefix)
@@ -38,14 +63,15 @@ def run_node_extraction(finetuned_model, original_model, filename_prefix: str, n
         comfy.send_progress_text(f"layer {done}/{total}: {key}", unique_id)
 
     try:
-        report = extract_to_file(base, tuned, cfg, path, progress=progress,
-                                 check_interrupt=comfy.check_interrupt)
+        report = extract_fn(base, tuned, cfg, path, progress=progress,
+                            check_interrupt=comfy.check_interrupt)
     finally:
         # Release cached GPU blocks whatever happened (success, error or interrupt).
         comfy.soft_empty_cache()
     text = report.format_text()
     log.info("LoRA extraction finished:\n%s", text)
-    return path, text, report
+    chart, preview = chart_outputs(extraction_chart(report), "lora_extract_chart")
+    return NodeExtraction(path, text, report, chart, preview)
 
 
 class LoraExtract:
@@ -56,9 +82,11 @@ class LoraExtract:
     CATEGORY = "LoRA extraction"
     FUNCTION = "extract"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("lora_path", "report")
-    OUTPUT_TOOLTIPS = ("Full path of the saved LoRA file.", "Per-layer extraction summary.")
+    RETURN_TYPES = ("STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("lora_path", "report", "chart")
+    OUTPUT_TOOLTIPS = ("Full path of the saved LoRA file.", "Per-layer extraction summary.",
+                       "Chart: rank and relative error per layer by block, and the spectra of "
+                       "the largest layers with the cut marked.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -74,8 +102,7 @@ class LoraExtract:
                            bias_diff=bias_diff, adaptive_param=adaptive_param,
                            clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
                            key_style=key_style, device=str(comfy.compute_device()))
-        path, text, _report = run_node_extraction(
+        res = run_node_extraction(
             finetuned_model, original_model, filename_prefix,
             f"rank_{cfg.file_tag()}_{output_dtype}", cfg, save_to, unique_id)
-        summary = f"saved {os.path.basename(path)}\n{text}"
-        return {"ui": {"text": [summary]}, "result": (path, text)}
+        return {"ui": res.ui(), "result": (res.path, res.text, res.chart)}

@@ -19,3 +19,18 @@ def optimal_rel_error(a: torch.Tensor, k: int) -> float:
     """Eckart-Young: the best rank-k relative Frobenius error of ``a``."""
     s = torch.linalg.svdvals(a.reshape(a.shape[0], -1).double())
     return math.sqrt(float((s[k:] ** 2).sum())) / math.sqrt(float((s ** 2).sum()))
+
+
+def module_from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> torch.nn.Module:
+    """A module tree whose state dict is ``sd`` (keys optionally re-prefixed), like the
+    BaseModel ComfyUI wraps around the network; parameters, no gradients."""
+    root = torch.nn.Module()
+    for key, t in sd.items():
+        parent = root
+        *path, leaf = (prefix + key).split(".")
+        for name in path:
+            if not hasattr(parent, name):
+                parent.add_module(name, torch.nn.Module())
+            parent = getattr(parent, name)
+        parent.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
+    return root

@@ -12,24 +12,11 @@ import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_keymap import apply_lora
+from helpers import module_from_state_dict
 from safetensors.torch import load_file
 
 from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.extract.synthetic import demo_layers, make_pair
-
-
-def module_from_state_dict(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A module tree whose state dict is ``sd`` (like ComfyUI's BaseModel around the net)."""
-    root = torch.nn.Module()
-    for key, t in sd.items():
-        parent = root
-        *path, leaf = key.split(".")
-        for name in path:
-            if not hasattr(parent, name):
-                parent.add_module(name, torch.nn.Module())
-            parent = getattr(parent, name)
-        parent.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
-    return root
 
 
 @pytest.fixture
@@ -80,7 +67,7 @@ def test_node_extracts_patched_model_and_file_loads(comfy_dirs, models) -> None:
     comfy.utils._reset()
     out = _run(dict(finetuned_model=tuned_patcher, original_model=patcher, rank=16, conv_rank=16,
                     output_dtype="fp32", clamp_quantile=False))
-    path, text = out["result"]
+    path, text, _chart = out["result"]
     assert os.path.dirname(path) == os.path.join(str(comfy_dirs), "output", "loras")
     assert os.path.basename(path) == "ComfyUI_extracted_lora_rank_16_fp32_00001_.safetensors"
     assert "saved" in out["ui"]["text"][0] and "layers:" in text
