@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from .cli_progress import progress_bar
 from .cli_resize import add_parser as add_resize_parser
 from .cli_validate import add_parser as add_validate_parser
 from .extract import (
@@ -57,28 +58,11 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         key_style=a.key_style, device=a.device).validate()
 
 
-def _progress_bar(desc: str):
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int, key: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr,
-                       disable=not sys.stderr.isatty() and os.environ.get("LORA_EXTRACT_PROGRESS") != "1")
-        bar.set_postfix_str(key[-48:], refresh=False)
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-    return update
-
-
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
                 report_path: str | None, prefetch: int, overwrite: bool = False) -> int:
     base = open_source(base_path)
     tuned = open_source(tuned_path)
-    report = extract_to_file(base, tuned, cfg, out, progress=_progress_bar("extract"),
+    report = extract_to_file(base, tuned, cfg, out, progress=progress_bar("extract"),
                              prefetch=prefetch, overwrite=overwrite)
     if report_path:
         with open(report_path, "w", encoding="utf-8") as f:

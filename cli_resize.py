@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 
 import torch
 
+from .cli_progress import progress_bar
 from .resize import (
     DEFAULT_RECIPES,
     BaseModel,
@@ -23,23 +22,6 @@ from .resize import (
 )
 
 DTYPES = {"16": "fp16", "32": "fp32", "bf16": "bf16"}
-
-
-def _progress(desc: str):
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int, key: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr,
-                       disable=not sys.stderr.isatty() and os.environ.get("LORA_EXTRACT_PROGRESS") != "1")
-        bar.set_postfix_str(key[-48:], refresh=False)
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-    return update
 
 
 def cmd_resize(a: argparse.Namespace) -> int:
@@ -54,7 +36,7 @@ def cmd_resize(a: argparse.Namespace) -> int:
     for spec in a.loras:
         lora = open_lora_input(spec)
         report = resize_lora(base, lora, recipes, a.output_folder, opts,
-                             progress=_progress(f"resize {lora.name}"))
+                             progress=progress_bar(f"resize {lora.name}"))
         print(report.format_text(per_layer=a.resize_verbose >= 2))
     return 0
 

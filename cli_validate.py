@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 
+from .cli_progress import progress_bar
 from .extract import ExtractionInputError, open_source
 from .extract.validate import validate_lora
 
@@ -60,7 +61,6 @@ def _save_chart_atomic(img, path: str) -> None:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    from .cli import _progress_bar  # the command line's one tqdm progress bar
 
     for out in (a.report, a.chart):
         if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
@@ -68,7 +68,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
     base = open_source(a.base)
     tuned = open_source(a.tuned)
     lora = open_source(a.lora)
-    report = validate_lora(base, tuned, lora, device=a.device, progress=_progress_bar("validate"),
+    report = validate_lora(base, tuned, lora, device=a.device, progress=progress_bar("validate"),
                            spectrum_layers=0 if a.chart is None else 4)
     if a.report:
         _write_atomic_text(a.report, report.to_json())
