@@ -19,54 +19,36 @@ from collections.abc import Sequence
 import torch
 
 from .config import ExtractConfig
-from .decompose import TruncatedSVD
+from .decompose import (
+    TruncatedSVD,
+    exact_svd,
+    gaussian_sketch,
+    randomized_svd_with,
+    sketch_width,
+)
 from .layer import LayerExtraction, choose_rank, finish_extraction, svd_plan
 
 
-def _orthonormal(y: torch.Tensor) -> torch.Tensor:
-    q, _ = torch.linalg.qr(y, mode="reduced")
-    return q
+def _unstack(svd: TruncatedSVD) -> list[TruncatedSVD]:
+    return [TruncatedSVD(svd.U[i], svd.S[i], svd.Vh[i]) for i in range(svd.S.shape[0])]
 
 
 def batched_exact_svd(stack: torch.Tensor) -> list[TruncatedSVD]:
     """Thin SVD of each ``[m, n]`` matrix of ``stack`` ``[B, m, n]``, on the tall orientation."""
-    m, n = stack.shape[-2:]
-    if m >= n:
-        u, s, vh = torch.linalg.svd(stack, full_matrices=False)
-        return [TruncatedSVD(u[i], s[i], vh[i]) for i in range(stack.shape[0])]
-    # Wide matrices are factorized transposed, as decompose.exact_svd does (much faster).
-    u, s, vh = torch.linalg.svd(stack.mT, full_matrices=False)
-    return [TruncatedSVD(vh[i].T, s[i], u[i].T) for i in range(stack.shape[0])]
+    return _unstack(exact_svd(stack))
 
 
 def batched_randomized_svd(stack: torch.Tensor, k: int, oversample: int, niter: int,
                            generators: Sequence[torch.Generator | None]) -> list[TruncatedSVD]:
     """Top-``k`` triplets of each matrix of ``stack``, as ``decompose.randomized_svd`` computes them.
 
-    Each matrix gets its own Gaussian sketch from its own generator (drawn on the CPU, as the
-    per-layer path does), so the result does not depend on which layers share the batch.
+    Each matrix gets its own Gaussian sketch from its own generator, so the result does not
+    depend on which layers share the batch.
     """
-    b_size = stack.shape[0]
-    m, n = stack.shape[-2:]
-    width = min(k + oversample, m, n)
-    transposed = m < n
-    mat = stack.mT if transposed else stack          # [B, M, N] with M >= N
-    omegas = [torch.randn(mat.shape[-1], width, generator=g, dtype=stack.dtype, device="cpu")
-              for g in generators]
-    omega = torch.stack(omegas).to(stack.device)
-    q = _orthonormal(mat @ omega)                    # [B, M, width]
-    for _ in range(niter):
-        z = _orthonormal(mat.mT @ q)                 # [B, N, width]
-        q = _orthonormal(mat @ z)
-    small = q.mT @ mat                               # [B, width, N]
-    ub, s, vh = torch.linalg.svd(small, full_matrices=False)
-    u = q @ ub
-    k = min(k, width)
-    out = []
-    for i in range(b_size):
-        ui, si, vhi = u[i, :, :k], s[i, :k], vh[i, :k, :]
-        out.append(TruncatedSVD(vhi.T, si, ui.T) if transposed else TruncatedSVD(ui, si, vhi))
-    return out
+    shape = tuple(stack.shape[-2:])
+    width = sketch_width(shape, k, oversample)
+    omega = torch.stack([gaussian_sketch(shape, width, g, stack.dtype) for g in generators])
+    return _unstack(randomized_svd_with(stack, omega, k, niter))
 
 
 def same_shape_groups(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:

@@ -27,20 +27,57 @@ class TruncatedSVD:
         return TruncatedSVD(self.U[:, :k], self.S[:k], self.Vh[:k, :])
 
 
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, transposed: bool) -> TruncatedSVD:
+    # Undo the transposition used to factorize a wide matrix: A^T = U S Vh  =>  A = Vh^T S U^T.
+    return TruncatedSVD(vh.mT, s, u.mT) if transposed else TruncatedSVD(u, s, vh)
+
+
 def exact_svd(a: torch.Tensor) -> TruncatedSVD:
-    """Thin SVD of ``a`` (all min(m, n) triplets), computed on the tall orientation."""
-    m, n = a.shape
-    if m >= n:
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        return TruncatedSVD(u, s, vh)
+    """Thin SVD of ``a`` (all min(m, n) triplets), computed on the tall orientation.
+
+    Works on ``[m, n]`` or a stack ``[B, m, n]`` (one batched LAPACK/cuSOLVER call).
+    """
+    m, n = a.shape[-2:]
     # LAPACK's divide-and-conquer is much slower on wide matrices; factorize the transpose.
-    u, s, vh = torch.linalg.svd(a.T, full_matrices=False)
-    return TruncatedSVD(vh.T, s, u.T)
+    transposed = m < n
+    u, s, vh = torch.linalg.svd(a.mT if transposed else a, full_matrices=False)
+    return _split(u, s, vh, transposed)
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     q, _ = torch.linalg.qr(y, mode="reduced")
     return q
+
+
+def sketch_width(shape: tuple[int, ...], k: int, oversample: int) -> int:
+    """Columns of the Gaussian test matrix for the top-``k`` triplets of an ``m x n`` matrix."""
+    return min(k + oversample, shape[-2], shape[-1])
+
+
+def gaussian_sketch(shape: tuple[int, ...], width: int, generator: torch.Generator | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The test matrix for one ``m x n`` matrix, drawn on the CPU so that results do not
+    depend on the device or on which other layers share a batch."""
+    m, n = shape[-2:]
+    return torch.randn(min(m, n), width, generator=generator, dtype=dtype, device="cpu")
+
+
+def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int) -> TruncatedSVD:
+    """Top-``k`` triplets of ``a`` (``[m, n]`` or ``[B, m, n]``) from the test matrix ``omega``
+    (``[min(m, n), width]``, or stacked ``[B, ...]``)."""
+    m, n = a.shape[-2:]
+    # Sketch the side that makes the tall QR factors the smaller ones.
+    transposed = m < n
+    mat = a.mT if transposed else a           # [..., M, N] with M >= N
+    q = _orthonormal(mat @ omega.to(a.device))  # [..., M, width]
+    for _ in range(niter):
+        z = _orthonormal(mat.mT @ q)          # [..., N, width]
+        q = _orthonormal(mat @ z)
+    b = q.mT @ mat                            # [..., width, N]
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    u = q @ ub
+    k = min(k, omega.shape[-1])
+    return _split(u[..., :k], s[..., :k], vh[..., :k, :], transposed)
 
 
 def randomized_svd(a: torch.Tensor, k: int, oversample: int, niter: int,
@@ -51,25 +88,9 @@ def randomized_svd(a: torch.Tensor, k: int, oversample: int, niter: int,
     the smallest returned singular values are the least accurate (they run low), which is why
     callers that choose a rank from them oversample past the rank cap.
     """
-    m, n = a.shape
-    width = min(k + oversample, m, n)
-    # Sketch the side that makes the tall QR factors the smaller ones.
-    transposed = m < n
-    mat = a.T if transposed else a            # [M, N] with M >= N
-    omega = torch.randn(mat.shape[1], width, generator=generator, dtype=a.dtype, device="cpu")
-    omega = omega.to(a.device)
-    q = _orthonormal(mat @ omega)             # [M, width]
-    for _ in range(niter):
-        z = _orthonormal(mat.T @ q)           # [N, width]
-        q = _orthonormal(mat @ z)
-    b = q.T @ mat                             # [width, N]
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    u = q @ ub
-    k = min(k, width)
-    u, s, vh = u[:, :k], s[:k], vh[:k, :]
-    if transposed:
-        return TruncatedSVD(vh.T, s, u.T)
-    return TruncatedSVD(u, s, vh)
+    width = sketch_width(tuple(a.shape), k, oversample)
+    omega = gaussian_sketch(tuple(a.shape), width, generator, a.dtype)
+    return randomized_svd_with(a, omega, k, niter)
 
 
 def singular_values(a: torch.Tensor) -> torch.Tensor:
