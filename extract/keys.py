@@ -13,6 +13,19 @@ from dataclasses import dataclass
 
 KEY_STYLES = ("comfy", "kohya")
 
+# (up, down, mid) suffixes of low-rank LoRA pairs, in the order ComfyUI's LoRA adapter looks
+# for them (the first up key present decides the format of a prefix). Shared by validation
+# (extract/lora_apply.py) and resize (resize/lora_file.py).
+UP_DOWN_FORMATS: tuple[tuple[str, str, str | None], ...] = (
+    (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"),
+    ("_lora.up.weight", "_lora.down.weight", None),
+    (".lora_B.weight", ".lora_A.weight", None),
+    (".lora.up.weight", ".lora.down.weight", None),
+    (".lora_B", ".lora_A", None),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", None),
+    (".lora_B.default.weight", ".lora_A.default.weight", None),
+)
+
 # Prefixes under which full checkpoints store the diffusion model.
 DIFFUSION_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Prefixes of the parts of a full checkpoint that are not the diffusion model.

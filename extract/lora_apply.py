@@ -25,22 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ExtractionInputError
+from .keys import UP_DOWN_FORMATS
 from .sources import WeightSource
 
 DIFFUSION_PREFIX = "diffusion_model."
 KOHYA_UNET_PREFIX = "lora_unet_"
 
-# (up, down, mid) suffixes in the order ComfyUI's LoRA adapter looks for them: the first up
-# key present decides the format of a prefix.
-UP_DOWN_FORMATS: tuple[tuple[str, str, str | None], ...] = (
-    (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"),
-    ("_lora.up.weight", "_lora.down.weight", None),
-    (".lora_B.weight", ".lora_A.weight", None),
-    (".lora.up.weight", ".lora.down.weight", None),
-    (".lora_B", ".lora_A", None),
-    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", None),
-    (".lora_B.default.weight", ".lora_A.default.weight", None),
-)
 
 # LoRA key prefixes that patch the text encoders: LoraLoader applies them to CLIP, so they are
 # not "unmatched" when we only look at the diffusion model.

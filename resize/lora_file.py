@@ -18,20 +18,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..extract.errors import ExtractionInputError
+from ..extract.keys import UP_DOWN_FORMATS
 from ..extract.sources import WeightSource, open_source
 
 log = logging.getLogger(__name__)
 
 # (up suffix, down suffix): every low-rank spelling ComfyUI's loader accepts.
-LOW_RANK_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora_up.weight", ".lora_down.weight"),
-    (".lora_B.weight", ".lora_A.weight"),
-    (".lora.up.weight", ".lora.down.weight"),
-    ("_lora.up.weight", "_lora.down.weight"),
-    (".lora_B.default.weight", ".lora_A.default.weight"),
-    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
-    (".lora_B", ".lora_A"),
-)
+LOW_RANK_SUFFIXES: tuple[tuple[str, str], ...] = tuple((up, down) for up, down, _mid in UP_DOWN_FORMATS)
 ALPHA_SUFFIX = ".alpha"
 # Full-weight patches: no rank to reduce, so they are copied to the output unchanged.
 PASSTHROUGH_SUFFIXES = (".diff", ".diff_b", ".w_norm", ".b_norm")
