@@ -32,16 +32,44 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, transposed: bool)
     return TruncatedSVD(vh.mT, s, u.mT) if transposed else TruncatedSVD(u, s, vh)
 
 
-def exact_svd(a: torch.Tensor) -> TruncatedSVD:
-    """Thin SVD of ``a`` (all min(m, n) triplets), computed on the tall orientation.
+# Above this aspect ratio a float64 Gram eigendecomposition of the small side beats LAPACK's
+# thin SVD on the CPU (measured 1.3-2x on 1280x2048 .. 10240x1280 and 9216x3072).
+GRAM_MIN_ASPECT = 1.5
+
+
+def exact_svd(a: torch.Tensor, k_max: int | None = None) -> TruncatedSVD:
+    """All singular values of ``a``, and the top ``k_max`` (default: all) singular vectors.
 
     Works on ``[m, n]`` or a stack ``[B, m, n]`` (one batched LAPACK/cuSOLVER call).
+    Clearly non-square CPU matrices go through the float64 Gram matrix of their small side
+    (exact to float32 precision for every singular value above ~1e-8 of the largest);
+    everything else through LAPACK's thin SVD of the tall orientation.
     """
     m, n = a.shape[-2:]
-    # LAPACK's divide-and-conquer is much slower on wide matrices; factorize the transpose.
     transposed = m < n
-    u, s, vh = torch.linalg.svd(a.mT if transposed else a, full_matrices=False)
+    tall = a.mT if transposed else a
+    if a.dim() == 2 and a.device.type == "cpu" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n):
+        return _gram_svd(tall, k_max, transposed)
+    # LAPACK's divide-and-conquer is much slower on wide matrices; factorize the transpose.
+    u, s, vh = torch.linalg.svd(tall, full_matrices=False)
     return _split(u, s, vh, transposed)
+
+
+def _gram_svd(tall: torch.Tensor, k_max: int | None, transposed: bool) -> TruncatedSVD:
+    """SVD of a tall ``[M, N]`` matrix from the eigenvectors of its ``N x N`` Gram matrix."""
+    t64 = tall.double()
+    evals, evecs = torch.linalg.eigh(t64.mT @ t64)           # ascending
+    del t64
+    s = evals.flip(0).clamp_min(0).sqrt()
+    k = s.numel() if k_max is None else min(k_max, s.numel())
+    v = evecs.flip(1)[:, :k]
+    # U = A V / S. A zero singular value (rank-deficient difference) gets a zero column, which
+    # its zero weight cancels; float32 here keeps memory at one extra copy of the layer.
+    vk = v.to(tall.dtype)
+    sk = s[:k].to(tall.dtype)
+    av = tall @ vk
+    u = torch.where(sk > 0, av / sk.clamp_min(torch.finfo(tall.dtype).tiny), torch.zeros_like(av))
+    return _split(u, s.to(tall.dtype), vk.mT, transposed)
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:

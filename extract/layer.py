@@ -92,7 +92,7 @@ def _decompose(mat: torch.Tensor, cfg: ExtractConfig, cap: int, fro2: float,
     m, n = mat.shape
     use_exact, k = svd_plan(m, n, cfg, cap)
     if use_exact:
-        svd = exact_svd(mat)
+        svd = exact_svd(mat, k_max=min(cap, min(m, n)))
     else:
         svd = randomized_svd(mat, k, cfg.oversample, cfg.lowrank_iters, generator)
     return svd, choose_rank(mat, svd, use_exact, cfg, cap, fro2)
@@ -114,6 +114,19 @@ def extract_matrix(diff: torch.Tensor, cfg: ExtractConfig, *, fro: float | None 
     return finish_extraction(diff, svd, rank, fro, cfg, t0)
 
 
+def canonical_signs(svd: TruncatedSVD) -> TruncatedSVD:
+    """Flip each singular pair so the largest-magnitude entry of its left vector is positive.
+
+    Singular vectors are defined up to a sign, and different SVD routes (LAPACK, Gram
+    eigenvectors, batched cuSOLVER) pick different ones; fixing the sign makes the stored
+    factors the same whichever route (or device) computed them.
+    """
+    idx = svd.U.abs().argmax(dim=0, keepdim=True)
+    sign = torch.sign(torch.gather(svd.U, 0, idx)).squeeze(0)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return TruncatedSVD(svd.U * sign, svd.S, svd.Vh * sign.unsqueeze(1))
+
+
 def finish_extraction(diff: torch.Tensor, svd: TruncatedSVD, rank: int, fro: float,
                       cfg: ExtractConfig, t0: float) -> LayerExtraction:
     """Balanced, clamped, cast factors of ``diff`` from its decomposition, and their error.
@@ -124,10 +137,15 @@ def finish_extraction(diff: torch.Tensor, svd: TruncatedSVD, rank: int, fro: flo
     out_dim = shape[0]
     mat = diff.reshape(out_dim, -1)
     fro2 = fro * fro
-    kept = svd.truncate(rank)
-    kept_energy = float((kept.S.double() ** 2).sum())
-    # Eckart-Young: an orthogonal projection's error is exactly the energy it leaves out.
-    unclamped = math.sqrt(max(fro2 - kept_energy, 0.0)) / fro if fro > 0 else 0.0
+    kept = canonical_signs(svd.truncate(rank))
+    # Eckart-Young: an orthogonal projection's error is exactly the energy it leaves out. With
+    # the whole spectrum at hand (exact path) sum the discarded values directly; otherwise
+    # (randomized) subtract the kept energy from ||dW||^2.
+    if svd.S.numel() == min(mat.shape):
+        left_out = float((svd.S[rank:].double() ** 2).sum())
+    else:
+        left_out = max(fro2 - float((kept.S.double() ** 2).sum()), 0.0)
+    unclamped = math.sqrt(left_out) / fro if fro > 0 else 0.0
 
     alpha = float(cfg.alpha) if cfg.alpha > 0 else float(rank)
     # Balanced factors (sqrt(S) on both sides), scaled so that alpha/rank * up @ down == dW.

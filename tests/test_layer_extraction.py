@@ -109,3 +109,29 @@ def test_half_precision_output_error_is_measured(gen: torch.Generator) -> None:
     direct = float(torch.linalg.norm(a - _reconstruct(res)) / torch.linalg.norm(a))
     assert direct == pytest.approx(res.rel_error, rel=1e-3)
     assert res.rel_error >= res.rel_error_unclamped
+
+
+@pytest.mark.parametrize("m,n", [(600, 200), (200, 600)])
+def test_gram_route_of_exact_svd_matches_lapack(m: int, n: int, gen: torch.Generator) -> None:
+    sigma = 0.97 ** torch.arange(min(m, n), dtype=torch.float32)
+    a = matrix_with_spectrum(m, n, sigma, gen)
+    g = exact_svd(a, k_max=20)              # aspect 3: the float64 Gram route
+    assert g.S.numel() == min(m, n) and g.U.shape == (m, 20) and g.Vh.shape == (20, n)
+    torch.testing.assert_close(g.S, torch.linalg.svdvals(a.double()).float(), rtol=1e-5, atol=1e-6)
+    rec = (g.U * g.S[:20]) @ g.Vh
+    best = exact_svd(a.double()).truncate(20)  # float64 input: LAPACK route
+    torch.testing.assert_close(rec.double(), (best.U * best.S) @ best.Vh, rtol=1e-4, atol=1e-5)
+
+
+def test_factors_do_not_depend_on_the_svd_route(gen: torch.Generator) -> None:
+    from lora_extract.extract.decompose import TruncatedSVD
+    from lora_extract.extract.layer import canonical_signs
+
+    a = matrix_with_spectrum(90, 60, 0.8 ** torch.arange(60, dtype=torch.float32), gen)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    flip = torch.tensor([(-1.0) ** i for i in range(60)])
+    one = canonical_signs(TruncatedSVD(u, s, vh))
+    other = canonical_signs(TruncatedSVD(u * flip, s, vh * flip.unsqueeze(1)))
+    torch.testing.assert_close(one.U, other.U)
+    torch.testing.assert_close(one.Vh, other.Vh)
+    assert bool((one.U.abs().argmax(0) == one.U.argmax(0)).all())  # largest entry positive
