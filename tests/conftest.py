@@ -21,3 +21,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def comfy_dirs(tmp_path):
+    """The stub's ComfyUI folders under ``tmp_path``, with no interrupt pending before or after."""
+    import comfy.model_management as mm
+    import folder_paths
+
+    folder_paths._set_base_dir(str(tmp_path))
+    mm.interrupt_current_processing(False)
+    yield tmp_path
+    mm.interrupt_current_processing(False)

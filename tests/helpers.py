@@ -34,3 +34,17 @@ def module_from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> tor
             parent = getattr(parent, name)
         parent.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
     return root
+
+
+def patched_pair(width: int, seed: int):
+    """A demo base/fine-tuned pair as ComfyUI sees it: one module, the fine-tune as weight-diff
+    patches on a clone. Returns (base_sd, tuned_sd, base_patcher, tuned_patcher)."""
+    from comfy.model_patcher import ModelPatcher
+
+    from lora_extract.extract.synthetic import demo_layers, make_pair
+
+    base, tuned = make_pair(demo_layers(width), seed=seed)
+    patcher = ModelPatcher(module_from_state_dict(base), torch.device("cpu"), torch.device("cpu"))
+    tuned_patcher = patcher.clone()
+    tuned_patcher.add_patches({k: (tuned[k] - base[k],) for k in base})
+    return base, tuned, patcher, tuned_patcher

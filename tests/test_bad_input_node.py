@@ -14,19 +14,15 @@ import folder_paths
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
-from test_node_extract import _run, module_from_state_dict
+from helpers import module_from_state_dict, patched_pair
+from test_node_extract import _run
 
 from lora_extract.extract import ExtractionInputError, NothingToExtract
-from lora_extract.extract.synthetic import demo_layers, make_pair
 
 
 @pytest.fixture(scope="module")
 def patchers():
-    base, tuned = make_pair(demo_layers(16), seed=9)
-    patcher = ModelPatcher(module_from_state_dict(base), torch.device("cpu"), torch.device("cpu"))
-    tuned_patcher = patcher.clone()
-    tuned_patcher.add_patches({k: (tuned[k] - base[k],) for k in base})
-    return patcher, tuned_patcher
+    return patched_pair(width=16, seed=9)[2:]
 
 
 @pytest.fixture

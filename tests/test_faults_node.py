@@ -10,32 +10,18 @@ from __future__ import annotations
 import os
 
 import comfy.model_management as mm
-import folder_paths
 import pytest
 import torch
-from comfy.model_patcher import ModelPatcher
-from test_node_extract import _run, module_from_state_dict
+from helpers import patched_pair
+from test_node_extract import _run
 
 import lora_extract.extract.pipeline as pipeline
 from lora_extract.extract import ExtractionInputError
-from lora_extract.extract.synthetic import demo_layers, make_pair
-
-
-@pytest.fixture
-def comfy_dirs(tmp_path):
-    folder_paths._set_base_dir(str(tmp_path))
-    mm.interrupt_current_processing(False)
-    yield tmp_path
-    mm.interrupt_current_processing(False)
 
 
 @pytest.fixture(scope="module")
 def patchers():
-    base, tuned = make_pair(demo_layers(24), seed=8)
-    patcher = ModelPatcher(module_from_state_dict(base), torch.device("cpu"), torch.device("cpu"))
-    tuned_patcher = patcher.clone()
-    tuned_patcher.add_patches({k: (tuned[k] - base[k],) for k in base})
-    return patcher, tuned_patcher
+    return patched_pair(width=24, seed=8)[2:]
 
 
 def _written(root) -> list[str]:

@@ -10,30 +10,16 @@ import comfy.utils
 import folder_paths
 import pytest
 import torch
-from comfy.model_patcher import ModelPatcher
 from comfy_keymap import apply_lora
-from helpers import module_from_state_dict
+from helpers import patched_pair
 from safetensors.torch import load_file
 
 from lora_extract import NODE_CLASS_MAPPINGS
-from lora_extract.extract.synthetic import demo_layers, make_pair
-
-
-@pytest.fixture
-def comfy_dirs(tmp_path):
-    folder_paths._set_base_dir(str(tmp_path))
-    comfy.model_management.interrupt_current_processing(False)
-    return tmp_path
 
 
 @pytest.fixture
 def models():
-    base, tuned = make_pair(demo_layers(48), seed=5)
-    patcher = ModelPatcher(module_from_state_dict(base), torch.device("cpu"), torch.device("cpu"))
-    tuned_patcher = patcher.clone()
-    # A fine-tune seen through ComfyUI: the same module, with weight-diff patches on the clone.
-    tuned_patcher.add_patches({k: (tuned[k] - base[k],) for k in base})
-    return base, tuned, patcher, tuned_patcher
+    return patched_pair(width=48, seed=5)
 
 
 def _run(node_inputs: dict) -> dict:

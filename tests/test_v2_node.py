@@ -6,16 +6,13 @@ import os
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 import pytest
 import torch
-from comfy.model_patcher import ModelPatcher
 from comfy_keymap import apply_lora
-from helpers import module_from_state_dict
+from helpers import patched_pair
 from safetensors.torch import load_file
 
 from lora_extract import NODE_CLASS_MAPPINGS
-from lora_extract.extract.synthetic import demo_layers, make_pair
 from lora_extract.memory.cache import ResidentCache
 
 V1_DEFAULTS = dict(filename_prefix="loras/ComfyUI_extracted_lora", rank=8, lora_type="standard",
@@ -24,19 +21,8 @@ V1_DEFAULTS = dict(filename_prefix="loras/ComfyUI_extracted_lora", rank=8, lora_
 
 
 @pytest.fixture
-def comfy_dirs(tmp_path):
-    folder_paths._set_base_dir(str(tmp_path))
-    comfy.model_management.interrupt_current_processing(False)
-    return tmp_path
-
-
-@pytest.fixture
 def models():
-    base, tuned = make_pair(demo_layers(48), seed=6)
-    patcher = ModelPatcher(module_from_state_dict(base), torch.device("cpu"), torch.device("cpu"))
-    tuned_patcher = patcher.clone()
-    tuned_patcher.add_patches({k: (tuned[k] - base[k],) for k in base})
-    return base, tuned, patcher, tuned_patcher
+    return patched_pair(width=48, seed=6)
 
 
 def test_inputs_are_v1_plus_memory_knobs() -> None:
