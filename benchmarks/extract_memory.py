@@ -15,18 +15,10 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
 import time
 
 from bench_pairs import params, specs, write_pair
-
-
-def rss_anon_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
+from rss import AnonPeak
 
 
 def measure(base: str, tuned: str, algorithm: str) -> None:
@@ -35,24 +27,12 @@ def measure(base: str, tuned: str, algorithm: str) -> None:
     from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_lora
 
     torch.set_num_threads(2)
-    start = rss_anon_kib()
-    peak = start
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, rss_anon_kib())
-            time.sleep(0.01)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    res = extract_lora(SafetensorsSource(base), SafetensorsSource(tuned),
-                       ExtractConfig(rank=32, algorithm=algorithm))
-    secs = time.perf_counter() - t0
-    stop.set()
-    t.join()
+    with AnonPeak() as mem:
+        t0 = time.perf_counter()
+        res = extract_lora(SafetensorsSource(base), SafetensorsSource(tuned),
+                           ExtractConfig(rank=32, algorithm=algorithm))
+        secs = time.perf_counter() - t0
+    start, peak = mem.start_kib, mem.peak_kib
     largest = max(r.shape[0] * (r.shape[1] if len(r.shape) > 1 else 1) * 4 for r in res.report.layers)
     print(f"extraction {secs:.1f} s; anonymous memory: before {start / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB, "
           f"added {(peak - start) / 1024:.0f} MiB; largest layer in float32 {largest / 2**20:.0f} MiB; "

@@ -22,12 +22,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_pairs import params, write_pair  # noqa: E402 - after the path tweak above
+from rss import AnonPeak  # noqa: E402
 
 from lora_extract.extract.synthetic import LayerSpec  # noqa: E402
 
@@ -64,14 +64,6 @@ def layers() -> list[LayerSpec]:
     return out
 
 
-def rss_anon_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
-
-
 def child(a: argparse.Namespace) -> None:
     """One variant in this (fresh) process; prints one JSON line."""
     import torch
@@ -85,28 +77,17 @@ def child(a: argparse.Namespace) -> None:
     cfg = ExtractConfig(rank=a.rank, algorithm=a.algorithm, lowrank_iters=a.lowrank_iters,
                         device=a.device)
     base, tuned = SafetensorsSource(a.base), SafetensorsSource(a.tuned)
-    peak = start = rss_anon_kib()
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, rss_anon_kib())
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    if a.child == "v1":
-        result = extract_lora(base, tuned, cfg)
-    else:
-        result = extract_lora_v2(base, tuned, cfg, MemoryOptions(mode=a.child),
-                                 cache=ResidentCache()).result
-    if a.device == "cuda":
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    with AnonPeak() as mem:
+        t0 = time.perf_counter()
+        if a.child == "v1":
+            result = extract_lora(base, tuned, cfg)
+        else:
+            result = extract_lora_v2(base, tuned, cfg, MemoryOptions(mode=a.child),
+                                     cache=ResidentCache()).result
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+    start, peak = mem.start_kib, mem.peak_kib
     vram = torch.cuda.max_memory_allocated() if a.device == "cuda" else None
     assert result.report is not None
     ranks = [r.rank for r in result.report.layers]
