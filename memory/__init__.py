@@ -3,7 +3,7 @@
 Pure torch; never imports ComfyUI. The V2 entry point is ``memory.manager.extract_lora_v2``
 (not re-exported here: ``extract.pipeline`` imports ``memory.prefetch``, and the manager
 imports the pipeline). Policy: ``blocks`` and ``planner``; mechanics: ``streamer``,
-``buffers``, ``cache``, ``monitor``.
+``streams`` (CUDA stream/event order), ``buffers``, ``cache``, ``monitor``.
 """
 
 from .prefetch import Prefetcher

@@ -48,6 +48,7 @@ from .planner import (
 )
 from .run_report import BatchRecord, MemoryRunReport
 from .streamer import LoadedLayer, PairStreamer, pair_bytes
+from .streams import DeviceStreams
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +237,15 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
                     opts: MemoryOptions, *, progress: ProgressFn | None = None,
                     check_interrupt: InterruptFn | None = None, probe: VramProbe | None = None,
                     free_memory: FreeMemoryFn | None = None, cache: ResidentCache = RESIDENT,
-                    batched_svd: bool | None = None) -> V2Result:
+                    batched_svd: bool | None = None,
+                    streams: DeviceStreams | None = None) -> V2Result:
     """Extract like ``pipeline.extract_lora`` (same ranks and factors), managing device memory.
 
     ``probe`` reads (free, total) device memory (default: ``torch.cuda``; None readings mean no
     accelerator). ``free_memory`` asks the host application to make room first. ``batched_svd``
     defaults to on for CUDA only: on a CPU it does not pay (see ``extract/batched.py``).
+    ``streams``: the asynchronous-copy mechanics (default: ``CudaStreams`` on a CUDA device,
+    none elsewhere); the tests pass a recording fake to check their order on a CPU.
     """
     cfg.validate()
     opts.validate()
@@ -286,7 +290,7 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
                for b in form_batches(sizes, mplan.batch_size, mplan.max_batch_bytes)]
     pool = StagingPool(mplan.staging_bytes, pin=device.type == "cuda")
     streamer = PairStreamer(base, tuned, device, pool, mplan.prefetch_ahead, cache, identity,
-                            resident_keys)
+                            resident_keys, streams)
     workers = cpu_workers(device, mplan.batch_size, use_batched)
     mem.cpu_workers = workers
     with _layer_parallel(workers) as pool_exec:

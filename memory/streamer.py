@@ -6,7 +6,9 @@ the batch in compute, so disk reads, host work, transfers and the SVD overlap.
 - CPU: both weights are read in their stored dtype and the float32 difference is built in a
   reused pool buffer (no page faults from a fresh allocation per layer).
 - CUDA: both weights are copied into pinned pool buffers and sent to the device with
-  non-blocking copies on a side stream; the difference is formed there, on the device.
+  non-blocking copies on a side stream; the difference is formed there, on the device. Every
+  stream and event call goes through ``streams.DeviceStreams`` (its docstring gives the order
+  and why), so that order is tested without a GPU.
 - Resident keys: the difference is also kept in the ``ResidentCache``; a later run takes it from
   there and reads nothing.
 
@@ -28,6 +30,7 @@ from ..extract.sources import SafetensorsSource, StateDictSource, WeightSource
 from .buffers import StagingPool, view_as
 from .cache import ResidentCache
 from .prefetch import Prefetcher
+from .streams import DeviceStreams, streams_for
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class LoadedLayer:
     fro: float
     from_cache: bool = False
     on_cpu_after_oom: bool = False
+    ready: object = None        # the side-stream event after which ``diff`` is complete
     _buffer: torch.Tensor | None = None
     _pool: StagingPool | None = None
 
@@ -68,13 +72,14 @@ class PairStreamer:
 
     def __init__(self, base: WeightSource, tuned: WeightSource, device: torch.device,
                  pool: StagingPool, prefetch_ahead: int, cache: ResidentCache | None = None,
-                 identity: Hashable = None, resident_keys: set[str] | None = None) -> None:
+                 identity: Hashable = None, resident_keys: set[str] | None = None,
+                 streams: DeviceStreams | None = None) -> None:
         self.base, self.tuned, self.device = base, tuned, device
         self.pool, self.prefetch_ahead = pool, prefetch_ahead
         self.cache, self.identity = cache, identity
         self.resident_keys = resident_keys or set()
-        self.cuda = device.type == "cuda"
-        self._side = torch.cuda.Stream(device) if self.cuda else None
+        # Made here, on the caller's (compute) thread: see CudaStreams.__init__.
+        self.streams = streams if streams is not None else streams_for(device)
         self.oom_keys: list[str] = []
         self.cache_hits = 0
         self.bytes_moved = 0
@@ -83,11 +88,13 @@ class PairStreamer:
         prefetcher = Prefetcher(batches, self._load_batch, self.prefetch_ahead)
         try:
             for _pairs, loaded in prefetcher:
-                if self.cuda:
-                    # The compute stream must not read a difference before the side stream has
-                    # finished writing it. (The reader already waited on the host for its pinned
-                    # buffers; this wait is free then, and keeps the order explicit.)
-                    torch.cuda.current_stream(self.device).wait_stream(self._side)
+                if self.streams is not None:
+                    for layer in loaded.layers:
+                        if layer.ready is not None:
+                            # The compute stream must not read a difference before the side
+                            # stream has written it. The reader already waited for this event
+                            # on the host, so the wait costs nothing; it keeps the order explicit.
+                            self.streams.compute_waits(layer.ready)
                 yield loaded
         finally:
             # Wake a reader blocked on the pool before joining it, or close() would wait forever.
@@ -100,23 +107,22 @@ class PairStreamer:
         return LoadedBatch([self._load(p) for p in pairs])
 
     def _load(self, pair: KeyPair) -> LoadedLayer:
-        if self.cache is not None and pair.tuned_key in self.resident_keys:
-            hit = self.cache.take(self.identity, pair.tuned_key)
-            if hit is not None:
-                self.cache_hits += 1
-                return LoadedLayer(pair, hit.diff, hit.fro, from_cache=True)
-        if self.cuda:
+        resident = self.cache is not None and pair.tuned_key in self.resident_keys
+        if self.streams is not None:
             try:
-                layer = self._load_cuda(pair)
+                return self._load_async(pair, self.streams, resident)
             except OOM_ERRORS:
                 # No room for this layer's difference: it is extracted on the CPU instead.
                 release_accelerator_cache(str(self.device))
                 self.oom_keys.append(pair.tuned_key)
                 diff, fro = load_difference(self.base, self.tuned, pair.tuned_key, pair.base_key, "cpu")
                 return LoadedLayer(pair, diff, fro, on_cpu_after_oom=True)
-        else:
-            layer = self._load_host(pair)
-        if self.cache is not None and pair.tuned_key in self.resident_keys:
+        hit = self.cache.take(self.identity, pair.tuned_key) if resident and self.cache else None
+        if hit is not None:
+            self.cache_hits += 1
+            return LoadedLayer(pair, hit.diff, hit.fro, from_cache=True)
+        layer = self._load_host(pair)
+        if resident and self.cache is not None:
             self.cache.put(self.identity, pair.tuned_key, layer.diff, layer.fro)
         return layer
 
@@ -142,50 +148,63 @@ class PairStreamer:
         self.bytes_moved += diff.numel() * 4
         return LoadedLayer(pair, diff, fro, _buffer=buf, _pool=self.pool)
 
-    def _load_cuda(self, pair: KeyPair) -> LoadedLayer:
-        assert self._side is not None
+    def _load_async(self, pair: KeyPair, streams: DeviceStreams, resident: bool) -> LoadedLayer:
+        """The difference on the device, through the side stream (the cache's copies too, so
+        that every tensor handed to the compute stream follows the one protocol)."""
         staged: list[torch.Tensor] = []
-        if not isinstance(self.tuned, _HOST_SOURCES) or not isinstance(self.base, _HOST_SOURCES):
-            # A ComfyUI MODEL computes its patched weight wherever it is asked to (its weights
-            # may already be on the GPU): ask for the device, as V1 does, on the side stream.
-            with torch.cuda.stream(self._side):
-                diff = self.tuned.get(pair.tuned_key, self.device, torch.float32)
-                diff.sub_(_subtrahend(self.base.get(pair.base_key, self.device)))
-                fro_t = torch.linalg.vector_norm(diff)
-            moved = diff.numel() * 4
-        else:
-            diff, fro_t, moved = self._stage_and_copy(pair, staged)
-        done = torch.cuda.Event()
-        done.record(self._side)
-        # Host wait (reader thread only): the pinned buffers may be reused only once the copies
-        # that read them have finished, and the rank rules need the norm as a number.
-        done.synchronize()
-        for buf in staged:
-            self.pool.release(buf)
-        # ``diff`` was allocated on the side stream and is used on the compute stream: tell the
-        # caching allocator, or it could hand the memory to the side stream while still in use.
-        diff.record_stream(torch.cuda.current_stream(self.device))
+        hit = None
+        try:
+            if resident and self.cache is not None:
+                with streams.on_side():
+                    hit = self.cache.take(self.identity, pair.tuned_key)
+            if hit is not None:
+                diff, fro_t, moved = hit.diff, torch.tensor(hit.fro), 0
+            elif isinstance(self.tuned, _HOST_SOURCES) and isinstance(self.base, _HOST_SOURCES):
+                diff, fro_t, moved = self._stage_and_copy(pair, staged, streams)
+            else:
+                # A ComfyUI MODEL computes its patched weight wherever it is asked to (its
+                # weights may already be on the GPU): ask for the device, as V1 does.
+                with streams.on_side():
+                    diff = self.tuned.get(pair.tuned_key, self.device, torch.float32)
+                    diff.sub_(_subtrahend(self.base.get(pair.base_key, self.device)))
+                    fro_t = torch.linalg.vector_norm(diff)
+                moved = diff.numel() * 4
+            ready = streams.mark()
+            # Host wait (reader thread only): the pinned buffers may be reused only once the
+            # copies that read them have finished, and the rank rules need the norm as a number.
+            streams.wait_host(ready)
+        finally:
+            # Also on an error, or the pool would shrink for the rest of the run. Reuse before
+            # ``wait_host`` is harmless then: a copy still reading a buffer writes into a device
+            # tensor that was dropped with the failed layer.
+            for buf in staged:
+                self.pool.release(buf)
         fro = float(fro_t)
         self._check_finite(pair, fro)
+        if hit is None and resident and self.cache is not None:
+            # On the side stream too: the copy is ordered after the difference was formed, and
+            # the cached tensor is only ever read there (by later ``take``s).
+            with streams.on_side():
+                self.cache.put(self.identity, pair.tuned_key, diff, fro)
+        streams.keep_for_compute(diff)
+        if hit is not None:
+            self.cache_hits += 1
         self.bytes_moved += moved
-        return LoadedLayer(pair, diff, fro)
+        return LoadedLayer(pair, diff, fro, from_cache=hit is not None, ready=ready)
 
-    def _stage_and_copy(self, pair: KeyPair, staged: list[torch.Tensor]
+    def _stage_and_copy(self, pair: KeyPair, staged: list[torch.Tensor], streams: DeviceStreams
                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """File data: pinned staging, non-blocking copies and the difference, on the side stream."""
         tuned = self.tuned.get(pair.tuned_key, "cpu")
         base = self.base.get(pair.base_key, "cpu")
         on_device: list[torch.Tensor] = []
-        assert self._side is not None
-        with torch.cuda.stream(self._side):
+        with streams.on_side():
             for t in (tuned, base):
                 buf = self.pool.acquire(t.numel() * t.element_size())
+                staged.append(buf)
                 pinned = view_as(buf, t.dtype, tuple(t.shape))
                 pinned.copy_(t)
-                staged.append(buf)
-                # non_blocking from pinned memory: the copy runs on the side stream while the
-                # compute stream keeps working on the previous batch.
-                on_device.append(pinned.to(self.device, non_blocking=True))
+                on_device.append(streams.to_device(pinned))
             diff = on_device[0].float()
             diff.sub_(_subtrahend(on_device[1]))
             del on_device

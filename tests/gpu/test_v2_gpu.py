@@ -57,3 +57,18 @@ def test_second_run_takes_resident_blocks_from_the_cache(pair_files) -> None:
     assert second.memory.cache_hits == first.memory.cached_layers
     assert second.memory.bytes_moved < first.memory.bytes_moved
     cache.clear()
+
+
+def test_a_caller_on_another_stream_gets_the_same_result(pair_files) -> None:
+    """The compute stream is the caller's current one (captured on its thread), not the default."""
+    base, tuned = (SafetensorsSource(p) for p in pair_files)
+    cfg = ExtractConfig(rank=8, device="cuda", output_dtype="fp32")
+    ref = extract_lora_v2(base, tuned, cfg, MemoryOptions(), cache=ResidentCache()).result
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        out = extract_lora_v2(base, tuned, cfg, MemoryOptions(prefetch_ahead=3),
+                              cache=ResidentCache()).result
+    torch.cuda.synchronize()
+    assert list(ref.tensors) == list(out.tensors)
+    for k in ref.tensors:
+        torch.testing.assert_close(out.tensors[k], ref.tensors[k], rtol=1e-4, atol=1e-5)
