@@ -14,10 +14,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 
 from .cli_progress import progress_bar
 from .extract import ExtractionInputError, open_source
+from .extract.tempfiles import create_temp_file
 from .extract.validate import validate_lora
 
 log = logging.getLogger("lora_extract")
@@ -33,7 +33,7 @@ def _public_mode(tmp: str) -> None:
 def _write_atomic_text(path: str, text: str) -> None:
     """Write a small text file under a temporary name, then rename: never a partial report."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = create_temp_file(folder, ".part")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -48,7 +48,7 @@ def _write_atomic_text(path: str, text: str) -> None:
 
 def _save_chart_atomic(img, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    fd, tmp = create_temp_file(folder, ".png.part")
     os.close(fd)
     try:
         img.save(tmp, format="PNG")

@@ -3,7 +3,9 @@
 We serialise ourselves (header + raw bytes, streamed tensor by tensor) instead of building the
 whole file in memory, write to a hidden temporary name in the destination folder, fsync, and
 then hard-link it to the final name, which fails instead of overwriting if that name exists.
-Any failure (disk full, interrupt, crash of the writer) removes the temporary file.
+Any failure (disk full, interrupt, exception in the writer) removes the temporary file. A hard
+kill cannot; its file carries the writer's host and pid, and the next save into that folder
+removes it (see ``tempfiles``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 
 import torch
 
 from .errors import ExtractionInputError
+from .tempfiles import create_temp_file
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -69,7 +71,7 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str,
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another name.")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors.part", dir=folder)
+        fd, tmp = create_temp_file(folder, ".safetensors.part")
     except OSError as e:
         raise _unwritable(folder, path, e) from e
     try:

@@ -4,8 +4,8 @@ Spectral norms of a whole base model take a while; they depend only on the check
 are stored next to it (``<checkpoint>.lora_norms.json``) or, when that folder is read-only, in
 ``~/.cache/lora_extract/``. The file records the checkpoint's size and mtime (nanoseconds):
 when either differs, the cached norms are ignored and recomputed, so a replaced checkpoint
-never gets stale norms. Saves are atomic (temp file + rename) and merge with what another run
-may have saved meanwhile.
+never gets stale norms. Saves are atomic (temp file + rename, the temp file named and swept as
+in ``extract.tempfiles``) and merge with what another run may have saved meanwhile.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
+
+from ..extract.tempfiles import create_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class NormCache:
 def _write_json_atomic(path: str, data: object) -> None:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    fd, tmp = create_temp_file(folder, ".json.part")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, separators=(",", ":"))
