@@ -26,6 +26,7 @@ from .extract import (
     open_source,
 )
 from .extract.keys import KEY_STYLES
+from .extract.tempfiles import write_text_atomic
 
 log = logging.getLogger("lora_extract")
 
@@ -65,8 +66,7 @@ def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
     report = extract_to_file(base, tuned, cfg, out, progress=progress_bar("extract"),
                              prefetch=prefetch, overwrite=overwrite)
     if report_path:
-        with open(report_path, "w", encoding="utf-8") as f:
-            f.write(report.to_json())
+        write_text_atomic(report_path, report.to_json())
     print(report.format_text())
     return 0
 

@@ -17,47 +17,15 @@ import sys
 
 from .cli_progress import progress_bar
 from .extract import ExtractionInputError, open_source
-from .extract.tempfiles import create_temp_file
+from .extract.tempfiles import replaced_atomically, write_text_atomic
 from .extract.validate import validate_lora
 
 log = logging.getLogger("lora_extract")
 
 
-def _public_mode(tmp: str) -> None:
-    # mkstemp creates 0600 files; a report is an ordinary file, readable as the umask allows.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-
-
-def _write_atomic_text(path: str, text: str) -> None:
-    """Write a small text file under a temporary name, then rename: never a partial report."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = create_temp_file(folder, ".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        # Ctrl-C or a full disk: no half-written report under the final name.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_chart_atomic(img, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = create_temp_file(folder, ".png.part")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replaced_atomically(path, ".png.part") as fd, os.fdopen(fd, "wb") as f:
+        img.save(f, format="PNG")
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
@@ -71,7 +39,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
     report = validate_lora(base, tuned, lora, device=a.device, progress=progress_bar("validate"),
                            spectrum_layers=0 if a.chart is None else 4)
     if a.report:
-        _write_atomic_text(a.report, report.to_json())
+        write_text_atomic(a.report, report.to_json())
     if a.chart:
         from .charts import validation_chart
 

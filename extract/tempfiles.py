@@ -25,6 +25,8 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +202,33 @@ def _size_text(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}, {n} bytes"
     return f"{n} bytes"
+
+
+@contextmanager
+def replaced_atomically(path: str, suffix: str = ".part", public: bool = True) -> Iterator[int]:
+    """Write ``path`` through a temporary file: yields its fd; on success it replaces ``path``.
+
+    On any exception (a full disk, Ctrl-C) the temporary file is removed and ``path`` is left as
+    it was: never a half-written file under the final name. ``public``: give the file the
+    permissions an ordinary ``open`` would (mkstemp creates 0600). The caller owns the fd and
+    must close it (``os.fdopen(fd, ...)`` as a context manager does).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = create_temp_file(folder, suffix)
+    try:
+        yield fd
+        if public:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str, public: bool = True) -> None:
+    """``text`` (UTF-8) to ``path``, all or nothing (see ``replaced_atomically``)."""
+    with replaced_atomically(path, ".part", public) as fd, os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)

@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..extract.tempfiles import create_temp_file
+from ..extract.tempfiles import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,5 @@ class NormCache:
 
 
 def _write_json_atomic(path: str, data: object) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = create_temp_file(folder, ".json.part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        # BaseException: an interrupt must not leave the temporary file behind either.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")), public=False)

@@ -248,9 +248,7 @@ def test_without_a_pid_check_only_the_age_decides_and_windows_never_gets_os_kill
 
 
 def _write_report(folder) -> None:
-    from lora_extract.cli_validate import _write_atomic_text
-
-    _write_atomic_text(os.path.join(folder, "report.json"), "{}")
+    tempfiles.write_text_atomic(os.path.join(folder, "report.json"), "{}")
 
 
 def _write_chart(folder) -> None:
@@ -338,3 +336,24 @@ w.save_safetensors_atomic({{"a": torch.ones(1 << 20), "b": torch.ones(1 << 20)}}
         _skip_if_reused(proc.pid)
     assert sorted(os.listdir(tmp_path)) == ["next.safetensors"]
     assert not os.path.exists(tmp_path / "child.safetensors")
+
+
+def test_text_writes_are_all_or_nothing(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "report.json"
+    tempfiles.write_text_atomic(str(target), "old")
+    assert target.read_text() == "old"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tempfiles.os, "replace", full_disk)
+    with pytest.raises(OSError):
+        tempfiles.write_text_atomic(str(target), "new")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
