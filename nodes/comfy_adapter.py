@@ -49,12 +49,6 @@ def lora_file_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
 
-def lora_full_path(name: str) -> str | None:
-    import folder_paths
-
-    return folder_paths.get_full_path("loras", name)
-
-
 def model_file_names(folder: str) -> list[str]:
     """Files ComfyUI lists in a model folder (``checkpoints``, ``diffusion_models``, ...)."""
     import folder_paths

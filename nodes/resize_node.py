@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 from ..extract.config import OUTPUT_DTYPES
 from ..extract.errors import ExtractionInputError
-from ..resize import DEFAULT_RECIPES, BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
+from ..resize import (
+    DEFAULT_RECIPES,
+    BaseModel,
+    LoraInput,
+    ResizeOptions,
+    open_lora_input,
+    parse_recipes,
+    resize_lora,
+)
 from . import comfy_adapter as comfy
+from .file_inputs import listed_file
 
 log = logging.getLogger(__name__)
 
@@ -17,26 +27,29 @@ DEVICES = ("default", "cpu")
 SAVE_TO = ("output", "models/loras")
 
 
-def _lora_path(name: str) -> str:
-    """A LoRA name from the loras folder (``.safetensors`` may be left out) -> its full path."""
-    for candidate in (name, name + ".safetensors"):
-        path = comfy.lora_full_path(candidate)
-        if path is not None:
-            return path
-    raise ExtractionInputError(f"LoRA {name!r} is not in the loras folder; pick one from the list.")
+MERGE_FIX = "write the names as lora_name lists them, e.g. 'style.safetensors:0.7,char.safetensors:0.3'."
+
+
+def _lora_input(lora_name: str, merge: str) -> LoraInput:
+    """``lora_name``, or the ``merge`` spec when one is given, with names from the loras folder.
+
+    ``.safetensors`` may be left out of either: merge specs are typed by hand.
+    """
+    if merge.strip():
+        resolve = partial(listed_file, "merge member", fix=MERGE_FIX, optional_suffix=".safetensors")
+        return open_lora_input(merge, resolve=resolve)
+    return open_lora_input(lora_name, resolve=partial(listed_file, "lora_name", optional_suffix=".safetensors"))
 
 
 def _base_model(model, ckpt_name: str, unet_name: str) -> BaseModel:
-    files = [(f, n) for f, n in (("checkpoints", ckpt_name), ("diffusion_models", unet_name)) if n and n != NONE]
+    files = [(i, f, n) for i, f, n in (("ckpt_name", "checkpoints", ckpt_name),
+                                       ("unet_name", "diffusion_models", unet_name)) if n and n != NONE]
     if len(files) > 1:
         raise ExtractionInputError(
             f"both ckpt_name {ckpt_name!r} and unet_name {unet_name!r} are set; choose one base model.")
     if files:
-        folder, name = files[0]
-        path = comfy.model_full_path(folder, name)
-        if path is None:
-            raise ExtractionInputError(f"{name!r} is not in the {folder} folder; pick one from the list.")
-        return BaseModel.open(path)
+        input_name, folder, name = files[0]
+        return BaseModel.open(listed_file(input_name, name, folder))
     if model is not None:
         # Weights as patched, read one at a time; norms are cached for this run only.
         return BaseModel(comfy.ComfyModelSource(model, "model"))
@@ -93,7 +106,7 @@ class LoraResize:
         recipes = parse_recipes(score_recipes)
         dev = str(comfy.compute_device()) if device == "default" else "cpu"
         opts = ResizeOptions(output_dtype=output_dtype, device=dev).validate()
-        lora = open_lora_input(merge if merge.strip() else lora_name, resolve=_lora_path)
+        lora = _lora_input(lora_name, merge)
         base = _base_model(model, ckpt_name, unet_name)
         folder = (comfy.loras_directory() if save_to == "models/loras"
                   else os.path.join(comfy.output_directory(), "loras"))

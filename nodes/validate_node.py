@@ -14,6 +14,7 @@ from ..extract.sources import open_source
 from ..extract.validate import validate_lora
 from . import comfy_adapter as comfy
 from .chart_output import chart_outputs
+from .file_inputs import listed_file
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,7 @@ def resolve_lora_file(lora_name: str, lora_path: str) -> str:
         raise ExtractionInputError(
             "no LoRA given: pick a file in lora_name, or connect LoraExtract's lora_path output "
             "to lora_path.")
-    full = comfy.lora_full_path(lora_name)
-    if full is None:
-        raise ExtractionInputError(f"lora_name {lora_name!r} is not in the loras folder; refresh "
-                                   "the node (R) and pick an existing file.")
-    return full
+    return listed_file("lora_name", lora_name, fix="refresh the node (R) and pick an existing file.")
 
 
 class LoraValidate:

@@ -33,3 +33,17 @@ def comfy_dirs(tmp_path):
     mm.interrupt_current_processing(False)
     yield tmp_path
     mm.interrupt_current_processing(False)
+
+
+@pytest.fixture
+def fresh_comfy_stub():
+    """The stub's global state (loaded models, free memory, progress hook and log) reset before
+    and after, so the tests of the stub itself see a freshly started ComfyUI."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    mm._reset()
+    comfy.utils._reset()
+    yield
+    mm._reset()
+    comfy.utils._reset()

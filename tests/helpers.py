@@ -1,10 +1,16 @@
-"""Shared test helpers: constructed spectra and optimal truncation errors."""
+"""Shared test helpers: constructed spectra, optimal truncation errors, and small models as
+ComfyUI wraps them (a toy BaseModel, patched pairs)."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:  # the stub is importable only once conftest has put it on sys.path
+    from comfy.model_patcher import ModelPatcher
 
 
 def matrix_with_spectrum(m: int, n: int, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -48,3 +54,34 @@ def patched_pair(width: int, seed: int):
     tuned_patcher = patcher.clone()
     tuned_patcher.add_patches({k: (tuned[k] - base[k],) for k in base})
     return base, tuned, patcher, tuned_patcher
+
+
+class ToyNet(nn.Module):
+    """A small diffusion net: linear, conv 3x3, conv 1x1, conv3d, norm, and a non-leaf param."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 6)
+        self.conv = nn.Conv2d(4, 5, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 5, 1)
+        self.conv3d = nn.Conv3d(3, 4, (2, 3, 3))
+        self.norm = nn.LayerNorm(6)
+        self.blocks = nn.ModuleList([nn.Linear(6, 6, bias=False)])
+        self.pos_embed = nn.Parameter(torch.randn(1, 4, 6))  # owned by a module with children
+
+
+class ToyBase(nn.Module):
+    """Like comfy.model_base.BaseModel: the net lives at ``.diffusion_model``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.diffusion_model = ToyNet()
+        self.register_buffer("sigmas", torch.linspace(0, 1, 4))  # a non-diffusion key
+
+
+def make_toy_patcher(seed: int = 0, dtype: torch.dtype = torch.float32) -> ModelPatcher:
+    """A ComfyUI ModelPatcher around a seeded ToyBase, on the CPU (the stub's only device)."""
+    from comfy.model_patcher import ModelPatcher
+
+    torch.manual_seed(seed)
+    return ModelPatcher(ToyBase().to(dtype), torch.device("cpu"), torch.device("cpu"))

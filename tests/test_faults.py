@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 
 import pytest
 import torch
+from fault_injection import NewComfyInterrupt, fail_on_call, files_under, fill_disk_after, prefetch_threads
 
 import lora_extract.extract.pipeline as pipeline
 import lora_extract.extract.writer as writer
@@ -28,52 +28,11 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 N_LAYERS = len(demo_layers(24))
 
 
-class _DiskFills:
-    """A file object that accepts ``limit`` bytes, writes part of the next chunk, then fails
-    with ENOSPC, as a real full disk does."""
-
-    def __init__(self, f, limit: int) -> None:
-        self._f = f
-        self._left = limit
-
-    def write(self, b) -> int:
-        b = memoryview(b).cast("B")
-        if len(b) > self._left:
-            self._f.write(b[: self._left])
-            self._left = 0
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self._left -= len(b)
-        return self._f.write(b)
-
-    def __getattr__(self, name: str):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._f.close()
-
-
-def _fill_disk_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(writer.os, "fdopen", lambda fd, mode: _DiskFills(real_fdopen(fd, mode), limit))
-
-
-def _files_under(folder) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), folder)
-                  for d, _, fs in os.walk(str(folder)) for f in fs)
-
-
-def _prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "lora-extract-prefetch"]
-
-
 @pytest.mark.parametrize("limit", [0, 5, 200, 20_000])
 def test_disk_full_mid_write_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, limit: int) -> None:
     tensors = {f"k{i}": torch.randn(64, 64) for i in range(4)}  # 64 KiB: the failure is mid-data
     out = tmp_path / "out" / "lora.safetensors"
-    _fill_disk_after(monkeypatch, limit)
+    fill_disk_after(monkeypatch, limit)
     with pytest.raises(ExtractionInputError) as info:
         writer.save_safetensors_atomic(tensors, str(out))
     msg = str(info.value)
@@ -83,7 +42,7 @@ def test_disk_full_mid_write_is_a_clear_error_and_leaves_nothing(tmp_path, monke
 
 
 def test_disk_full_through_cli_exits_2_with_one_line(pair, tmp_path, monkeypatch, capsys) -> None:
-    _fill_disk_after(monkeypatch, 1000)
+    fill_disk_after(monkeypatch, 1000)
     out = tmp_path / "o.safetensors"
     assert main(["extract", *pair, "-o", str(out), "--rank", "2"]) == 2
     err = capsys.readouterr().err
@@ -98,7 +57,7 @@ def test_output_folder_that_is_a_file_is_a_clear_error(pair, tmp_path) -> None:
     with pytest.raises(ExtractionInputError, match="not_a_folder") as info:
         extract_to_file(SafetensorsSource(pair[0]), SafetensorsSource(pair[1]), ExtractConfig(rank=2), str(out))
     assert "check that the folder exists and is writable" in str(info.value)
-    assert _files_under(tmp_path) == ["not_a_folder"] and blocker.read_bytes() == b"x"
+    assert files_under(tmp_path) == ["not_a_folder"] and blocker.read_bytes() == b"x"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
@@ -119,69 +78,36 @@ def test_name_taken_between_check_and_rename_is_not_overwritten(tmp_path, monkey
     assert os.listdir(tmp_path) == ["lora.safetensors"]
 
 
-class NewComfyInterrupt(BaseException):
-    """Newer ComfyUI's InterruptProcessingException derives from BaseException."""
-
-
 @pytest.mark.parametrize("prefetch", [0, 2])
 @pytest.mark.parametrize("at", [0, N_LAYERS // 2, N_LAYERS - 1])
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), NewComfyInterrupt()])
 def test_failure_at_any_layer_propagates_and_leaves_no_file(pair, tmp_path, monkeypatch, at: int,
                                                              exc: BaseException, prefetch: int) -> None:
-    real = pipeline.process_pair
-    calls = 0
-
-    def failing(*a, **k):
-        nonlocal calls
-        calls += 1
-        if calls == at + 1:
-            raise exc
-        return real(*a, **k)
-
+    failing = fail_on_call(pipeline.process_pair, at + 1, exc)
     monkeypatch.setattr(pipeline, "process_pair", failing)
     out = tmp_path / "lora.safetensors"
     with pytest.raises(type(exc)) as info:
         extract_to_file(SafetensorsSource(pair[0]), SafetensorsSource(pair[1]), ExtractConfig(rank=2),
                         str(out), prefetch=prefetch)
     assert info.value is exc  # the very same exception: nothing wrapped or swallowed it
-    assert calls == at + 1    # stopped at that layer, did not carry on
+    assert failing.calls == at + 1    # stopped at that layer, did not carry on
     assert os.listdir(tmp_path) == []
-    assert _prefetch_threads() == []
+    assert prefetch_threads() == []
 
 
 @pytest.mark.parametrize("exc", [OSError(errno.EIO, "Input/output error"), NewComfyInterrupt()])
 def test_failure_while_reading_a_layer_propagates(pair, tmp_path, exc: BaseException) -> None:
     tuned = SafetensorsSource(pair[1])
-    real_get = tuned.get
-    reads = 0
-
-    def get(key, device="cpu", dtype=None):
-        nonlocal reads
-        reads += 1
-        if reads == 5:
-            raise exc
-        return real_get(key, device, dtype)
-
-    tuned.get = get  # type: ignore[method-assign]
+    tuned.get = fail_on_call(tuned.get, 5, exc)  # type: ignore[method-assign]
     with pytest.raises(type(exc)):
         extract_to_file(SafetensorsSource(pair[0]), tuned, ExtractConfig(rank=2), str(tmp_path / "x.safetensors"))
     assert os.listdir(tmp_path) == []
-    assert _prefetch_threads() == []
+    assert prefetch_threads() == []
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), NewComfyInterrupt()])
 def test_interrupt_while_writing_leaves_no_temp_file(pair, tmp_path, monkeypatch, exc: BaseException) -> None:
-    real = writer._tensor_bytes
-    n = 0
-
-    def slow(t):
-        nonlocal n
-        n += 1
-        if n == 3:
-            raise exc
-        return real(t)
-
-    monkeypatch.setattr(writer, "_tensor_bytes", slow)
+    monkeypatch.setattr(writer, "_tensor_bytes", fail_on_call(writer._tensor_bytes, 3, exc))
     with pytest.raises(type(exc)):
         extract_to_file(SafetensorsSource(pair[0]), SafetensorsSource(pair[1]), ExtractConfig(rank=2),
                         str(tmp_path / "x.safetensors"))

@@ -7,11 +7,10 @@ cancel, with accelerator memory released and no file left behind.
 
 from __future__ import annotations
 
-import os
-
 import comfy.model_management as mm
 import pytest
 import torch
+from fault_injection import NewComfyInterrupt, OnNthCall, files_under
 from helpers import patched_pair
 from test_node_extract import _run
 
@@ -22,14 +21,6 @@ from lora_extract.extract import ExtractionInputError
 @pytest.fixture(scope="module")
 def patchers():
     return patched_pair(width=24, seed=8)[2:]
-
-
-def _written(root) -> list[str]:
-    return [f for _, _, fs in os.walk(str(root)) for f in fs]
-
-
-class NewInterrupt(BaseException):
-    """The shape of InterruptProcessingException in current ComfyUI (a BaseException)."""
 
 
 def _run_node(node_name: str, inputs: dict) -> dict:
@@ -44,7 +35,7 @@ def _run_node(node_name: str, inputs: dict) -> dict:
 
 
 @pytest.mark.parametrize("node_name", ["LoraExtract", "LoraExtractV2"])
-@pytest.mark.parametrize("exc_type", [mm.InterruptProcessingException, NewInterrupt],
+@pytest.mark.parametrize("exc_type", [mm.InterruptProcessingException, NewComfyInterrupt],
                          ids=["comfy-0.3.64-Exception", "newer-comfy-BaseException"])
 @pytest.mark.parametrize("cancel_at", [1, 7])
 def test_cancel_is_honoured_within_one_layer(comfy_dirs, patchers, monkeypatch, exc_type, cancel_at: int,
@@ -56,25 +47,20 @@ def test_cancel_is_honoured_within_one_layer(comfy_dirs, patchers, monkeypatch, 
         from lora_extract.memory.cache import ResidentCache
 
         monkeypatch.setattr("lora_extract.memory.cache.RESIDENT", ResidentCache())
-    real = pipeline.process_pair
-    done = 0
 
-    def count_layers(*a, **k):
-        nonlocal done
-        done += 1
-        if done == cancel_at:
-            mm.interrupt_current_processing(True)  # the user presses Cancel during this layer
-        return real(*a, **k)
+    def press_cancel(*_a, **_k) -> None:
+        mm.interrupt_current_processing(True)  # the user presses Cancel during this layer
 
+    count_layers = OnNthCall(pipeline.process_pair, cancel_at, press_cancel)
     monkeypatch.setattr(pipeline, "process_pair", count_layers)
     if node_name == "LoraExtractV2":
         monkeypatch.setattr(manager, "process_pair", count_layers)
     empties = mm._soft_empty_cache_calls
     with pytest.raises(exc_type):
         _run_node(node_name, dict(finetuned_model=tuned_patcher, original_model=patcher))
-    assert done == cancel_at                    # no further layer was started
+    assert count_layers.calls == cancel_at      # no further layer was started
     assert mm._soft_empty_cache_calls > empties  # memory released in the node's finally
-    assert _written(comfy_dirs) == []
+    assert files_under(comfy_dirs) == []
 
 
 def test_error_in_a_layer_releases_memory_and_writes_nothing(comfy_dirs, patchers, monkeypatch) -> None:
@@ -88,4 +74,4 @@ def test_error_in_a_layer_releases_memory_and_writes_nothing(comfy_dirs, patcher
     with pytest.raises(ExtractionInputError, match=r"qkv\.weight.*finetuned_model.*NaN or Inf"):
         _run(dict(finetuned_model=broken, original_model=patcher))
     assert mm._soft_empty_cache_calls > empties
-    assert _written(comfy_dirs) == []
+    assert files_under(comfy_dirs) == []

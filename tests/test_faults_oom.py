@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fault_injection import OnNthCall
 
 import lora_extract.extract.pipeline as pipeline
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
@@ -89,18 +90,11 @@ def test_oom_while_loading_a_layer_retries_it_on_cpu(models, cpu_result, prefetc
 
 def test_oom_in_the_middle_of_an_svd_redoes_that_layer_on_cpu(models, cpu_result, monkeypatch) -> None:
     base, tuned = models
-    real = pipeline.extract_matrix
-    calls = 0
+    def runs_out(diff, *_a, **_k) -> None:
+        diff.mul_(0.5)  # the failed attempt had already started overwriting the difference
+        raise OOM("CUDA out of memory")
 
-    def svd_runs_out(*a, **k):
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            a[0].mul_(0.5)  # the failed attempt had already started overwriting the difference
-            raise OOM("CUDA out of memory")
-        return real(*a, **k)
-
-    monkeypatch.setattr(pipeline, "extract_matrix", svd_runs_out)
+    monkeypatch.setattr(pipeline, "extract_matrix", OnNthCall(pipeline.extract_matrix, 2, runs_out))
     tuned_src = PretendAccelerator(StateDictSource(tuned, "tuned"))
     res = extract_lora(PretendAccelerator(StateDictSource(base, "base")), tuned_src,
                        ExtractConfig(rank=4, device="cuda"), prefetch=2)

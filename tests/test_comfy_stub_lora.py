@@ -1,225 +1,33 @@
-"""The ComfyUI stub (tests/comfy_stub) and tests/comfy_keymap behave like ComfyUI 0.3.64."""
+"""The stub's ``comfy.lora`` (calculate_weight, LoRA adapters, load_lora, the UNet key map)
+behaves like ComfyUI 0.3.64, and tests/comfy_keymap reproduces it.
+
+The other stub modules are covered by the neighbouring tests/test_comfy_stub_*.py files.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import zlib
-from pathlib import Path
 
+import comfy.lora
+import comfy.model_management as mm
+import comfy.weight_adapter
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-_TESTS = Path(__file__).resolve().parent
-for _p in (_TESTS / "comfy_stub", _TESTS):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-import comfy.float  # noqa: E402
-import comfy.lora  # noqa: E402
-import comfy.model_management as mm  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.utils  # noqa: E402
-import comfy.weight_adapter  # noqa: E402
-import folder_paths  # noqa: E402
-from comfy.model_patcher import ModelPatcher  # noqa: E402
-from comfy_keymap import (  # noqa: E402
+from comfy_keymap import (
     LoraMergeError,
     apply_lora,
     comfy_patchable_keys,
     comfy_unet_key_map,
     unloaded_lora_keys,
 )
+from helpers import ToyBase, make_toy_patcher
 
-CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _reset_stub():
-    mm._reset()
-    comfy.utils._reset()
-    yield
-    mm._reset()
-    comfy.utils._reset()
-
-
-class ToyNet(nn.Module):
-    """A small diffusion net: linear, conv 3x3, conv 1x1, conv3d, norm, and a non-leaf param."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(8, 6)
-        self.conv = nn.Conv2d(4, 5, 3, padding=1)
-        self.conv1 = nn.Conv2d(4, 5, 1)
-        self.conv3d = nn.Conv3d(3, 4, (2, 3, 3))
-        self.norm = nn.LayerNorm(6)
-        self.blocks = nn.ModuleList([nn.Linear(6, 6, bias=False)])
-        self.pos_embed = nn.Parameter(torch.randn(1, 4, 6))  # owned by a module with children
-
-
-class ToyBase(nn.Module):
-    """Like comfy.model_base.BaseModel: the net lives at ``.diffusion_model``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.diffusion_model = ToyNet()
-        self.register_buffer("sigmas", torch.linspace(0, 1, 4))  # a non-diffusion key
-
-
-def make_patcher(seed: int = 0, dtype: torch.dtype = torch.float32) -> ModelPatcher:
-    torch.manual_seed(seed)
-    return ModelPatcher(ToyBase().to(dtype), CPU, CPU)
+pytestmark = pytest.mark.usefixtures("fresh_comfy_stub")
 
 
 def patch(value, strength: float = 1.0, strength_model: float = 1.0, offset=None, function=None) -> tuple:
     return (strength, value, strength_model, offset, function)
-
-
-# --- model_management ---------------------------------------------------------------------------
-
-
-def test_interrupt_is_an_exception_and_clears_the_flag():
-    # ComfyUI 0.3.64: class InterruptProcessingException(Exception)
-    assert issubclass(mm.InterruptProcessingException, Exception)
-    mm.throw_exception_if_processing_interrupted()  # flag not set: no raise
-    mm.interrupt_current_processing()
-    assert mm.processing_interrupted()
-    assert mm.processing_interrupted()  # reading does not clear
-    with pytest.raises(mm.InterruptProcessingException):
-        mm.throw_exception_if_processing_interrupted()
-    assert not mm.processing_interrupted()  # raising clears it
-    mm.throw_exception_if_processing_interrupted()
-    mm.interrupt_current_processing(True)
-    mm.interrupt_current_processing(False)
-    assert not mm.processing_interrupted()
-
-
-def test_devices_and_memory():
-    assert mm.get_torch_device() == CPU
-    assert mm.unet_offload_device() == CPU and mm.intermediate_device() == CPU
-    assert mm.is_device_cpu(CPU) and not mm.is_device_cpu("cpu")  # strings are not devices
-    mm._set_free_memory(1234)
-    assert mm.get_free_memory() == 1234
-    assert mm.get_free_memory(CPU, torch_free_too=True) == (1234, 0)
-    mm._set_total_memory(99)
-    assert mm.get_total_memory(CPU) == 99
-    assert mm.free_memory(10, CPU) == []
-    assert mm._free_memory_calls == [(10, CPU)]
-    t = torch.ones(2)
-    assert mm.cast_to_device(t, CPU, torch.float32) is t
-    assert mm.cast_to_device(t, CPU, torch.float32, copy=True) is not t
-    assert mm.cast_to_device(t, CPU, torch.float16).dtype == torch.float16
-
-
-def test_free_memory_unloads_when_short_and_unload_all():
-    p = make_patcher()
-    p.add_patches({"diffusion_model.lin.weight": ("diff", (torch.ones(6, 8),))})
-    before = p.model.diffusion_model.lin.weight.clone()
-    mm.load_models_gpu([p])
-    assert mm.loaded_models() == [p]
-    mm._set_free_memory(100)
-    assert mm.free_memory(50, CPU) == []  # enough free: nothing unloaded
-    assert len(mm.free_memory(500, CPU)) == 1
-    assert mm.loaded_models() == []
-    torch.testing.assert_close(p.model.diffusion_model.lin.weight, before, rtol=0, atol=0)
-    mm.load_models_gpu([p])
-    mm.unload_all_models()
-    assert mm.loaded_models() == [] and mm._free_memory_calls[-1][0] == 1e30
-
-
-# --- utils ---------------------------------------------------------------------------------------
-
-
-def test_progress_bar_hook_clamp_and_record():
-    calls = []
-    early = comfy.utils.ProgressBar(5)  # created before the hook: never sees it
-    comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: calls.append((v, t, preview, node_id)))
-    bar = comfy.utils.ProgressBar(3, node_id="7")
-    bar.update(1)
-    bar.update(1)
-    bar.update(5)  # clamped to total
-    bar.update_absolute(2, total=10, preview="img")
-    early.update(1)
-    assert calls == [(1, 3, None, "7"), (2, 3, None, "7"), (3, 3, None, "7"), (2, 10, "img", "7")]
-    assert bar.updates == [(1, 3), (2, 3), (3, 3), (2, 10)]
-    assert comfy.utils._progress_log[-1] == (None, 1, 5)
-    assert len(comfy.utils._progress_log) == 5
-
-
-def test_attr_helpers_and_torch_files(tmp_path):
-    m = ToyBase()
-    w = comfy.utils.get_attr(m, "diffusion_model.lin.weight")
-    assert w is m.diffusion_model.lin.weight
-    old = comfy.utils.set_attr_param(m, "diffusion_model.lin.weight", torch.zeros(6, 8))
-    assert old is w and not m.diffusion_model.lin.weight.requires_grad
-    comfy.utils.copy_to_param(m, "diffusion_model.lin.weight", torch.ones(6, 8))
-    assert m.diffusion_model.lin.weight.sum() == 48
-    sd = {"a": torch.arange(3.0), "b": torch.ones(2, 2, dtype=torch.float16)}
-    path = str(tmp_path / "x.safetensors")
-    comfy.utils.save_torch_file(sd, path, metadata={"k": "v"})
-    back, meta = comfy.utils.load_torch_file(path, return_metadata=True)
-    assert meta == {"k": "v"} and set(back) == {"a", "b"} and back["b"].dtype == torch.float16
-    pt = str(tmp_path / "x.pt")
-    torch.save({"state_dict": sd}, pt)
-    assert set(comfy.utils.load_torch_file(pt)) == {"a", "b"}
-    assert comfy.float.stochastic_rounding(torch.ones(2), torch.bfloat16).dtype == torch.bfloat16
-
-
-def test_string_to_seed_is_crc32():
-    for s in ("", "diffusion_model.lin.weight", "a.b"):
-        assert comfy.model_patcher.string_to_seed(s) == zlib.crc32(s.encode())
-
-
-# --- folder_paths --------------------------------------------------------------------------------
-
-
-def test_folders(tmp_path):
-    folder_paths._set_base_dir(tmp_path)
-    loras = tmp_path / "models" / "loras"
-    assert folder_paths.get_output_directory() == str(tmp_path / "output")
-    assert folder_paths.get_folder_paths("loras") == [str(loras)]
-    assert folder_paths.get_folder_paths("unet") == [str(tmp_path / "models" / "unet"),
-                                                     str(tmp_path / "models" / "diffusion_models")]
-    for d in ("output", "models/loras", "models/checkpoints", "models/diffusion_models"):
-        assert (tmp_path / d).is_dir()
-    (loras / "sub").mkdir()
-    (loras / "sub" / "b.safetensors").write_bytes(b"")
-    (loras / "a.SFT").write_bytes(b"")
-    (loras / "notes.txt").write_text("x")
-    assert folder_paths.get_filename_list("loras") == ["a.SFT", os.path.join("sub", "b.safetensors")]
-    assert folder_paths.get_full_path("loras", "a.SFT") == str(loras / "a.SFT")
-    assert folder_paths.get_full_path("loras", "../loras/a.SFT") is None  # stays inside the folder
-    assert folder_paths.get_full_path("nope", "a.SFT") is None
-    with pytest.raises(FileNotFoundError):
-        folder_paths.get_full_path_or_raise("loras", "missing.safetensors")
-
-
-def test_save_image_path_counter_and_subfolder(tmp_path):
-    out = str(tmp_path / "out")
-    folder, name, counter, sub, prefix = folder_paths.get_save_image_path("loras/my_lora", out)
-    assert (folder, name, counter, sub, prefix) == (os.path.join(out, "loras"), "my_lora", 1, "loras", "loras/my_lora")
-    assert os.path.isdir(folder)  # created when missing
-    for f in ("my_lora_00001_.safetensors", "my_lora_00007_.safetensors", "my_lora_x.txt",
-              "my_lora2_00050_.safetensors", "MY_LORA_00003_.png"):
-        Path(folder, f).write_bytes(b"")
-    # "my_lora_x.txt" counts as number 0; "my_lora2_..." is another name
-    assert folder_paths.get_save_image_path("loras/my_lora", out)[2] == 8
-    assert folder_paths.get_save_image_path("img_%width%x%height%", out, 64, 32)[4] == "img_64x32"
-
-
-def test_save_image_path_refuses_leaving_output(tmp_path, caplog):
-    out = str(tmp_path / "out")
-    with caplog.at_level(logging.ERROR), pytest.raises(Exception, match="Saving image outside the output folder is not allowed"):
-        folder_paths.get_save_image_path("../x", out)
-    assert "outside the output folder" in caplog.text
-    with pytest.raises(Exception, match="outside the output folder"):
-        folder_paths.get_save_image_path("a/../../x", out)
-    # ComfyUI compares output_dir verbatim: a trailing separator refuses even a valid prefix
-    with pytest.raises(Exception, match="outside the output folder"):
-        folder_paths.get_save_image_path("x", out + os.sep)
 
 
 # --- comfy.lora.calculate_weight ----------------------------------------------------------------
@@ -378,87 +186,6 @@ def test_load_lora_missing_down_raises_like_comfy():
         comfy.lora.load_lora({"diffusion_model.lin.lora_up.weight": torch.ones(6, 1)}, {"diffusion_model.lin": "w"})
 
 
-# --- ModelPatcher ---------------------------------------------------------------------------------
-
-
-def test_add_patches_storage_clone_and_key_patches():
-    p = make_patcher()
-    assert p.model.device == CPU and p.model.current_weight_patches_uuid is None
-    d = torch.ones(6, 8)
-    uuid0 = p.patches_uuid
-    added = p.add_patches({"diffusion_model.lin.weight": ("diff", (d,)), "diffusion_model.nope.weight": ("diff", (d,))},
-                          0.5, 0.9)
-    assert added == ["diffusion_model.lin.weight"] and p.patches_uuid != uuid0
-    assert p.patches["diffusion_model.lin.weight"] == [(0.5, ("diff", (d,)), 0.9, None, None)]
-    added = p.add_patches({("diffusion_model.lin.weight", (0, 0, 2)): ("diff", (d[:2],))})
-    assert added == [("diffusion_model.lin.weight", (0, 0, 2))]
-    assert p.patches["diffusion_model.lin.weight"][1][3] == (0, 0, 2)
-
-    c = p.clone()
-    assert c.model is p.model and c.backup is p.backup and c.is_clone(p) and c.parent is p
-    assert c.patches_uuid == p.patches_uuid and c.clone_has_same_weights(p)
-    c.add_patches({"diffusion_model.lin.weight": ("diff", (d,))})
-    assert len(c.patches["diffusion_model.lin.weight"]) == 3 and len(p.patches["diffusion_model.lin.weight"]) == 2
-    assert not c.clone_has_same_weights(p)
-
-    kp = p.get_key_patches("diffusion_model.")
-    assert set(kp) == {k for k in p.model.state_dict() if k.startswith("diffusion_model.")}
-    weight, convert = kp["diffusion_model.lin.weight"][0]
-    assert weight is p.model.diffusion_model.lin.weight and convert(weight, inplace=True) is weight
-    assert kp["diffusion_model.lin.weight"][1:] == p.patches["diffusion_model.lin.weight"]
-    assert kp["diffusion_model.conv.weight"] == [(p.model.diffusion_model.conv.weight, kp["diffusion_model.conv.weight"][0][1])]
-    assert set(p.model_state_dict("diffusion_model.lin")) == {"diffusion_model.lin.weight", "diffusion_model.lin.bias"}
-    assert "sigmas" in p.model_state_dict()
-
-
-def test_load_patches_weights_then_unpatch_restores():
-    p = make_patcher(dtype=torch.float16)
-    orig = {k: v.clone() for k, v in p.model.state_dict().items()}
-    d = torch.randn(6, 8)
-    p.add_patches({"diffusion_model.lin.weight": ("diff", (d,))}, 0.25)
-    mm.load_models_gpu([p])
-    sd = p.model_state_dict()
-    want = (orig["diffusion_model.lin.weight"].float() + 0.25 * d).half()
-    assert sd["diffusion_model.lin.weight"].dtype == torch.float16
-    torch.testing.assert_close(sd["diffusion_model.lin.weight"], want, rtol=0, atol=0)
-    assert p.model.current_weight_patches_uuid == p.patches_uuid and p.loaded_size() == p.model_size()
-    # the key patches of a patched model still start from the original weight
-    torch.testing.assert_close(p.get_key_patches()["diffusion_model.lin.weight"][0][0], orig["diffusion_model.lin.weight"])
-    mm.load_models_gpu([p])  # already loaded with these patches: no double application
-    torch.testing.assert_close(p.model_state_dict()["diffusion_model.lin.weight"], want, rtol=0, atol=0)
-    p.unpatch_model()
-    for k, v in p.model.state_dict().items():
-        torch.testing.assert_close(v, orig[k], rtol=0, atol=0)
-    assert p.backup == {}
-
-
-def test_model_subtract_flow_and_clone_switching():
-    m1, m2 = make_patcher(1), make_patcher(2)
-    w1 = {k: v.clone() for k, v in m1.model.state_dict().items()}
-    w2 = {k: v.clone() for k, v in m2.model.state_dict().items()}
-    # comfy_extras ModelSubtract, multiplier 1
-    diff = m1.clone()
-    kp = m2.get_key_patches("diffusion_model.")
-    for k in kp:
-        diff.add_patches({k: kp[k]}, -1.0, 1.0)
-    mm.load_models_gpu([diff], force_patch_weights=True)
-    sd = diff.model_state_dict("diffusion_model.")
-    for k in sd:
-        if k == "diffusion_model.pos_embed":
-            # a parameter of a module that has children is never patched on load (ComfyUI quirk)
-            torch.testing.assert_close(sd[k], w1[k], rtol=0, atol=0)
-        else:
-            torch.testing.assert_close(sd[k], w1[k] - w2[k], rtol=0, atol=0)
-    # loading another clone of the same module restores the shared backup first
-    other = m1.clone()
-    other.add_patches({"diffusion_model.lin.weight": ("diff", (torch.ones(6, 8),))})
-    mm.load_models_gpu([other])
-    assert mm.loaded_models() == [other]
-    sd = other.model_state_dict()
-    torch.testing.assert_close(sd["diffusion_model.lin.weight"], w1["diffusion_model.lin.weight"] + 1)
-    torch.testing.assert_close(sd["diffusion_model.conv.weight"], w1["diffusion_model.conv.weight"], rtol=0, atol=0)
-
-
 # --- comfy_keymap against the stub pipeline ------------------------------------------------------
 
 
@@ -490,7 +217,7 @@ def random_lora(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tenso
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_apply_lora_matches_stub_loader(dtype, caplog):
-    p = make_patcher(3, dtype)
+    p = make_toy_patcher(3, dtype)
     model_sd = {k: v.clone() for k, v in p.model.state_dict().items()}
     lora = random_lora(model_sd, 4)
 
