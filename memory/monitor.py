@@ -32,14 +32,21 @@ def format_reading(r: VramReading | None) -> str:
 
 
 def torch_probe(device: str | torch.device) -> VramProbe:
-    """Free/total memory of a CUDA device as the driver sees it; None for other devices."""
+    """Free/total memory of a CUDA device for this process; None for other devices.
+
+    Free is what the driver reports plus what torch's caching allocator holds without a live
+    tensor in it (ComfyUI's ``get_free_memory`` counts the same way): that memory is ours to
+    reuse, and counting it as used would let the allocator's cache alone pass the threshold
+    after a few batches and offload resident blocks for nothing.
+    """
     dev = torch.device(device)
 
     def probe() -> tuple[int, int] | None:
         if dev.type != "cuda" or not torch.cuda.is_available():
             return None
         free, total = torch.cuda.mem_get_info(dev)
-        return int(free), int(total)
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return int(free) + max(0, int(cached)), int(total)
     return probe
 
 

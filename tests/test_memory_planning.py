@@ -124,3 +124,21 @@ def test_form_batches_respects_count_and_bytes() -> None:
 def test_bad_options_are_refused_with_the_value(bad: dict) -> None:
     with pytest.raises(ExtractionInputError, match=repr(next(iter(bad.values())))):
         MemoryOptions(**bad).validate()
+
+
+def test_torch_probe_counts_the_allocators_idle_cache_as_free(monkeypatch) -> None:
+    """As ComfyUI's get_free_memory: cached blocks without a tensor are free for this process."""
+    import torch
+
+    from lora_extract.memory.monitor import VramMonitor, torch_probe
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (1 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 12 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 3 * gib)
+    reading = VramMonitor(torch_probe("cuda:0"), 0.85).read()
+    assert reading is not None and (reading.free, reading.total) == (10 * gib, 16 * gib)
+    # The driver alone says 15/16 used (over 0.85); this process can still use 10 GiB.
+    assert not VramMonitor(torch_probe("cuda:0"), 0.85).over(reading)
+    assert torch_probe("cpu")() is None
