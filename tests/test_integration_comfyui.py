@@ -1,4 +1,4 @@
-"""Against a real ComfyUI server: LoraExtract, then LoraLoaderModelOnly on the base model.
+"""Against a real ComfyUI server: LoraExtract or LoraExtractV2, then LoraLoaderModelOnly.
 
 Runs when ``COMFYUI_ROOT`` points at a ComfyUI checkout whose server (``COMFY_URL``, default
 http://127.0.0.1:8188) runs with this pack and the tiny model pairs of
@@ -45,8 +45,14 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+# LoraExtractV2's own inputs; the rest are LoraExtract's.
+V2_INPUTS = {"vram_usage_mode": "balanced", "blocks_in_gpu": 10, "batch_size": 4,
+             "prefetch_ahead": 2, "memory_threshold": 0.85, "debug_mode": True}
+
+
+@pytest.mark.parametrize("node", ["LoraExtract", "LoraExtractV2"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_extract_then_load_on_real_comfyui(server, arch: str) -> None:
+def test_extract_then_load_on_real_comfyui(server, arch: str, node: str) -> None:
     models = os.path.join(ROOT, "models", "diffusion_models")
     if not os.path.exists(os.path.join(models, f"{arch}_base.safetensors")):
         pytest.skip(f"{arch} models not generated")
@@ -54,12 +60,14 @@ def test_extract_then_load_on_real_comfyui(server, arch: str) -> None:
     extract = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f"{arch}_tuned.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "UNETLoader", "inputs": {"unet_name": f"{arch}_base.safetensors", "weight_dtype": "default"}},
-        "3": {"class_type": "LoraExtract", "inputs": {
+        "3": {"class_type": node, "inputs": {
             "finetuned_model": ["1", 0], "original_model": ["2", 0], "filename_prefix": f"loras/{tag}",
             "rank": 16, "lora_type": "standard", "algorithm": "svd_linalg", "lowrank_iters": 7,
             "output_dtype": "fp32", "bias_diff": True, "adaptive_param": 0.15, "clamp_quantile": False,
             "conv_rank": 16, "alpha": 0.0, "key_style": "comfy", "save_to": "models/loras"}},
     }
+    if node == "LoraExtractV2":
+        extract["3"]["inputs"].update(V2_INPUTS)
     res = server.run(extract)
     assert res.status == "success", json.dumps(res.messages)[-3000:]
     lora_path, report_text = res.outputs["3"]["text"][0], None
