@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .difference import difference_into
 from .errors import ExtractionInputError
 from .keys import diffusion_path
 from .sources import WeightSource
@@ -17,7 +18,6 @@ from .sources import WeightSource
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
 SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",
                       ".scale_input")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,8 @@ def load_difference(base: WeightSource, tuned: WeightSource, tuned_key: str, bas
     """
     diff = tuned.get(tuned_key, device, torch.float32)
     b = base.get(base_key, device)
-    if b.dtype not in _FLOAT_DTYPES:
-        b = b.to(torch.float32)  # fp8 / ints: no mixed-dtype in-place subtraction for those
-    diff.sub_(b)  # in place, upcasting b element-wise: no second float32 buffer
+    # In place, upcasting b chunk by chunk: no second float32 buffer of the layer's size.
+    difference_into(diff, None, b)
     del b
     fro = float(torch.linalg.vector_norm(diff))
     if fro != fro or fro == float("inf"):

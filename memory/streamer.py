@@ -3,9 +3,11 @@
 A background reader (``Prefetcher``) reads and stages up to ``prefetch_ahead`` batches ahead of
 the batch in compute, so disk reads, host work, transfers and the SVD overlap.
 
-- CPU: both weights are read in their stored dtype and the float32 difference is built in a
-  reused pool buffer (no page faults from a fresh allocation per layer).
-- CUDA: both weights are copied into pinned pool buffers and sent to the device with
+- CPU: both weights are read in their stored dtype into two reused read buffers (files:
+  ``os.preadv`` straight into them) and the float32 difference is formed chunk by chunk in a
+  reused pool buffer (``extract/difference.py``): no page faults from fresh allocations per
+  layer, and the reader thread leaves the cores to the SVDs.
+- CUDA: both weights are read (files) or copied into pinned pool buffers and sent to the device with
   non-blocking copies on a side stream; the difference is formed there, on the device. Every
   stream and event call goes through ``streams.DeviceStreams`` (its docstring gives the order
   and why), so that order is tested without a GPU.
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..extract.difference import CHUNK, difference_into
 from ..extract.errors import ExtractionInputError
 from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
 from ..extract.pairing import KeyPair, load_difference
@@ -80,6 +83,10 @@ class PairStreamer:
         self.resident_keys = resident_keys or set()
         # Made here, on the caller's (compute) thread: see CudaStreams.__init__.
         self.streams = streams if streams is not None else streams_for(device)
+        # Reader-thread scratch, reused for every layer: the raw bytes of both weights, and a
+        # cache-sized float32 chunk for forming the difference.
+        self._read_buffers: list[torch.Tensor | None] = [None, None]
+        self._scratch: torch.Tensor | None = None
         self.oom_keys: list[str] = []
         self.cache_hits = 0
         self.bytes_moved = 0
@@ -100,6 +107,7 @@ class PairStreamer:
             # Wake a reader blocked on the pool before joining it, or close() would wait forever.
             self.pool.close()
             prefetcher.close()
+            self._read_buffers, self._scratch = [None, None], None
 
     # --- reader thread -------------------------------------------------------------------
 
@@ -134,15 +142,26 @@ class PairStreamer:
                 f"key {pair.tuned_key!r}: the difference is not finite; the models are not a "
                 "base/fine-tune pair.")
 
+    def _read(self, source: WeightSource, key: str, slot: int) -> torch.Tensor:
+        """``key`` of ``source`` in its stored dtype, on the CPU; files go into a reused buffer."""
+        if not isinstance(source, SafetensorsSource):
+            return source.get(key, "cpu")
+        buf = self._read_buffers[slot]
+        nbytes = source.nbytes(key)
+        if buf is None or buf.numel() < nbytes:
+            # Grows to the largest layer once; the pool bounds everything that is handed on.
+            buf = self._read_buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return source.read_into(key, buf)
+
     def _load_host(self, pair: KeyPair) -> LoadedLayer:
-        tuned = self.tuned.get(pair.tuned_key, "cpu")
-        base = self.base.get(pair.base_key, "cpu")
+        tuned = self._read(self.tuned, pair.tuned_key, 0)
+        base = self._read(self.base, pair.base_key, 1)
         buf = self.pool.acquire(tuned.numel() * 4)
         diff = view_as(buf, torch.float32, tuple(tuned.shape))
-        diff.copy_(tuned)       # exact upcast, as tuned.float() would give
-        del tuned
-        diff.sub_(_subtrahend(base))
-        del base
+        if self._scratch is None:
+            self._scratch = torch.empty(CHUNK, dtype=torch.float32)
+        difference_into(diff, tuned, base, self._scratch)
+        del tuned, base
         fro = float(torch.linalg.vector_norm(diff))
         self._check_finite(pair, fro)
         self.bytes_moved += diff.numel() * 4
@@ -192,24 +211,34 @@ class PairStreamer:
         self.bytes_moved += moved
         return LoadedLayer(pair, diff, fro, from_cache=hit is not None, ready=ready)
 
+    def _stage(self, source: WeightSource, key: str, staged: list[torch.Tensor]) -> torch.Tensor:
+        """``key`` in a pinned pool buffer, in its stored dtype (files: read straight into it)."""
+        if isinstance(source, SafetensorsSource):
+            buf = self.pool.acquire(source.nbytes(key))
+            staged.append(buf)
+            return source.read_into(key, buf)
+        t = source.get(key, "cpu")
+        buf = self.pool.acquire(t.numel() * t.element_size())
+        staged.append(buf)
+        pinned = view_as(buf, t.dtype, tuple(t.shape))
+        pinned.copy_(t)
+        return pinned
+
     def _stage_and_copy(self, pair: KeyPair, staged: list[torch.Tensor], streams: DeviceStreams
                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """File data: pinned staging, non-blocking copies and the difference, on the side stream."""
-        tuned = self.tuned.get(pair.tuned_key, "cpu")
-        base = self.base.get(pair.base_key, "cpu")
+        """Host data: pinned staging, non-blocking copies and the difference, on the side stream."""
         on_device: list[torch.Tensor] = []
+        moved = 0
         with streams.on_side():
-            for t in (tuned, base):
-                buf = self.pool.acquire(t.numel() * t.element_size())
-                staged.append(buf)
-                pinned = view_as(buf, t.dtype, tuple(t.shape))
-                pinned.copy_(t)
+            for source, key in ((self.tuned, pair.tuned_key), (self.base, pair.base_key)):
+                pinned = self._stage(source, key, staged)
+                moved += pinned.numel() * pinned.element_size()
                 on_device.append(streams.to_device(pinned))
             diff = on_device[0].float()
             diff.sub_(_subtrahend(on_device[1]))
             del on_device
             fro_t = torch.linalg.vector_norm(diff)
-        return diff, fro_t, tuned.numel() * tuned.element_size() + base.numel() * base.element_size()
+        return diff, fro_t, moved
 
 
 def _subtrahend(b: torch.Tensor) -> torch.Tensor:

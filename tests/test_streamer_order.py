@@ -251,3 +251,26 @@ def test_resident_layers_skip_the_copy_on_the_second_run(pair, recording) -> Non
     assert second.memory.cache_hits == first.memory.cached_layers
     assert len(recording.copies) - copies == copies - 2 * first.memory.cached_layers
     _check_protocol(recording, second)
+
+
+def test_files_are_read_straight_into_pinned_buffers(tmp_path, recording, monkeypatch) -> None:
+    from lora_extract.extract.sources import SafetensorsSource
+    from lora_extract.extract.synthetic import write_pair
+
+    paths = write_pair(str(tmp_path), _layers(), seed=9, dtype=torch.bfloat16)
+    base, tuned = (SafetensorsSource(p) for p in paths)
+    cfg = ExtractConfig(rank=6)
+    v1 = extract_lora(base, tuned, cfg)
+    reads = []
+    real = SafetensorsSource.read_into
+
+    def counted(self, key, buffer):
+        reads.append(key)
+        return real(self, key, buffer)
+    monkeypatch.setattr(SafetensorsSource, "read_into", counted)
+    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(prefetch_ahead=2),
+                          cache=ResidentCache(), probe=_roomy_device, streams=recording)
+    _same(v1, out.result)
+    _check_protocol(recording, out)
+    # Both weights of every streamed layer went file -> pinned buffer -> device.
+    assert len(reads) == len(recording.copies) == 2 * len(recording.events)
