@@ -6,7 +6,14 @@ path, hence relative imports only); ``pip install`` makes the same folder import
 nodes reach ComfyUI only when they run.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # Loaded as a lone file, not as a package: pytest does that with the repository root when
+    # the checkout's folder name is not a Python identifier (``ComfyUI-LoRA-Extract``), and a
+    # relative import would fail there. There is nothing to register in that case.
+    NODE_CLASS_MAPPINGS: dict[str, type] = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
 WEB_DIRECTORY = "./web"
 

@@ -37,3 +37,17 @@ def test_core_sources_do_not_mention_comfy_imports() -> None:
                         if s.startswith(("import ", "from ")) and s.split()[1].split(".")[0] in COMFY_MODULES:
                             offenders.append(f"{f}: {s}")
     assert offenders == []
+
+
+def test_the_root_init_loads_as_a_lone_file() -> None:
+    """pytest imports the repository root's __init__.py as a plain module when the checkout's
+    folder name is not an identifier (e.g. a clone named ComfyUI-LoRA-Extract)."""
+    import importlib.util
+
+    root_init = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "__init__.py")
+    spec = importlib.util.spec_from_file_location("__init__", root_init)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS == {} and module.WEB_DIRECTORY == "./web"
