@@ -29,7 +29,6 @@ from ..extract.pipeline import (
     ProgressFn,
     _layer_generator,
     finish_result,
-    process_pair,
 )
 from ..extract.report import STATUS_SKIPPED, ExtractionReport, LayerReport
 from ..extract.sources import WeightSource
@@ -37,6 +36,7 @@ from ..extract.writer import save_safetensors_atomic
 from .blocks import block_of
 from .buffers import StagingPool
 from .cache import RESIDENT, ResidentCache, source_identity
+from .layer_store import LayerStore
 from .monitor import VramMonitor, VramProbe, format_reading, torch_probe
 from .planner import (
     MODES,
@@ -46,6 +46,7 @@ from .planner import (
     plan_memory,
     shrink_batch,
 )
+from .rolling import stream_rolling
 from .run_report import BatchRecord, MemoryRunReport
 from .streamer import LoadedLayer, PairStreamer, pair_bytes
 from .streams import DeviceStreams
@@ -178,59 +179,36 @@ def _layer_parallel(workers: int) -> Iterator[ThreadPoolExecutor | None]:
         torch.set_num_threads(before)
 
 
-def _own_stored_copies(tensors: dict[str, torch.Tensor], stored_before: int,
-                       layer: LoadedLayer) -> None:
-    """Copy stored tensors that still alias the layer's reused host buffer.
-
-    A difference stored as is (``.diff``/``.diff_b``, or ``full``) in float32 is the buffer
-    itself (``.to(float32)`` of a float32 tensor returns it), and the buffer is handed to the
-    next layer once this one is released.
-    """
-    buf = layer.host_buffer
-    if buf is None:
-        return
-    lo = buf.data_ptr()
-    hi = lo + buf.numel()
-    for key in list(tensors)[stored_before:]:
-        t = tensors[key]
-        if t.device.type == "cpu" and lo <= t.data_ptr() < hi:
-            tensors[key] = t.clone()
-
-
 def _stream(streamer: PairStreamer, batches: list[list[KeyPair]], run: _Run, cfg: ExtractConfig,
             plan: PairPlan, report: ExtractionReport, progress: ProgressFn | None,
             check_interrupt: InterruptFn | None, monitor: VramMonitor) -> dict[str, torch.Tensor]:
-    """Extract every batch the streamer delivers, in model order; returns the output tensors."""
-    tensors: dict[str, torch.Tensor] = {}
-    done = 0
+    """Extract every layer the streamer delivers; store them in model order; return the tensors."""
+    store = LayerStore(cfg, plan, report, progress, check_interrupt)
     # closing(): on an error or interrupt the reader thread is stopped and joined right here,
     # not whenever the traceback that holds this generator is collected.
     with closing(streamer.batches(batches)) as loaded_batches:
-        for loaded in loaded_batches:
-            if check_interrupt is not None:
-                check_interrupt()
-            tb = time.perf_counter()
-            todo = [x for x in loaded.layers if _needs_svd(x.pair, x, cfg, plan)]
-            extracted = dict(zip((id(x) for x in todo), run.extract(todo), strict=True))
-            for layer in loaded.layers:
-                if check_interrupt is not None and done:
+        if run.workers is not None and streamer.prefetch_ahead > 0:
+            # CPU: no batch barrier (see rolling.py). Without read-ahead the main thread is
+            # the reader, and must not read while it holds layers: batches then.
+            stream_rolling(
+                loaded_batches, streamer.has_ready_batch, run.workers, max(run.limit, 1),
+                lambda layer: extract_matrix(layer.diff, cfg, fro=layer.fro,
+                                             generator=_layer_generator(cfg, layer.pair.path)),
+                lambda layer: _needs_svd(layer.pair, layer, cfg, plan), store,
+                lambda n, seconds: run.after_batch(monitor, streamer, n, seconds), check_interrupt)
+        else:
+            for loaded in loaded_batches:
+                if check_interrupt is not None:
                     check_interrupt()
-                ex = extracted.get(id(layer))
-                stored_before = len(tensors)
-                entry = process_pair(layer.pair, layer.diff, layer.fro, cfg, plan, tensors,
-                                     extraction=ex)
-                _own_stored_copies(tensors, stored_before, layer)
-                # process_pair timed only the storing: add the (batched) decomposition's share.
-                entry.seconds += ex.seconds if ex is not None else 0.0
-                report.add(entry)
-                layer.release()
-                done += 1
-                if progress is not None:
-                    progress(done, len(plan.common), layer.pair.tuned_key)
-            run.after_batch(monitor, streamer, len(loaded.layers), time.perf_counter() - tb)
+                tb = time.perf_counter()
+                todo = [x for x in loaded.layers if _needs_svd(x.pair, x, cfg, plan)]
+                extracted = dict(zip((id(x) for x in todo), run.extract(todo), strict=True))
+                for layer in loaded.layers:
+                    store(layer, extracted.get(id(layer)))
+                run.after_batch(monitor, streamer, len(loaded.layers), time.perf_counter() - tb)
     if check_interrupt is not None:
         check_interrupt()
-    return tensors
+    return store.tensors
 
 
 def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,

@@ -74,6 +74,12 @@ class Prefetcher(Generic[K, V]):
         finally:
             self.close()
 
+    def ready(self) -> bool:
+        """Whether the next item (or the end, or an error) is loaded: taking it will not wait.
+
+        Always False without a worker (``depth`` 0 loads in the consumer's thread)."""
+        return self._thread is not None and not self._queue.empty()
+
     def close(self) -> None:
         """Stop the worker and wait for it; drops loaded items nobody will consume."""
         self._stop.set()

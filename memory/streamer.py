@@ -87,12 +87,17 @@ class PairStreamer:
         # cache-sized float32 chunk for forming the difference.
         self._read_buffers: list[torch.Tensor | None] = [None, None]
         self._scratch: torch.Tensor | None = None
+        self._prefetcher: Prefetcher[Sequence[KeyPair], LoadedBatch] | None = None
         self.oom_keys: list[str] = []
         self.cache_hits = 0
         self.bytes_moved = 0
 
+    def has_ready_batch(self) -> bool:
+        """Whether the next batch (or the end) is loaded, so taking it does not wait."""
+        return self._prefetcher is not None and self._prefetcher.ready()
+
     def batches(self, batches: Sequence[Sequence[KeyPair]]) -> Iterator[LoadedBatch]:
-        prefetcher = Prefetcher(batches, self._load_batch, self.prefetch_ahead)
+        prefetcher = self._prefetcher = Prefetcher(batches, self._load_batch, self.prefetch_ahead)
         try:
             for _pairs, loaded in prefetcher:
                 if self.streams is not None:
@@ -107,6 +112,7 @@ class PairStreamer:
             # Wake a reader blocked on the pool before joining it, or close() would wait forever.
             self.pool.close()
             prefetcher.close()
+            self._prefetcher = None
             self._read_buffers, self._scratch = [None, None], None
 
     # --- reader thread -------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_cancel_is_honoured_within_one_layer(comfy_dirs, patchers, monkeypatch, 
     patcher, tuned_patcher = patchers
     monkeypatch.setattr(mm, "InterruptProcessingException", exc_type)
     if node_name == "LoraExtractV2":
-        manager = pytest.importorskip("lora_extract.memory.manager")
+        layer_store = pytest.importorskip("lora_extract.memory.layer_store")
         from lora_extract.memory.cache import ResidentCache
 
         monkeypatch.setattr("lora_extract.memory.cache.RESIDENT", ResidentCache())
@@ -54,7 +54,7 @@ def test_cancel_is_honoured_within_one_layer(comfy_dirs, patchers, monkeypatch, 
     count_layers = OnNthCall(pipeline.process_pair, cancel_at, press_cancel)
     monkeypatch.setattr(pipeline, "process_pair", count_layers)
     if node_name == "LoraExtractV2":
-        monkeypatch.setattr(manager, "process_pair", count_layers)
+        monkeypatch.setattr(layer_store, "process_pair", count_layers)
     empties = mm._soft_empty_cache_calls
     with pytest.raises(exc_type):
         _run_node(node_name, dict(finetuned_model=tuned_patcher, original_model=patcher))

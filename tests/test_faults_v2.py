@@ -20,6 +20,7 @@ from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictS
 from lora_extract.extract.synthetic import demo_layers, make_pair
 
 manager = pytest.importorskip("lora_extract.memory.manager")
+layer_store = pytest.importorskip("lora_extract.memory.layer_store")
 planner = pytest.importorskip("lora_extract.memory.planner")
 cache_mod = pytest.importorskip("lora_extract.memory.cache")
 
@@ -44,8 +45,8 @@ def _run_v2(models, path: str, **kwargs):
 def test_failure_at_any_layer_propagates_without_file_or_thread(models, tmp_path, monkeypatch, at: int,
                                                                 exc: BaseException) -> None:
     failing = fail_on_call(pipeline.process_pair, at + 1, exc)
-    # The manager imported process_pair by name: patch it where it is used.
-    monkeypatch.setattr(manager, "process_pair", failing)
+    # The V2 store step imported process_pair by name: patch it where it is used.
+    monkeypatch.setattr(layer_store, "process_pair", failing)
     before = set(threading.enumerate())
     with pytest.raises(type(exc)) as info:
         _run_v2(models, str(tmp_path / "lora.safetensors"))

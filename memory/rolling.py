@@ -1,0 +1,75 @@
+"""CPU schedule of V2: layers decomposed by worker threads in a rolling window, stored in order.
+
+A batch barrier (decompose a batch's layers side by side, wait for the slowest, store them,
+fetch the next batch) leaves workers idle whenever a batch mixes a large layer with small ones,
+and while the main thread stores. Here every loaded layer is handed to the workers at once and
+the main thread stores the oldest when it is done, keeping at most ``window`` layers in flight.
+
+No deadlock with the reader: layers in flight hold staging-pool buffers that only the main
+thread gives back, so the main thread never waits for the reader while it holds any; when the
+reader has nothing ready it stores the oldest layer instead (waiting for a worker, which never
+waits for the reader).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+from ..extract.layer import LayerExtraction
+from ..extract.pipeline import InterruptFn
+from .streamer import LoadedBatch, LoadedLayer
+
+InFlight = deque[tuple[LoadedLayer, "Future[LayerExtraction] | None"]]
+
+
+def stream_rolling(loaded: Iterator[LoadedBatch], reader_has_batch: Callable[[], bool],
+                   workers: ThreadPoolExecutor, window: int,
+                   extract_one: Callable[[LoadedLayer], LayerExtraction],
+                   needs_svd: Callable[[LoadedLayer], bool],
+                   store: Callable[[LoadedLayer, LayerExtraction | None], None],
+                   on_batch: Callable[[int, float], None],
+                   check_interrupt: InterruptFn | None) -> None:
+    """Decompose and store every layer ``loaded`` yields; see the module docstring."""
+    in_flight: InFlight = deque()
+
+    def store_oldest() -> None:
+        layer, fut = in_flight[0]
+        ex = fut.result() if fut is not None else None
+        in_flight.popleft()
+        store(layer, ex)
+
+    try:
+        while True:
+            while in_flight and not reader_has_batch():
+                store_oldest()
+            batch = next(loaded, None)
+            if batch is None:
+                break
+            if check_interrupt is not None:
+                check_interrupt()
+            t0 = time.perf_counter()
+            for layer in batch.layers:
+                fut = workers.submit(extract_one, layer) if needs_svd(layer) else None
+                in_flight.append((layer, fut))
+                while len(in_flight) > window:
+                    store_oldest()
+            on_batch(len(batch.layers), time.perf_counter() - t0)
+        while in_flight:
+            store_oldest()
+    except BaseException:
+        _abandon(in_flight)
+        raise
+
+
+def _abandon(in_flight: InFlight) -> None:
+    """After an error or interrupt: no worker may still use a buffer when it goes back."""
+    futures = [f for _, f in in_flight if f is not None]
+    for f in futures:
+        f.cancel()
+    wait(futures)
+    for layer, _ in in_flight:
+        layer.release()
+    in_flight.clear()
