@@ -21,17 +21,18 @@ def difference_into(out: torch.Tensor, tuned: torch.Tensor | None, base: torch.T
 
     ``out`` is a float32 tensor with as many elements as ``base`` (its shape is kept); ``tuned`` and ``base`` may have any dtype that converts to float32 (fp8, fp16,
     bf16, fp32, fp64, ints) and any shape with that many elements. ``scratch``: a float32
-    tensor of at least ``CHUNK`` elements to reuse (one is made otherwise). Returns ``out``.
+    tensor of at least ``min(numel, CHUNK)`` elements to reuse (one is made otherwise).
+    Returns ``out``.
     """
     if out.dtype != torch.float32:
         raise ValueError(f"difference_into: out must be float32, not {out.dtype}")
     n = out.numel()
-    one_pass = (out.device.type != "cpu" or n <= CHUNK or not out.is_contiguous()
+    one_pass = (out.device.type != "cpu" or not out.is_contiguous()
                 or (base.dtype == torch.float32
                     and (tuned is None or tuned.dtype == torch.float32)))
     if one_pass:
-        # As fast (float32 operands, a GPU, or small enough to stay in cache), or the only
-        # way (a strided ``out``: chunks of its flat view would not exist).
+        # As fast (float32 operands: no mixed-dtype kernel; a GPU), or the only way (a
+        # strided ``out``: chunks of its flat view would not exist).
         if tuned is not None:
             out.copy_(tuned.reshape(out.shape))
         b = base.reshape(out.shape)
@@ -40,8 +41,8 @@ def difference_into(out: torch.Tensor, tuned: torch.Tensor | None, base: torch.T
     flat = out.view(-1)
     t = None if tuned is None else tuned.reshape(-1)
     b = base.reshape(-1)
-    if scratch is None or scratch.numel() < CHUNK or scratch.dtype != torch.float32:
-        scratch = torch.empty(CHUNK, dtype=torch.float32)
+    if scratch is None or scratch.numel() < min(n, CHUNK) or scratch.dtype != torch.float32:
+        scratch = torch.empty(min(n, CHUNK), dtype=torch.float32)
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         part = flat[lo:hi]

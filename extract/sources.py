@@ -118,13 +118,33 @@ class SafetensorsSource:
         of the ~1.5 GB/s of a fresh allocation per tensor, whose pages fault in on first write.
         """
         file_dtype, shape, (begin, end) = self._entries[key]
+        if end == begin:
+            return torch.empty(shape, dtype=file_dtype)
+        self._pread(key, begin, end, buffer)
+        return buffer[: end - begin].view(file_dtype).reshape(shape)
+
+    def read_elements(self, key: str, lo: int, hi: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Elements ``lo:hi`` of ``key`` (flattened) read into ``buffer``, as a 1-D tensor.
+
+        For forming a difference chunk by chunk straight from the files: no buffer of the
+        whole tensor, and each chunk is still in the cache when it is used.
+        """
+        file_dtype, _shape, (begin, end) = self._entries[key]
+        size = torch.empty((), dtype=file_dtype).element_size()
+        if not 0 <= lo <= hi <= (end - begin) // size:
+            raise ValueError(f"read_elements({key!r}, {lo}, {hi}): out of range")
+        if hi == lo:
+            return torch.empty(0, dtype=file_dtype)
+        self._pread(key, begin + lo * size, begin + hi * size, buffer)
+        return buffer[: (hi - lo) * size].view(file_dtype)
+
+    def _pread(self, key: str, begin: int, end: int, buffer: torch.Tensor) -> None:
+        """Bytes ``begin:end`` of the data section into the start of ``buffer``."""
         nbytes = end - begin
         if buffer.dtype != torch.uint8 or buffer.device.type != "cpu" or buffer.numel() < nbytes \
                 or not buffer.is_contiguous():
-            raise ValueError(f"read_into({key!r}): need a contiguous CPU uint8 buffer of at least "
+            raise ValueError(f"reading {key!r}: need a contiguous CPU uint8 buffer of at least "
                              f"{nbytes} bytes")
-        if nbytes == 0:
-            return torch.empty(shape, dtype=file_dtype)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         view = memoryview(buffer[:nbytes].numpy())
@@ -136,7 +156,6 @@ class SafetensorsSource:
                     f"{self.path}: file ended while reading tensor {key!r}; the file is truncated "
                     "or changed during the run. Re-download or re-save it.")
             done += n
-        return buffer[:nbytes].view(file_dtype).reshape(shape)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -3,10 +3,10 @@
 A background reader (``Prefetcher``) reads and stages up to ``prefetch_ahead`` batches ahead of
 the batch in compute, so disk reads, host work, transfers and the SVD overlap.
 
-- CPU: both weights are read in their stored dtype into two reused read buffers (files:
-  ``os.preadv`` straight into them) and the float32 difference is formed chunk by chunk in a
-  reused pool buffer (``extract/difference.py``): no page faults from fresh allocations per
-  layer, and the reader thread leaves the cores to the SVDs.
+- CPU: the float32 difference is formed in a reused pool buffer, chunk by chunk
+  (``extract/difference.py``); from files, each chunk of both weights is read (``os.preadv``)
+  into two small reused buffers just before it is used: no page faults from fresh allocations
+  per layer, no host copy of a whole raw weight, and the reader leaves the cores to the SVDs.
 - CUDA: both weights are read (files) or copied into pinned pool buffers and sent to the device with
   non-blocking copies on a side stream; the difference is formed there, on the device. Every
   stream and event call goes through ``streams.DeviceStreams`` (its docstring gives the order
@@ -83,9 +83,9 @@ class PairStreamer:
         self.resident_keys = resident_keys or set()
         # Made here, on the caller's (compute) thread: see CudaStreams.__init__.
         self.streams = streams if streams is not None else streams_for(device)
-        # Reader-thread scratch, reused for every layer: the raw bytes of both weights, and a
-        # cache-sized float32 chunk for forming the difference.
-        self._read_buffers: list[torch.Tensor | None] = [None, None]
+        # Reader-thread scratch, reused for every layer: a chunk of raw bytes of each weight,
+        # and a cache-sized float32 chunk for forming the difference.
+        self._chunk_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scratch: torch.Tensor | None = None
         self._prefetcher: Prefetcher[Sequence[KeyPair], LoadedBatch] | None = None
         self.oom_keys: list[str] = []
@@ -113,7 +113,7 @@ class PairStreamer:
             self.pool.close()
             prefetcher.close()
             self._prefetcher = None
-            self._read_buffers, self._scratch = [None, None], None
+            self._chunk_buffers, self._scratch = None, None
 
     # --- reader thread -------------------------------------------------------------------
 
@@ -148,30 +148,41 @@ class PairStreamer:
                 f"key {pair.tuned_key!r}: the difference is not finite; the models are not a "
                 "base/fine-tune pair.")
 
-    def _read(self, source: WeightSource, key: str, slot: int) -> torch.Tensor:
-        """``key`` of ``source`` in its stored dtype, on the CPU; files go into a reused buffer."""
-        if not isinstance(source, SafetensorsSource):
-            return source.get(key, "cpu")
-        buf = self._read_buffers[slot]
-        nbytes = source.nbytes(key)
-        if buf is None or buf.numel() < nbytes:
-            # Grows to the largest layer once; the pool bounds everything that is handed on.
-            buf = self._read_buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return source.read_into(key, buf)
-
     def _load_host(self, pair: KeyPair) -> LoadedLayer:
-        tuned = self._read(self.tuned, pair.tuned_key, 0)
-        base = self._read(self.base, pair.base_key, 1)
-        buf = self.pool.acquire(tuned.numel() * 4)
-        diff = view_as(buf, torch.float32, tuple(tuned.shape))
+        numel = 1
+        for d in pair.shape:
+            numel *= d
+        buf = self.pool.acquire(numel * 4)
+        diff = view_as(buf, torch.float32, tuple(pair.shape))
         if self._scratch is None:
             self._scratch = torch.empty(CHUNK, dtype=torch.float32)
-        difference_into(diff, tuned, base, self._scratch)
-        del tuned, base
+        if isinstance(self.tuned, SafetensorsSource) and isinstance(self.base, SafetensorsSource):
+            self._difference_from_files(pair, diff)
+        else:
+            tuned = self.tuned.get(pair.tuned_key, "cpu")
+            base = self.base.get(pair.base_key, "cpu")
+            difference_into(diff, tuned, base, self._scratch)
+            del tuned, base
         fro = float(torch.linalg.vector_norm(diff))
         self._check_finite(pair, fro)
         self.bytes_moved += diff.numel() * 4
         return LoadedLayer(pair, diff, fro, _buffer=buf, _pool=self.pool)
+
+    def _difference_from_files(self, pair: KeyPair, diff: torch.Tensor) -> None:
+        """Both weights read chunk by chunk into two small buffers, each chunk differenced while
+        it is in the cache: no host buffer of a whole raw weight, no fresh allocation."""
+        assert isinstance(self.tuned, SafetensorsSource) and isinstance(self.base, SafetensorsSource)
+        if self._chunk_buffers is None:
+            # CHUNK elements of the widest dtype a checkpoint holds (float64).
+            self._chunk_buffers = (torch.empty(CHUNK * 8, dtype=torch.uint8),
+                                   torch.empty(CHUNK * 8, dtype=torch.uint8))
+        flat = diff.view(-1)
+        n = flat.numel()
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            t = self.tuned.read_elements(pair.tuned_key, lo, hi, self._chunk_buffers[0])
+            b = self.base.read_elements(pair.base_key, lo, hi, self._chunk_buffers[1])
+            difference_into(flat[lo:hi], t, b, self._scratch)
 
     def _load_async(self, pair: KeyPair, streams: DeviceStreams, resident: bool) -> LoadedLayer:
         """The difference on the device, through the side stream (the cache's copies too, so

@@ -91,3 +91,24 @@ def test_plain_pickle_state_dict_loads(tmp_path) -> None:
 def test_missing_file_is_clear(tmp_path) -> None:
     with pytest.raises(ExtractionInputError, match="no such file"):
         open_source(str(tmp_path / "nope.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64,
+                                   torch.float8_e4m3fn, torch.int8])
+def test_read_elements_and_read_into_match_get(tmp_path, dtype) -> None:
+    t = (torch.randn(37, 53) * 4).to(dtype)
+    path = str(tmp_path / "w.safetensors")
+    save_file({"a": torch.zeros(3), "w": t}, path)
+    src = SafetensorsSource(path)
+    whole = src.get("w")
+    assert torch.equal(whole.view(torch.uint8), t.view(torch.uint8))
+    buf = torch.empty(8 * 1000, dtype=torch.uint8)
+    for lo, hi in [(0, 1), (5, 900), (1000, 37 * 53), (7, 7)]:
+        part = src.read_elements("w", lo, hi, buf)
+        assert torch.equal(part.view(torch.uint8), whole.reshape(-1)[lo:hi].view(torch.uint8))
+    assert torch.equal(src.read_into("w", torch.empty(8 * 37 * 53, dtype=torch.uint8)).view(torch.uint8),
+                       whole.view(torch.uint8))
+    with pytest.raises(ValueError, match="out of range"):
+        src.read_elements("w", 0, 37 * 53 + 1, buf)
+    with pytest.raises(ValueError, match="buffer"):
+        src.read_elements("w", 0, 1000, torch.empty(10, dtype=torch.uint8))
