@@ -10,6 +10,10 @@ from .planner import MemoryOptions, MemoryPlan
 
 @dataclass
 class BatchRecord:
+    """One loaded batch: its layers, the seconds from its arrival until its layers were
+    decomposed and stored (GPU schedule) or handed to the workers, storing older layers to
+    keep the window (CPU schedule), and the device memory reading after it."""
+
     layers: int
     seconds: float
     vram: VramReading | None
