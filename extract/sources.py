@@ -130,7 +130,7 @@ class SafetensorsSource:
         whole tensor, and each chunk is still in the cache when it is used.
         """
         file_dtype, _shape, (begin, end) = self._entries[key]
-        size = torch.empty((), dtype=file_dtype).element_size()
+        size = file_dtype.itemsize
         if not 0 <= lo <= hi <= (end - begin) // size:
             raise ValueError(f"read_elements({key!r}, {lo}, {hi}): out of range")
         if hi == lo:

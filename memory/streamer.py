@@ -149,10 +149,7 @@ class PairStreamer:
                 "base/fine-tune pair.")
 
     def _load_host(self, pair: KeyPair) -> LoadedLayer:
-        numel = 1
-        for d in pair.shape:
-            numel *= d
-        buf = self.pool.acquire(numel * 4)
+        buf = self.pool.acquire(pair_bytes(pair.shape))
         diff = view_as(buf, torch.float32, tuple(pair.shape))
         if self._scratch is None:
             self._scratch = torch.empty(CHUNK, dtype=torch.float32)
@@ -202,7 +199,7 @@ class PairStreamer:
                 # weights may already be on the GPU): ask for the device, as V1 does.
                 with streams.on_side():
                     diff = self.tuned.get(pair.tuned_key, self.device, torch.float32)
-                    diff.sub_(_subtrahend(self.base.get(pair.base_key, self.device)))
+                    difference_into(diff, None, self.base.get(pair.base_key, self.device))
                     fro_t = torch.linalg.vector_norm(diff)
                 moved = diff.numel() * 4
             ready = streams.mark()
@@ -252,16 +249,10 @@ class PairStreamer:
                 moved += pinned.numel() * pinned.element_size()
                 on_device.append(streams.to_device(pinned))
             diff = on_device[0].float()
-            diff.sub_(_subtrahend(on_device[1]))
+            difference_into(diff, None, on_device[1])
             del on_device
             fro_t = torch.linalg.vector_norm(diff)
         return diff, fro_t, moved
-
-
-def _subtrahend(b: torch.Tensor) -> torch.Tensor:
-    # As pairing.load_difference: fp32/fp16/bf16 are upcast element-wise by the in-place
-    # subtraction; anything else (fp8, fp64, ints) is converted to float32 first.
-    return b if b.dtype in (torch.float32, torch.float16, torch.bfloat16) else b.float()
 
 
 def pair_bytes(shape: Sequence[int]) -> int:
