@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from fault_injection import fail_on_call
 
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.synthetic import LayerSpec, demo_layers, make_pair
@@ -168,22 +169,16 @@ def test_out_of_memory_halves_batch_then_uses_cpu(sources, monkeypatch) -> None:
 
 def test_interrupt_stops_between_layers_without_file_or_thread(sources, tmp_path) -> None:
     base, tuned = sources
-    calls = 0
 
     class Stop(Exception):
         pass
 
-    def check() -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 4:
-            raise Stop()
-
+    check = fail_on_call(lambda: None, 4, Stop())
     path = str(tmp_path / "out.safetensors")
     with pytest.raises(Stop):
         extract_to_file_v2(base, tuned, ExtractConfig(rank=4), MemoryOptions(), path,
                            check_interrupt=check, cache=ResidentCache())
-    assert calls == 4 and os.listdir(tmp_path) == []
+    assert check.calls == 4 and os.listdir(tmp_path) == []
     assert not [t for t in threading.enumerate() if t.name == "lora-extract-prefetch" and t.is_alive()]
 
 

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from comfy_keymap import apply_lora
+from fault_injection import fail_on_call
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -156,17 +157,11 @@ def test_bf16_sources_and_prefetch_give_same_result() -> None:
 
 def test_interrupt_between_layers_leaves_no_file(pair_dir, tmp_path) -> None:
     base_p, tuned_p = pair_dir
-    calls = 0
 
     class Stop(Exception):
         pass
 
-    def check() -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise Stop()
-
+    check = fail_on_call(lambda: None, 3, Stop())
     out = tmp_path / "x.safetensors"
     with pytest.raises(Stop):
         extract_to_file(SafetensorsSource(base_p), SafetensorsSource(tuned_p), ExtractConfig(),
