@@ -9,7 +9,7 @@ from __future__ import annotations
 from PIL import Image
 
 from ..extract.report import ExtractionReport
-from ..extract.validation_report import ValidationReport
+from ..validation.report import ValidationReport
 from .canvas import to_array
 from .report_chart import HEIGHT, WIDTH, render_report_chart
 from .rows import (

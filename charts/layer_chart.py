@@ -11,7 +11,7 @@ from .rows import ChartLayer, short_block
 
 RANK_COLOR = (70, 110, 190)
 DIFF_COLOR = (170, 170, 170)
-# Colors of the quality bands of the relative error (see extract/validation_report.py).
+# Colors of the quality bands of the relative error (see validation/report.py).
 BAND_COLORS = ((46, 160, 67), (150, 190, 40), (240, 150, 30), (210, 50, 50))
 BAND_LIMITS = (0.05, 0.5, 1.0)
 UNCOVERED_COLOR = (210, 50, 50)

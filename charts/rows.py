@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 from ..extract.keys import diffusion_path
 from ..extract.report import STATUS_DIFF, STATUS_LORA, ExtractionReport
-from ..extract.validation_report import (
+from ..memory.blocks import block_label
+from ..validation.report import (
     STATUS_COVERED,
     STATUS_NOT_MERGED,
     STATUS_SPURIOUS,
     STATUS_UNCOVERED,
     ValidationReport,
 )
-from ..memory.blocks import block_label
 
 # Short names for the usual containers, so block labels fit under narrow spans.
 _SHORT = {"input_blocks": "in", "output_blocks": "out", "middle_block": "mid",

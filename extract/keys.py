@@ -15,7 +15,7 @@ KEY_STYLES = ("comfy", "kohya")
 
 # (up, down, mid) suffixes of low-rank LoRA pairs, in the order ComfyUI's LoRA adapter looks
 # for them (the first up key present decides the format of a prefix). Shared by validation
-# (extract/lora_apply.py) and resize (resize/lora_file.py).
+# (validation/lora_apply.py) and resize (resize/lora_file.py).
 UP_DOWN_FORMATS: tuple[tuple[str, str, str | None], ...] = (
     (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"),
     ("_lora.up.weight", "_lora.down.weight", None),

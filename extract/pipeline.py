@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..memory.prefetch import Prefetcher
 from .config import ExtractConfig
 from .errors import ExtractionInputError
 from .keys import keys_for_param
 from .layer import LayerExtraction, extract_matrix, layer_kind
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
+from .prefetch import Prefetcher
 from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
 from .sources import WeightSource
 from .writer import save_safetensors_atomic

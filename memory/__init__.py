@@ -1,11 +1,7 @@
-"""Memory management for extraction: background prefetch (V1) and the V2 block-swap manager.
+"""The V2 block-swap memory manager for extraction.
 
-Pure torch; never imports ComfyUI. The V2 entry point is ``memory.manager.extract_lora_v2``
-(not re-exported here: ``extract.pipeline`` imports ``memory.prefetch``, and the manager
-imports the pipeline). Policy: ``blocks`` and ``planner``; mechanics: ``streamer``,
+Pure torch; never imports ComfyUI. It builds on ``extract`` (never the other way round). The V2
+entry point is ``memory.manager.extract_lora_v2`` (not re-exported here, so that importing
+``memory`` stays light). Policy: ``blocks`` and ``planner``; mechanics: ``streamer``,
 ``streams`` (CUDA stream/event order), ``buffers``, ``cache``, ``monitor``.
 """
-
-from .prefetch import Prefetcher
-
-__all__ = ["Prefetcher"]

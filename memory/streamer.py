@@ -29,10 +29,10 @@ from ..extract.difference import CHUNK, difference_into
 from ..extract.errors import ExtractionInputError
 from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
 from ..extract.pairing import KeyPair, load_difference
+from ..extract.prefetch import Prefetcher
 from ..extract.sources import SafetensorsSource, StateDictSource, WeightSource
 from .buffers import StagingPool, view_as
 from .cache import ResidentCache
-from .prefetch import Prefetcher
 from .streams import DeviceStreams, streams_for
 
 log = logging.getLogger(__name__)

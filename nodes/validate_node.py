@@ -11,7 +11,7 @@ import torch
 from ..charts import validation_chart
 from ..extract.errors import ExtractionInputError
 from ..extract.sources import open_source
-from ..extract.validate import validate_lora
+from ..validation.validate import validate_lora
 from . import comfy_adapter as comfy
 from .chart_output import chart_outputs
 from .file_inputs import listed_file

@@ -7,12 +7,15 @@ import subprocess
 import sys
 
 COMFY_MODULES = {"comfy", "folder_paths", "server", "comfy_api", "comfy_extras", "nodes"}
+CORE_PACKAGES = ("extract", "resize", "memory", "validation")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_core_imports_no_comfyui_module() -> None:
     code = (
         "import sys\n"
-        "import lora_extract.extract, lora_extract.memory, lora_extract.resize, lora_extract.cli\n"
+        "import lora_extract.extract, lora_extract.memory, lora_extract.resize, lora_extract.validation\n"
+        "import lora_extract.cli\n"
         "import lora_extract\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(COMFY_MODULES)!r})\n"
         "print(bad)\n"
@@ -27,7 +30,7 @@ def test_core_imports_no_comfyui_module() -> None:
 def test_core_sources_do_not_mention_comfy_imports() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     offenders = []
-    for pkg in ("extract", "resize", "memory"):
+    for pkg in CORE_PACKAGES:
         for dirpath, _dirs, files in os.walk(os.path.join(root, pkg)):
             for f in files:
                 if f.endswith(".py"):
@@ -51,3 +54,29 @@ def test_the_root_init_loads_as_a_lone_file() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.NODE_CLASS_MAPPINGS == {} and module.WEB_DIRECTORY == "./web"
+
+
+def _relative_imports(pkg: str) -> list[tuple[str, str]]:
+    """(file, imported pack module) for every relative import in one package of the pack."""
+    found = []
+    for dirpath, _dirs, files in os.walk(os.path.join(ROOT, pkg)):
+        for f in files:
+            if f.endswith(".py"):
+                for line in open(os.path.join(dirpath, f), encoding="utf-8"):
+                    s = line.strip()
+                    if s.startswith("from .."):
+                        found.append((f, s.split()[1][2:].split(".")[0]))
+    return found
+
+
+def test_layers_point_one_way() -> None:
+    """extract is the bottom layer: memory (V2) and validation build on it, never the reverse."""
+    allowed = {"extract": set(), "validation": {"extract"}, "memory": {"extract"},
+               "resize": {"extract"}}
+    offenders = [f"{pkg}/{f} imports {mod}" for pkg, ok in allowed.items()
+                 for f, mod in _relative_imports(pkg) if mod not in ok]
+    assert offenders == []
+
+
+def test_no_command_line_modules_at_the_root() -> None:
+    assert sorted(f for f in os.listdir(ROOT) if f.startswith("cli") and f.endswith(".py")) == []

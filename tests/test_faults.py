@@ -187,7 +187,7 @@ w.save_safetensors_atomic({{f"k{{i}}": torch.ones(1000) for i in range(5)}}, {st
 
 # Blind handlers that legitimately do not re-raise in place, with the reason.
 HANDS_ON_ELSEWHERE = {
-    os.path.join("memory", "prefetch.py"): "the worker hands the exception to the consumer, which re-raises it",
+    os.path.join("extract", "prefetch.py"): "the worker hands the exception to the consumer, which re-raises it",
 }
 
 

@@ -254,7 +254,7 @@ def _write_report(folder) -> None:
 def _write_chart(folder) -> None:
     from PIL import Image
 
-    from lora_extract.cli_validate import _save_chart_atomic
+    from lora_extract.cli.validate import _save_chart_atomic
 
     _save_chart_atomic(Image.new("RGB", (4, 4)), os.path.join(folder, "chart.png"))
 

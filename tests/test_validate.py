@@ -11,9 +11,9 @@ from comfy_keymap import apply_lora, unloaded_lora_keys
 from helpers import matrix_with_spectrum, optimal_rel_error
 
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
-from lora_extract.extract.lora_apply import index_lora, patched_weight
-from lora_extract.extract.validate import validate_lora
-from lora_extract.extract.validation_report import quality_band
+from lora_extract.validation.lora_apply import index_lora, patched_weight
+from lora_extract.validation.report import quality_band
+from lora_extract.validation.validate import validate_lora
 
 P = "diffusion_model."
 SHAPES = {
@@ -230,7 +230,7 @@ def test_nan_in_an_input_names_the_key_and_file(gen) -> None:
 
 
 def test_chart_spectrum_of_a_large_layer_is_the_leading_singular_values(gen) -> None:
-    from lora_extract.extract.validate import EXACT_SPECTRUM_SIDE, leading_singular_values
+    from lora_extract.validation.validate import EXACT_SPECTRUM_SIDE, leading_singular_values
 
     n = EXACT_SPECTRUM_SIDE + 64  # above the exact limit: the randomized path
     sigma = 0.7 ** torch.arange(40, dtype=torch.float64)

@@ -124,7 +124,7 @@ def test_cli_validate_report_chart_and_exit_codes(tmp_path, capsys) -> None:
 def test_validate_node_honours_interrupt_between_layers(setup, monkeypatch) -> None:
     _tmp, _base, _tuned, patcher, tuned_patcher = setup
     path = _extract(tuned_patcher, patcher)["result"][0]
-    import lora_extract.extract.validate as validate
+    import lora_extract.validation.validate as validate
 
     real, seen = validate.validate_layer, []
 

@@ -16,15 +16,15 @@ from collections.abc import Callable
 
 import torch
 
-from ..memory.prefetch import Prefetcher
-from .decompose import randomized_svd, singular_values
-from .errors import ExtractionInputError
-from .keys import diffusion_path
-from .layer import SPECTRUM_KEEP, layer_kind
+from ..extract.decompose import randomized_svd, singular_values
+from ..extract.errors import ExtractionInputError
+from ..extract.keys import diffusion_path
+from ..extract.layer import SPECTRUM_KEEP, layer_kind
+from ..extract.pairing import KeyPair, plan_pair
+from ..extract.prefetch import Prefetcher
+from ..extract.sources import WeightSource
 from .lora_apply import LoraIndex, PatchNotMerged, index_lora, patched_weight
-from .pairing import KeyPair, plan_pair
-from .sources import WeightSource
-from .validation_report import (
+from .report import (
     STATUS_COVERED,
     STATUS_NOT_MERGED,
     STATUS_SPURIOUS,

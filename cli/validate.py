@@ -15,10 +15,10 @@ import logging
 import os
 import sys
 
-from .cli_progress import progress_bar
-from .extract import ExtractionInputError, open_source
-from .extract.tempfiles import replaced_atomically, write_text_atomic
-from .extract.validate import validate_lora
+from ..extract import ExtractionInputError, open_source
+from ..extract.tempfiles import replaced_atomically, write_text_atomic
+from ..validation.validate import validate_lora
+from .progress import progress_bar
 
 log = logging.getLogger("lora_extract")
 
@@ -41,7 +41,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
     if a.report:
         write_text_atomic(a.report, report.to_json())
     if a.chart:
-        from .charts import validation_chart
+        from ..charts import validation_chart
 
         _save_chart_atomic(validation_chart(report), a.chart)
     print(report.format_text())

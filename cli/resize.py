@@ -11,8 +11,7 @@ import logging
 
 import torch
 
-from .cli_progress import progress_bar
-from .resize import (
+from ..resize import (
     DEFAULT_RECIPES,
     BaseModel,
     ResizeOptions,
@@ -20,6 +19,7 @@ from .resize import (
     parse_recipes,
     resize_lora,
 )
+from .progress import progress_bar
 
 DTYPES = {"16": "fp16", "32": "fp32", "bf16": "bf16"}
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ExtractionInputError
-from .keys import UP_DOWN_FORMATS
-from .sources import WeightSource
+from ..extract.errors import ExtractionInputError
+from ..extract.keys import UP_DOWN_FORMATS
+from ..extract.sources import WeightSource
 
 DIFFUSION_PREFIX = "diffusion_model."
 KOHYA_UNET_PREFIX = "lora_unet_"

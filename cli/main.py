@@ -13,10 +13,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from .cli_progress import progress_bar
-from .cli_resize import add_parser as add_resize_parser
-from .cli_validate import add_parser as add_validate_parser
-from .extract import (
+from ..extract import (
     ALGORITHMS,
     LORA_TYPES,
     OUTPUT_DTYPES,
@@ -25,8 +22,11 @@ from .extract import (
     extract_to_file,
     open_source,
 )
-from .extract.keys import KEY_STYLES
-from .extract.tempfiles import write_text_atomic
+from ..extract.keys import KEY_STYLES
+from ..extract.tempfiles import write_text_atomic
+from .progress import progress_bar
+from .resize import add_parser as add_resize_parser
+from .validate import add_parser as add_validate_parser
 
 log = logging.getLogger("lora_extract")
 
@@ -78,7 +78,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .extract.synthetic import demo_layers, write_pair
+    from ..extract.synthetic import demo_layers, write_pair
 
     folder = a.dir or tempfile.mkdtemp(prefix="lora-extract-demo-")
     base, tuned = write_pair(folder, demo_layers(), seed=0)
@@ -128,5 +128,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
