@@ -164,6 +164,12 @@ def cpu_workers(device: torch.device, batch_size: int, batched_svd: bool) -> int
     return max(1, min(batch_size, os.cpu_count() or 1))
 
 
+def no_autograd_in_this_thread() -> None:
+    """Thread-pool initializer: grad mode is per thread, and the host's ``inference_mode``
+    (ComfyUI) does not reach our threads; a ComfyUI weight would otherwise build autograd state."""
+    torch.set_grad_enabled(False)
+
+
 @contextmanager
 def _layer_parallel(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     """A thread pool for the layers, with torch limited to one intra-op thread meanwhile."""
@@ -173,7 +179,8 @@ def _layer_parallel(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="lora-extract-layer") as ex:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lora-extract-layer",
+                                initializer=no_autograd_in_this_thread) as ex:
             yield ex
     finally:
         torch.set_num_threads(before)
