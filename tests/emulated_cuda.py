@@ -83,6 +83,10 @@ class DeviceTensor(torch.Tensor):
         kwargs = kwargs or {}
         if func is torch.Tensor.tolist:          # a device-to-host copy, then the list
             return args[0].elem.tolist()
+        if func is torch._has_compatible_shallow_copy_type:
+            # Module.to(): a device tensor cannot be poured into a CPU parameter's ``.data``;
+            # a new Parameter wraps it instead (as for a real CUDA tensor).
+            return type(args[0]) is type(args[1])
         if func not in _CROSS_DEVICE_OK:
             _check_same_device(args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
@@ -129,7 +133,7 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def _is_cuda(device: Any) -> bool:
-    if device is None:
+    if device is None or isinstance(device, bool):
         return False
     if isinstance(device, int):
         return True             # .to(0) / .cuda(0)
@@ -245,6 +249,8 @@ class _Router:
         kwargs.pop("non_blocking", None)
         memory_format = kwargs.pop("memory_format", None)
         for a in args:
+            if a is None or isinstance(a, bool):   # .to(device, dtype, non_blocking, copy)
+                continue
             if isinstance(a, torch.Tensor):        # .to(other): its device and dtype
                 device = a.device
                 dtype = a.dtype
@@ -252,8 +258,6 @@ class _Router:
                 dtype = a
             elif _is_device_arg(a) or isinstance(a, int):
                 device = a
-            elif isinstance(a, bool):              # .to(dtype, non_blocking, copy)
-                continue
         fmt = {} if memory_format is None else {"memory_format": memory_format}
         here = isinstance(t, DeviceTensor)
         want_device = _is_cuda(device) if device is not None else here
