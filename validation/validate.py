@@ -21,6 +21,7 @@ from ..extract.errors import ExtractionInputError
 from ..extract.keys import diffusion_path
 from ..extract.layer import SPECTRUM_KEEP, layer_kind
 from ..extract.pairing import KeyPair, plan_pair
+from ..extract.devices import checked_device
 from ..extract.prefetch import Prefetcher
 from ..extract.sources import WeightSource
 from .lora_apply import LoraIndex, PatchNotMerged, index_lora, patched_weight
@@ -146,6 +147,7 @@ def validate_lora(base: WeightSource, tuned: WeightSource, lora: WeightSource, *
     The next ``prefetch`` layer pairs are read in a background thread while one is compared.
     """
     t0 = time.perf_counter()
+    checked_device(device)
     lora_keys = lora.keys()
     if not lora_keys:
         raise ExtractionInputError(f"{lora.name}: the LoRA file has no tensors. Check the file.")
