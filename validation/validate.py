@@ -17,11 +17,11 @@ from collections.abc import Callable
 import torch
 
 from ..extract.decompose import randomized_svd, singular_values
+from ..extract.devices import checked_device
 from ..extract.errors import ExtractionInputError
 from ..extract.keys import diffusion_path
 from ..extract.layer import SPECTRUM_KEEP, layer_kind
 from ..extract.pairing import KeyPair, plan_pair
-from ..extract.devices import checked_device
 from ..extract.prefetch import Prefetcher
 from ..extract.sources import WeightSource
 from .lora_apply import LoraIndex, PatchNotMerged, index_lora, patched_weight
