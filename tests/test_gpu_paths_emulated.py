@@ -75,6 +75,21 @@ def test_v1_on_the_device_matches_the_cpu(emulated_gpu, pair, algorithm, lora_ty
             assert a.rel_error == pytest.approx(b.rel_error, abs=1e-4)
 
 
+def test_randomized_svd_on_the_device(emulated_gpu) -> None:
+    """Layers wide enough for the randomized path (the sketch is drawn on the CPU and moved)."""
+    import lora_extract.extract.layer as layer
+
+    base, tuned = make_pair(demo_layers(96), seed=2)
+    cfg = dict(rank=4, algorithm="svd_lowrank", output_dtype="fp32")
+    assert not layer.svd_plan(96, 96, ExtractConfig(**cfg), 4)[0]      # randomized, not exact
+    ref = extract_lora(StateDictSource(base), StateDictSource(tuned), ExtractConfig(**cfg))
+    dev = ExtractConfig(**cfg, device="cuda")
+    _close(extract_lora(StateDictSource(base), StateDictSource(tuned), dev).tensors, ref.tensors)
+    out = extract_lora_v2(StateDictSource(base), StateDictSource(tuned), dev,
+                          MemoryOptions(mode="aggressive"), cache=ResidentCache())
+    _close(out.result.tensors, ref.tensors)
+
+
 @pytest.mark.parametrize("kind", ["dict", "file", "model"])
 @pytest.mark.parametrize("ahead", [0, 2])
 @pytest.mark.parametrize("mode", list(MODES))
