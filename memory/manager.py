@@ -164,9 +164,17 @@ def cpu_workers(device: torch.device, batch_size: int, batched_svd: bool) -> int
     return max(1, min(batch_size, os.cpu_count() or 1))
 
 
-def no_autograd_in_this_thread() -> None:
-    """Thread-pool initializer: grad mode is per thread, and the host's ``inference_mode``
-    (ComfyUI) does not reach our threads; a ComfyUI weight would otherwise build autograd state."""
+def init_layer_worker() -> None:
+    """Thread-pool initializer, run in each layer worker thread itself.
+
+    One intra-op thread, set here: torch keeps MKL's thread count per thread
+    (``mkl_set_num_threads_local``), so the main thread's ``set_num_threads(1)`` does not reach a
+    new thread until its first ATen-parallel operation; until then its BLAS/LAPACK calls run on
+    every core, and which layer a worker happened to take first decided its bytes (V2 files
+    differed from run to run). No autograd: grad mode is per thread too, and the host's
+    ``inference_mode`` (ComfyUI) does not reach our threads.
+    """
+    torch.set_num_threads(1)
     torch.set_grad_enabled(False)
 
 
@@ -180,7 +188,7 @@ def _layer_parallel(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="lora-extract-layer",
-                                initializer=no_autograd_in_this_thread) as ex:
+                                initializer=init_layer_worker) as ex:
             yield ex
     finally:
         torch.set_num_threads(before)
