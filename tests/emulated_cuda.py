@@ -13,7 +13,7 @@ Inside ``emulated_cuda()`` (or the ``emulated_cuda`` pytest fixture in conftest.
   ``.numpy()`` of a device tensor fails as on CUDA;
 - ``pin_memory()`` / ``pin_memory=True`` work on a CPU-only torch (the tensor is remembered as
   pinned: ``is_pinned()`` answers True);
-- ``torch.cuda`` answers as a one-GPU machine: ``is_available``, ``device_count``,
+- ``torch.cuda`` answers as a one-GPU machine (``emulated_cuda_api.py``): ``is_available``, ``device_count``,
   ``mem_get_info`` (settable), ``memory_allocated`` / ``memory_reserved``, ``empty_cache``
   (counted), ``synchronize``, ``Stream`` / ``stream`` / ``current_stream``, ``Event`` and
   ``Tensor.record_stream``. Streams and events run everything synchronously (the CPU is done
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from emulated_cuda_api import fake_cuda_functions
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
@@ -270,103 +271,6 @@ class _Router:
         return _ORIG["to"](t, dtype=dtype or t.dtype, copy=copy, **fmt)
 
 
-class _FakeStream:
-    def __init__(self, device: Any = None, priority: int = 0) -> None:
-        self.device = CUDA0
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def wait_stream(self, stream: Any) -> None:
-        pass
-
-    def record_event(self, event: Any = None) -> Any:
-        event = event or _FakeEvent()
-        event.record(self)
-        return event
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
-class _FakeEvent:
-    def __init__(self, enable_timing: bool = False, blocking: bool = False,
-                 interprocess: bool = False) -> None:
-        self.recorded = False
-
-    def record(self, stream: Any = None) -> None:
-        self.recorded = True
-
-    def synchronize(self) -> None:
-        pass
-
-    def wait(self, stream: Any = None) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, other: Any) -> float:
-        return 0.0
-
-
-_DEFAULT_STREAM = _FakeStream()
-_current = threading.local()
-
-
-@contextlib.contextmanager
-def _stream_ctx(stream: Any) -> Iterator[None]:
-    before = getattr(_current, "stream", _DEFAULT_STREAM)
-    _current.stream = stream or before
-    try:
-        yield
-    finally:
-        _current.stream = before
-
-
-def _fake_cuda_functions(state: EmulatedCuda) -> dict[str, Any]:
-    def empty_cache() -> None:
-        state.empty_cache_calls += 1
-
-    def synchronize(device: Any = None) -> None:
-        state.synchronize_calls += 1
-
-    props = type("Props", (), {"total_memory": state.total_bytes, "name": "Emulated GPU",
-                               "major": 9, "minor": 0, "multi_processor_count": 132})
-    return {
-        "is_available": lambda: True,
-        "device_count": lambda: 1,
-        "current_device": lambda: 0,
-        "set_device": lambda device: None,
-        "get_device_name": lambda device=None: "Emulated GPU",
-        "get_device_properties": lambda device=None: props,
-        "get_device_capability": lambda device=None: (9, 0),
-        "is_bf16_supported": lambda *a, **k: True,
-        "mem_get_info": lambda device=None: (state.free_bytes, state.total_bytes),
-        "memory_allocated": lambda device=None: state.allocated_bytes,
-        "max_memory_allocated": lambda device=None: state.allocated_bytes,
-        "memory_reserved": lambda device=None: state.allocated_bytes,
-        "max_memory_reserved": lambda device=None: state.allocated_bytes,
-        "reset_peak_memory_stats": lambda device=None: None,
-        "memory_stats": lambda device=None: {"allocated_bytes.all.current": state.allocated_bytes,
-                                             "active_bytes.all.current": state.allocated_bytes,
-                                             "reserved_bytes.all.current": state.allocated_bytes},
-        "ipc_collect": lambda: None,
-        "empty_cache": empty_cache,
-        "synchronize": synchronize,
-        "Stream": _FakeStream,
-        "Event": _FakeEvent,
-        "stream": _stream_ctx,
-        "current_stream": lambda device=None: getattr(_current, "stream", _DEFAULT_STREAM),
-        "default_stream": lambda device=None: _DEFAULT_STREAM,
-        "is_initialized": lambda: True,
-        "init": lambda: None,
-    }
-
-
 _install_lock = threading.Lock()
 
 
@@ -382,7 +286,7 @@ def emulated_cuda(state: EmulatedCuda | None = None) -> Iterator[EmulatedCuda]:
     """Run the block as on a one-GPU machine, in every thread; see the module docstring."""
     state = state or EmulatedCuda()
     router = _Router(state)
-    fakes = _fake_cuda_functions(state)
+    fakes = fake_cuda_functions(state)
     with _install_lock:
         saved_cuda = {n: getattr(torch.cuda, n) for n in fakes if hasattr(torch.cuda, n)}
         for n, fn in fakes.items():
