@@ -102,7 +102,10 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
         stored = _cast_checked(diff, cfg, pair.tuned_key)
         tensors[target] = stored
         entry.status = STATUS_DIFF
-        entry.rel_error = float(torch.linalg.vector_norm(stored.float() - diff)) / fro
+        # ``stored`` is on the CPU (the output file's tensors are), ``diff`` on the compute
+        # device: compare them where the difference is.
+        entry.rel_error = float(torch.linalg.vector_norm(
+            stored.to(device=diff.device, dtype=torch.float32) - diff)) / fro
         if plan.on_nonleaf_module(pair.path):
             entry.reason = NONLEAF_NOTE
     entry.seconds = time.perf_counter() - t0

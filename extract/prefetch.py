@@ -5,6 +5,10 @@ flight, so memory stays bounded by ``depth`` loaded items. torch and file reads 
 GIL, so the overlap is real on CPU too. Errors raised by ``load`` are re-raised in the consumer
 at the item that caused them; closing the iterator (normally, on error or on interrupt) stops
 and joins the worker, so no thread outlives the run.
+
+Loads run without autograd: ComfyUI's parameters have ``requires_grad=True``, and the
+``torch.inference_mode`` ComfyUI runs nodes under covers only the thread that entered it, so a
+read in this thread would otherwise build autograd state for every weight.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
+
+import torch
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -31,12 +37,16 @@ class Prefetcher(Generic[K, V]):
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, self._depth))
         self._thread: threading.Thread | None = None
 
+    def _load_no_grad(self, item: K) -> V:
+        with torch.no_grad():
+            return self._load(item)
+
     def _worker(self) -> None:
         for item in self._items:
             if self._stop.is_set():
                 break
             try:
-                value: object = ("ok", item, self._load(item))
+                value: object = ("ok", item, self._load_no_grad(item))
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
                 value = ("error", item, e)
             while not self._stop.is_set():
@@ -57,7 +67,7 @@ class Prefetcher(Generic[K, V]):
     def __iter__(self) -> Iterator[tuple[K, V]]:
         if self._depth == 0:
             for item in self._items:
-                yield item, self._load(item)
+                yield item, self._load_no_grad(item)
             return
         self._thread = threading.Thread(target=self._worker, name="lora-extract-prefetch",
                                         daemon=True)

@@ -164,6 +164,20 @@ def cpu_workers(device: torch.device, batch_size: int, batched_svd: bool) -> int
     return max(1, min(batch_size, os.cpu_count() or 1))
 
 
+def init_layer_worker() -> None:
+    """Thread-pool initializer, run in each layer worker thread itself.
+
+    One intra-op thread, set here: torch keeps MKL's thread count per thread
+    (``mkl_set_num_threads_local``), so the main thread's ``set_num_threads(1)`` does not reach a
+    new thread until its first ATen-parallel operation; until then its BLAS/LAPACK calls run on
+    every core, and which layer a worker happened to take first decided its bytes (V2 files
+    differed from run to run). No autograd: grad mode is per thread too, and the host's
+    ``inference_mode`` (ComfyUI) does not reach our threads.
+    """
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+
+
 @contextmanager
 def _layer_parallel(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     """A thread pool for the layers, with torch limited to one intra-op thread meanwhile."""
@@ -173,7 +187,8 @@ def _layer_parallel(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="lora-extract-layer") as ex:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lora-extract-layer",
+                                initializer=init_layer_worker) as ex:
             yield ex
     finally:
         torch.set_num_threads(before)

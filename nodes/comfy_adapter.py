@@ -193,6 +193,12 @@ class ComfyModelSource:
 
     def get(self, key: str, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = None) -> torch.Tensor:
+        # Without autograd: ComfyUI's parameters require grad, and the inference_mode it runs
+        # nodes under does not reach the threads that read weights ahead.
+        with torch.no_grad():
+            return self._get(key, device, dtype)
+
+    def _get(self, key: str, device: str | torch.device, dtype: torch.dtype | None) -> torch.Tensor:
         import comfy.lora
 
         weight, convert_func = _stored_weight(self.patcher, key)

@@ -47,3 +47,27 @@ def fresh_comfy_stub():
     yield
     mm._reset()
     comfy.utils._reset()
+
+
+@pytest.fixture
+def emulated_gpu():
+    """A one-GPU machine emulated on the CPU (tests/emulated_cuda.py): tensors moved to "cuda"
+    are marked, mixing them with CPU tensors raises CUDA's error, torch.cuda is faked."""
+    from emulated_cuda import emulated_cuda
+
+    with emulated_cuda() as state:
+        yield state
+
+
+@pytest.fixture
+def comfy_on_gpu(emulated_gpu, comfy_dirs):
+    """The ComfyUI stub with a CUDA compute device (on the emulated GPU), reset afterwards."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    mm._reset()
+    comfy.utils._reset()
+    mm._set_compute_device("cuda")
+    yield emulated_gpu
+    mm._reset()
+    comfy.utils._reset()

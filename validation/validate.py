@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..extract.decompose import randomized_svd, singular_values
+from ..extract.devices import checked_device
 from ..extract.errors import ExtractionInputError
 from ..extract.keys import diffusion_path
 from ..extract.layer import SPECTRUM_KEEP, layer_kind
@@ -146,6 +147,7 @@ def validate_lora(base: WeightSource, tuned: WeightSource, lora: WeightSource, *
     The next ``prefetch`` layer pairs are read in a background thread while one is compared.
     """
     t0 = time.perf_counter()
+    checked_device(device)
     lora_keys = lora.keys()
     if not lora_keys:
         raise ExtractionInputError(f"{lora.name}: the LoRA file has no tensors. Check the file.")

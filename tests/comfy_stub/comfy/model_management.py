@@ -1,12 +1,17 @@
-"""Stub of ``comfy.model_management`` on a CPU-only machine.
+"""Stub of ``comfy.model_management``.
 
-Every device function answers CPU. Memory figures are configurable numbers instead of psutil /
-CUDA queries. Model loading keeps ComfyUI's bookkeeping (``current_loaded_models``, clones of
+Two compute-device modes. CPU (the default): every device function answers CPU, as real ComfyUI
+with ``--cpu``. CUDA (``_set_compute_device("cuda")``, used with the emulated accelerator of
+``tests/emulated_cuda.py``): ``get_torch_device`` is ``cuda:0``, models rest on the CPU (the
+real NORMAL_VRAM state), CUDA memory is read from ``torch.cuda`` exactly as the real code reads
+it, and ``load_models_gpu`` loads a model partly (lowvram) when its weights do not fit, with the
+real formula. CPU memory figures are configurable numbers instead of psutil queries. Model loading keeps ComfyUI's bookkeeping (``current_loaded_models``, clones of
 one module unloading each other, weights patched on load), so a node that calls
 ``load_models_gpu([patcher])`` and then reads ``patcher.model_state_dict()`` sees patched weights
 exactly as in ComfyUI.
 
-Stub-only additions (leading underscore): ``_set_free_memory``, ``_set_total_memory``, the call
+Stub-only additions (leading underscore): ``_set_compute_device``, ``_set_free_memory``,
+``_set_total_memory`` (CPU figures; the CUDA ones come from ``torch.cuda``), the call
 records ``_free_memory_calls``, ``_load_models_gpu_calls``, ``_soft_empty_cache_calls``, and
 ``_reset()``.
 """
@@ -30,6 +35,9 @@ _total_memory_bytes: int = 32 * _GIB
 _free_memory_calls: list[tuple[float, torch.device]] = []
 _load_models_gpu_calls: list[dict[str, Any]] = []
 _soft_empty_cache_calls: int = 0
+
+# Real: 0.4, or 0.0 on NVIDIA (``is_nvidia()``); the emulated device stands for an NVIDIA GPU.
+MIN_WEIGHT_MEMORY_RATIO = 0.0
 
 
 # --- interrupt ---------------------------------------------------------------------------------
@@ -72,21 +80,37 @@ def throw_exception_if_processing_interrupted() -> None:
 # --- devices -----------------------------------------------------------------------------------
 
 _CPU = torch.device("cpu")
+_compute: torch.device = _CPU
+
+
+def _set_compute_device(device: str | torch.device) -> None:
+    """Stub-only: "cpu" (as ``--cpu``) or "cuda" (a GPU in the real NORMAL_VRAM state)."""
+    global _compute
+    dev = torch.device(device)
+    # The real one builds it from torch.cuda.current_device(): an index is always there.
+    _compute = _CPU if dev.type == "cpu" else torch.device(dev.type, dev.index or 0)
 
 
 def get_torch_device() -> torch.device:
-    """The compute device (CPU in the stub)."""
-    return _CPU
+    """The compute device: CPU, or ``cuda:<current_device>`` in CUDA mode."""
+    return _compute
 
 
 def unet_offload_device() -> torch.device:
-    """Where diffusion models rest when not in use."""
+    """Where diffusion models rest when not in use (the CPU unless HIGH_VRAM)."""
     return _CPU
 
 
 def unet_inital_load_device(parameters: int, dtype: torch.dtype) -> torch.device:
     """Where a freshly loaded diffusion model is put (the real name has this typo)."""
-    del parameters, dtype
+    """The real NORMAL_VRAM rule: the device if it has more free memory than the CPU and the
+    model fits, else the CPU."""
+    if _compute.type == "cpu":
+        return _CPU
+    model_size = dtype_size(dtype) * parameters
+    mem_dev = get_free_memory(_compute)
+    if mem_dev > get_free_memory(_CPU) and model_size < mem_dev:
+        return _compute
     return _CPU
 
 
@@ -136,8 +160,8 @@ def is_device_mps(device: Any) -> bool:
 
 
 def cpu_mode() -> bool:
-    """Whether ComfyUI runs in CPU mode (always, in the stub)."""
-    return True
+    """Whether ComfyUI runs in CPU mode (``--cpu``; the stub's CPU mode)."""
+    return _compute.type == "cpu"
 
 
 def device_supports_non_blocking(device: Any) -> bool:
@@ -195,31 +219,55 @@ def minimum_inference_memory() -> float:
     return _GIB * 0.8 + extra_reserved_memory()
 
 
+def _is_cpu_like(dev: Any) -> bool:
+    return hasattr(dev, "type") and dev.type in ("cpu", "mps")
+
+
 def get_total_memory(dev: Any = None, torch_total_too: bool = False) -> int | tuple[int, int]:
-    """Total memory of ``dev`` (a configurable number in the stub)."""
-    del dev
+    """Total memory of ``dev``: CPU a configurable number; CUDA from ``torch.cuda`` as the real one."""
+    if dev is None:
+        dev = get_torch_device()
+    if _is_cpu_like(dev):
+        mem_total = mem_total_torch = _total_memory_bytes
+    else:
+        stats = torch.cuda.memory_stats(dev)
+        mem_total_torch = stats["reserved_bytes.all.current"]
+        _, mem_total = torch.cuda.mem_get_info(dev)
     if torch_total_too:
-        return (_total_memory_bytes, _total_memory_bytes)
-    return _total_memory_bytes
+        return (mem_total, mem_total_torch)
+    return mem_total
 
 
 def get_free_memory(dev: Any = None, torch_free_too: bool = False) -> int | tuple[int, int]:
-    """Free memory of ``dev`` (configurable with ``_set_free_memory``).
+    """Free memory of ``dev``: CPU configurable (``_set_free_memory``); CUDA as the real one
+    reads it: the driver's free memory plus what torch's cache holds unused.
 
-    With ``torch_free_too`` the real one returns ``(free_total, free_inside_torch_cache)``; the
-    stub reports no cached memory.
+    With ``torch_free_too`` the real one returns ``(free_total, free_inside_torch_cache)``.
     """
-    del dev
+    if dev is None:
+        dev = get_torch_device()
+    if _is_cpu_like(dev):
+        mem_free_total = mem_free_torch = _free_memory_bytes
+    else:
+        stats = torch.cuda.memory_stats(dev)
+        mem_active = stats["active_bytes.all.current"]
+        mem_reserved = stats["reserved_bytes.all.current"]
+        mem_free_cuda, _ = torch.cuda.mem_get_info(dev)
+        mem_free_torch = mem_reserved - mem_active
+        mem_free_total = mem_free_cuda + mem_free_torch
     if torch_free_too:
-        return (_free_memory_bytes, 0)
-    return _free_memory_bytes
+        return (mem_free_total, mem_free_torch)
+    return mem_free_total
 
 
 def soft_empty_cache(force: bool = False) -> None:
-    """Release cached accelerator memory (counted, otherwise a no-op on CPU)."""
+    """Release cached accelerator memory (counted); on CUDA the real calls to ``torch.cuda``."""
     del force
     global _soft_empty_cache_calls
     _soft_empty_cache_calls += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
 
 
 class LoadedModel:
@@ -241,7 +289,8 @@ class LoadedModel:
         return self.model.loaded_size()
 
     def model_load(self, lowvram_model_memory: float = 0, force_patch_weights: bool = False) -> torch.nn.Module:
-        """Patch and load the model's weights (a full load: the stub has no low-VRAM mode)."""
+        """Patch and load the model's weights; partly (lowvram) when ``lowvram_model_memory``
+        is smaller than the model."""
         extra = lowvram_model_memory if lowvram_model_memory != 0 else 1e32
         self.model.partially_load(self.device, extra, force_patch_weights=force_patch_weights)
         self.real_model = self.model.model
@@ -310,7 +359,12 @@ def load_models_gpu(
             "force_full_load": force_full_load,
         }
     )
-    extra_mem = max(minimum_inference_memory(), memory_required + extra_reserved_memory())
+    inference_memory = minimum_inference_memory()
+    extra_mem = max(inference_memory, memory_required + extra_reserved_memory())
+    if minimum_memory_required is None:
+        minimum_memory_required = extra_mem
+    else:
+        minimum_memory_required = max(inference_memory, minimum_memory_required + extra_reserved_memory())
 
     wanted: list[Any] = []
     for m in models:
@@ -339,9 +393,22 @@ def load_models_gpu(
     for device, amount in required.items():
         if not is_device_cpu(device):
             free_memory(amount * 1.1 + extra_mem, device)
+    for device in required:
+        if not is_device_cpu(device) and get_free_memory(device) < minimum_memory_required:
+            free_memory(minimum_memory_required, device)
 
     for entry in to_load:
-        entry.model_load(0, force_patch_weights=force_patch_weights)
+        torch_dev = entry.model.load_device
+        lowvram_model_memory: float = 0
+        if not is_device_cpu(torch_dev) and not force_full_load:
+            # The real NORMAL_VRAM rule: what does not fit stays on the CPU (lowvram).
+            loaded_memory = entry.model_loaded_memory()
+            current_free_mem = get_free_memory(torch_dev) + loaded_memory
+            lowvram_model_memory = max(128 * 1024 * 1024, (current_free_mem - minimum_memory_required),
+                                       min(current_free_mem * MIN_WEIGHT_MEMORY_RATIO,
+                                           current_free_mem - minimum_inference_memory()))
+            lowvram_model_memory = max(0.1, lowvram_model_memory - loaded_memory)
+        entry.model_load(lowvram_model_memory, force_patch_weights=force_patch_weights)
         current_loaded_models.insert(0, entry)
 
 
@@ -384,8 +451,9 @@ def _set_total_memory(num_bytes: int) -> None:
 
 
 def _reset() -> None:
-    """Stub-only: unload (unpatch) every model, clear the flag, records and memory settings."""
-    global _soft_empty_cache_calls, interrupt_processing
+    """Stub-only: unload (unpatch) every model, clear the flag, records and memory settings;
+    back to CPU mode."""
+    global _soft_empty_cache_calls, interrupt_processing, _compute
     for entry in list(current_loaded_models):
         entry.model_unload()
     current_loaded_models.clear()
@@ -395,3 +463,4 @@ def _reset() -> None:
     _soft_empty_cache_calls = 0
     _set_free_memory(16 * _GIB)
     _set_total_memory(32 * _GIB)
+    _compute = _CPU

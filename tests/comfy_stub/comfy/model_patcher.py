@@ -2,8 +2,11 @@
 
 Wrap a module that holds the network as ``.diffusion_model`` (as ComfyUI's ``BaseModel``
 does), so state dict keys start with ``diffusion_model.``. Patch storage, cloning, key patches,
-and patching weights on load follow ComfyUI 0.3.64; hooks, injections, callbacks, wrappers and
-the low-VRAM path are left out (every load is a full load).
+and patching weights on load follow ComfyUI 0.3.64, including a partial (lowvram) load: modules
+that have ``comfy_cast_weights`` (ComfyUI's ``comfy.ops`` layers) and do not fit in the memory
+given stay on the offload device, unpatched, with a ``LowVramPatch`` in ``weight_function`` that
+applies the patches when the layer runs; the rest are patched and moved to the device. Hooks,
+injections, callbacks and ``partially_unload`` are left out.
 """
 
 from __future__ import annotations
@@ -34,6 +37,56 @@ def string_to_seed(data: str | bytes) -> int:
         for _ in range(8):
             crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
     return crc ^ 0xFFFFFFFF
+
+
+def wipe_lowvram_weight(m: torch.nn.Module) -> None:
+    """Undo a module's lowvram state (as the real one)."""
+    if hasattr(m, "prev_comfy_cast_weights"):
+        m.comfy_cast_weights = m.prev_comfy_cast_weights
+        del m.prev_comfy_cast_weights
+    if hasattr(m, "weight_function"):
+        m.weight_function = []
+    if hasattr(m, "bias_function"):
+        m.bias_function = []
+
+
+def move_weight_functions(m: torch.nn.Module, device: torch.device | None) -> int:
+    """Move the weight functions' own tensors (none here: LowVramPatch has no ``move_to``)."""
+    if device is None:
+        return 0
+    memory = 0
+    for f in getattr(m, "weight_function", []) + getattr(m, "bias_function", []):
+        if hasattr(f, "move_to"):
+            memory += f.move_to(device=device)
+    return memory
+
+
+class LowVramPatch:
+    """Applies a key's patches to the weight when a lowvram layer casts it (as the real one)."""
+
+    def __init__(self, key: str, patches: dict, convert_func: Callable | None = None,
+                 set_func: Callable | None = None) -> None:
+        self.key = key
+        self.patches = patches
+        self.convert_func = convert_func
+        self.set_func = set_func
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        intermediate_dtype = weight.dtype
+        if self.convert_func is not None:
+            weight = self.convert_func(weight.to(dtype=torch.float32, copy=True), inplace=True)
+        if intermediate_dtype not in [torch.float32, torch.float16, torch.bfloat16]:
+            intermediate_dtype = torch.float32
+            out = comfy.lora.calculate_weight(self.patches[self.key], weight.to(intermediate_dtype),
+                                              self.key, intermediate_dtype=intermediate_dtype)
+            if self.set_func is None:
+                return comfy.float.stochastic_rounding(out, weight.dtype, seed=string_to_seed(self.key))
+            return self.set_func(out, seed=string_to_seed(self.key), return_weight=True)
+        out = comfy.lora.calculate_weight(self.patches[self.key], weight, self.key,
+                                          intermediate_dtype=intermediate_dtype)
+        if self.set_func is not None:
+            return self.set_func(out, seed=string_to_seed(self.key), return_weight=True).to(dtype=intermediate_dtype)
+        return out
 
 
 def get_key_weight(model: torch.nn.Module, key: str) -> tuple[torch.Tensor, Callable | None, Callable | None]:
@@ -282,25 +335,76 @@ class ModelPatcher:
 
     def load(self, device_to: torch.device | None = None, lowvram_model_memory: float = 0,
              force_patch_weights: bool = False, full_load: bool = False) -> None:
-        """Patch every loadable module's parameters and move it to ``device_to`` (full load only)."""
+        """Patch and move modules to ``device_to`` while they fit in ``lowvram_model_memory``
+        (everything with ``full_load``); the others stay put with a ``LowVramPatch``."""
+        mem_counter = 0
+        patch_counter = 0
+        lowvram_counter = 0
         loading = sorted(self._load_list(), key=lambda x: (x[0], x[1]), reverse=True)
-        mem = 0
-        for size, name, module, params in loading:
-            mem += size
-            if getattr(module, "comfy_patched_weights", False) is True:
+        load_completely = []
+        for module_mem, n, m, params in loading:
+            lowvram_weight = False
+            weight_key = f"{n}.weight"
+            bias_key = f"{n}.bias"
+            if not full_load and hasattr(m, "comfy_cast_weights"):
+                if mem_counter + module_mem >= lowvram_model_memory:
+                    lowvram_weight = True
+                    lowvram_counter += 1
+                    if hasattr(m, "prev_comfy_cast_weights"):  # already lowvramed
+                        continue
+            cast_weight = self.force_cast_weights
+            if lowvram_weight:
+                if hasattr(m, "comfy_cast_weights"):
+                    m.weight_function = []
+                    m.bias_function = []
+                for key, attr in ((weight_key, "weight_function"), (bias_key, "bias_function")):
+                    if key in self.patches:
+                        if force_patch_weights:
+                            self.patch_weight_to_device(key)
+                        else:
+                            _, set_func, convert_func = get_key_weight(self.model, key)
+                            setattr(m, attr, [LowVramPatch(key, self.patches, convert_func, set_func)])
+                            patch_counter += 1
+                cast_weight = True
+            else:
+                if hasattr(m, "comfy_cast_weights"):
+                    wipe_lowvram_weight(m)
+                if full_load or mem_counter + module_mem < lowvram_model_memory:
+                    mem_counter += module_mem
+                    load_completely.append((module_mem, n, m, params))
+            if cast_weight and hasattr(m, "comfy_cast_weights"):
+                m.prev_comfy_cast_weights = m.comfy_cast_weights
+                m.comfy_cast_weights = True
+            if weight_key in self.weight_wrapper_patches:
+                m.weight_function.extend(self.weight_wrapper_patches[weight_key])
+            if bias_key in self.weight_wrapper_patches:
+                m.bias_function.extend(self.weight_wrapper_patches[bias_key])
+            mem_counter += move_weight_functions(m, device_to)
+
+        load_completely.sort(key=lambda x: (x[0], x[1]), reverse=True)
+        for _, n, m, params in load_completely:
+            if getattr(m, "comfy_patched_weights", False) is True:
                 continue
             for param in params:
-                self.patch_weight_to_device(f"{name}.{param}", device_to=device_to)
-            module.comfy_patched_weights = True
-        for _, _, module, _ in loading:
-            module.to(device_to)
-        logging.info(f"loaded completely {lowvram_model_memory / (1024 * 1024)} {mem / (1024 * 1024)} {full_load}")
-        self.model.model_lowvram = False
-        if full_load:
-            self.model.to(device_to)
-            mem = self.model_size()
+                self.patch_weight_to_device(f"{n}.{param}", device_to=device_to)
+            m.comfy_patched_weights = True
+        for _, _, m, _ in load_completely:
+            m.to(device_to)
+
+        if lowvram_counter > 0:
+            logging.info(f"loaded partially {lowvram_model_memory / (1024 * 1024)} "
+                         f"{mem_counter / (1024 * 1024)} {patch_counter}")
+            self.model.model_lowvram = True
+        else:
+            logging.info(f"loaded completely {lowvram_model_memory / (1024 * 1024)} "
+                         f"{mem_counter / (1024 * 1024)} {full_load}")
+            self.model.model_lowvram = False
+            if full_load:
+                self.model.to(device_to)
+                mem_counter = self.model_size()
+        self.model.lowvram_patch_counter += patch_counter
         self.model.device = device_to
-        self.model.model_loaded_weight_memory = mem
+        self.model.model_loaded_weight_memory = mem_counter
         self.model.current_weight_patches_uuid = self.patches_uuid
 
     def patch_model(self, device_to: torch.device | None = None, lowvram_model_memory: float = 0,
@@ -339,6 +443,12 @@ class ModelPatcher:
     def unpatch_model(self, device_to: torch.device | None = None, unpatch_weights: bool = True) -> None:
         """Restore backed-up weights (if ``unpatch_weights``) and object patches."""
         if unpatch_weights:
+            if self.model.model_lowvram:
+                for m in self.model.modules():
+                    move_weight_functions(m, device_to)
+                    wipe_lowvram_weight(m)
+                self.model.model_lowvram = False
+                self.model.lowvram_patch_counter = 0
             for k, entry in list(self.backup.items()):
                 if entry.inplace_update:
                     comfy.utils.copy_to_param(self.model, k, entry.weight)
