@@ -5,12 +5,9 @@ from __future__ import annotations
 import time
 
 from .budget_run import (
+    BudgetPass,
     InterruptFn,
     ProgressFn,
-    allocate_ranks,
-    chosen_point,
-    collect_spectra,
-    finisher,
     needs_svd,
     new_report,
 )
@@ -34,13 +31,10 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
     report = new_report(cfg, plan)
     total = len(plan.common)
     fallback = OomFallback(cfg.device)
-    spectra = collect_spectra(base, tuned, cfg, plan, fallback,
-                              lambda path: _layer_generator(cfg, path), progress=progress,
-                              check_interrupt=check_interrupt, prefetch=prefetch,
-                              total_steps=2 * total)
-    curve = spectra.curve()
-    rank_plan, ranks = allocate_ranks(cfg, spectra)
-    finish = finisher(cfg, spectra, ranks)
+    budget = BudgetPass(base, tuned, cfg, plan, lambda path: _layer_generator(cfg, path),
+                        fallback=fallback, progress=progress, check_interrupt=check_interrupt,
+                        prefetch=prefetch)
+    progress = budget.second_pass_progress(progress)
     tensors = {}
 
     def load(pair: KeyPair):
@@ -53,10 +47,10 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
         def work(dev: str) -> LayerReport:
             d, f = (diff, fro) if dev == loaded_on else load_difference(
                 base, tuned, pair.tuned_key, pair.base_key, dev)
-            ex = finish(pair.tuned_key, d, f) if needs_svd(pair, f, cfg, plan) else None
+            ex = budget.finish(pair.tuned_key, d, f) if needs_svd(pair, f, cfg, plan) else None
             return process_pair(pair, d, f, cfg, plan, tensors, extraction=ex)
         entry = fallback.call(pair.tuned_key, work, loaded_on)
-        spectra.release(pair.tuned_key)
+        budget.spectra.release(pair.tuned_key)
         return entry
 
     for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
@@ -65,12 +59,10 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
         report.add(process(pair, diff, fro))
         del diff
         if progress is not None:
-            progress(total + i + 1, 2 * total, pair.tuned_key)
+            progress(i + 1, total, pair.tuned_key)
     if check_interrupt is not None:
         check_interrupt()
     report.notes.extend(fallback.notes())
-    report.budget = rank_plan.outcome
-    curve.chosen = chosen_point(rank_plan)
-    report.size_curve = curve
+    budget.annotate(report)
     report.seconds = time.perf_counter() - t0
     return finish_result(cfg, report, tensors)

@@ -141,6 +141,37 @@ def allocate_ranks(cfg: ExtractConfig, spectra: Spectra) -> tuple[RankPlan, dict
     return plan, ranks
 
 
+class BudgetPass:
+    """Pass 1 and the allocation of a budgeted run; then ``finish`` serves pass 2 layer by layer.
+
+    Shared by the V1 pipeline and the V2 manager (which runs pass 2 through its own streamer).
+    """
+
+    def __init__(self, base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
+                 plan: PairPlan, generator_for: Callable[[str], torch.Generator], *,
+                 fallback: OomFallback, progress: ProgressFn | None,
+                 check_interrupt: InterruptFn | None, prefetch: int) -> None:
+        self.total = len(plan.common)
+        self.spectra = collect_spectra(base, tuned, cfg, plan, fallback, generator_for,
+                                       progress=progress, check_interrupt=check_interrupt,
+                                       prefetch=prefetch, total_steps=2 * self.total)
+        self.curve = self.spectra.curve()
+        self.rank_plan, self.ranks = allocate_ranks(cfg, self.spectra)
+        self.finish = finisher(cfg, self.spectra, self.ranks)
+
+    def second_pass_progress(self, progress: ProgressFn | None) -> ProgressFn | None:
+        """Pass 2's ``progress(done, total, key)`` shown as the second half of the run."""
+        if progress is None:
+            return None
+        return lambda done, total, key: progress(self.total + done, 2 * self.total, key)
+
+    def annotate(self, report: ExtractionReport) -> None:
+        """Budget, bytes used, threshold and the curve with the chosen point, into the report."""
+        report.budget = self.rank_plan.outcome
+        self.curve.chosen = chosen_point(self.rank_plan)
+        report.size_curve = self.curve
+
+
 def new_report(cfg: ExtractConfig, plan: PairPlan) -> ExtractionReport:
     report = ExtractionReport(config=cfg.to_dict())
     for key, shape, reason in plan.left_out:
