@@ -92,7 +92,8 @@ def plan_ranks(layers: Sequence[LayerSpectrum], fixed_bytes: int, budget_bytes: 
                          required_bytes=need)
     except BudgetTooSmall as e:
         raise BudgetTooSmall(
-            f"target_size_mb {budget_bytes / MIB:g} MiB is smaller than the smallest possible "
+            f"target_size_mb {budget_bytes / MIB:.4g} MiB ({budget_bytes} bytes) is smaller than "
+            "the smallest possible "
             f"file: rank 1 in each of the {len(layers)} LoRA layers plus the stored diffs take "
             f"{need} bytes; use target_size_mb >= {math.ceil(need / MIB * 1000) / 1000:g} "
             f"(or turn bias_diff off).", need) from e
