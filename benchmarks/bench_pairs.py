@@ -54,11 +54,23 @@ def params(layers: list[LayerSpec]) -> int:
     return n
 
 
+def varied_spectrum(key: str) -> tuple[float, float]:
+    """(decay, noise) of one layer of a "varied" pair: fine-tunes change some layers much more
+    and with more structure than others. Spread deterministically by key: decay 0.90..0.995,
+    noise 0.05..0.6."""
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
+    return 0.90 + 0.095 * ((h & 0xFFFF) / 0xFFFF), 0.05 + 0.55 * ((h >> 16) / 0xFFFF)
+
+
 def write_pair(layers: list[LayerSpec], dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-               decay: float = 0.985, noise: float = 0.3) -> tuple[str, str]:
-    """Write (or reuse) base/tuned files for ``layers``; returns their paths."""
-    tag = hashlib.sha1(json.dumps([[s.key, s.shape, s.rank] for s in layers] + [str(dtype), seed, decay, noise])
-                       .encode()).hexdigest()[:12]
+               decay: float = 0.985, noise: float = 0.3, varied: bool = False) -> tuple[str, str]:
+    """Write (or reuse) base/tuned files for ``layers``; returns their paths.
+
+    ``varied``: each layer's decay and noise from ``varied_spectrum`` instead of the same for all.
+    """
+    extra = ["varied"] if varied else []
+    tag = hashlib.sha1(json.dumps([[s.key, s.shape, s.rank] for s in layers] + [str(dtype), seed, decay, noise]
+                                  + extra).encode()).hexdigest()[:12]
     folder = os.path.join(OUT, f"pair-{tag}")
     bp, tp = os.path.join(folder, "base.safetensors"), os.path.join(folder, "tuned.safetensors")
     if os.path.exists(bp) and os.path.exists(tp):
@@ -73,7 +85,8 @@ def write_pair(layers: list[LayerSpec], dtype: torch.dtype = torch.bfloat16, see
             fan_in *= d
         w = torch.randn(s.shape, generator=g) / max(1.0, fan_in) ** 0.5
         if len(s.shape) >= 2:
-            d = decaying_delta(s.shape, s.rank, decay=decay, scale=0.01, noise=noise, generator=g)
+            dk, nk = varied_spectrum(s.key) if varied else (decay, noise)
+            d = decaying_delta(s.shape, s.rank, decay=dk, scale=0.01, noise=nk, generator=g)
         else:
             d = torch.randn(s.shape, generator=g) * 1e-3
         base[s.key] = w.to(dtype)

@@ -27,10 +27,14 @@ def extraction_chart(report: ExtractionReport, width: int = WIDTH, height: int =
     cfg = report.config
     subtitle = (f"{s.lora} LoRA layers, {s.diff} diffs, {s.skipped} skipped; type "
                 f"{cfg.get('lora_type')}, rank {cfg.get('rank')}")
+    if report.budget is not None:
+        subtitle += (f" (cap); size budget {report.budget.budget_bytes / 2**20:.2f} MiB, "
+                     f"{report.budget.used_bytes / 2**20:.2f} MiB used")
     if s.mean_error is not None:
         subtitle += f"; mean error {100 * s.mean_error:.2f}%, worst {100 * (s.worst_error or 0):.2f}%"
     return render_report_chart(rows_from_extraction(report), spectra_from_extraction(report),
-                               "LoRA extraction: rank and error per layer", subtitle, width, height)
+                               "LoRA extraction: rank and error per layer", subtitle, width, height,
+                               curve=report.size_curve)
 
 
 def validation_chart(report: ValidationReport, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from PIL import Image
 
+from ..extract.size_types import SizeCurve
 from .canvas import INK, MUTED, Box, fit_text, font, new_image
 from .layer_chart import draw_block_labels, draw_error_panel, draw_rank_panel
 from .rows import ChartLayer, SpectrumSeries
+from .size_curve_chart import draw_size_curve
 from .spectrum_chart import draw_spectrum
 
 WIDTH = 1200
@@ -16,7 +18,8 @@ MARGIN_RIGHT = 16
 
 
 def render_report_chart(rows: list[ChartLayer], spectra: list[SpectrumSeries], title: str,
-                        subtitle: str = "", width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
+                        subtitle: str = "", width: int = WIDTH, height: int = HEIGHT,
+                        curve: SizeCurve | None = None) -> Image.Image:
     """A ``width`` x ``height`` RGB image; the same inputs always give the same pixels."""
     img, draw = new_image(width, height)
     draw.text((MARGIN_LEFT, 8), fit_text(draw, title, width - MARGIN_LEFT - MARGIN_RIGHT, 14),
@@ -40,6 +43,11 @@ def render_report_chart(rows: list[ChartLayer], spectra: list[SpectrumSeries], t
     bottom = height - 12
     draw.text((MARGIN_LEFT, top - 34), "singular values of the largest layers' differences "
               "(shaded: kept by the LoRA)", fill=INK, font=font(12))
+    if curve is not None and curve.points:
+        # The error-vs-size panel takes the right quarter of the bottom row.
+        split = right - (right - MARGIN_LEFT) // 4
+        draw_size_curve(draw, Box(split, top, right, bottom), curve)
+        right = split - 24
     if spectra:
         n = len(spectra)
         gap = 24

@@ -24,6 +24,7 @@ from ..extract import (
 )
 from ..extract.keys import KEY_STYLES
 from ..extract.tempfiles import write_text_atomic
+from .dry_run import run_dry
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
 from .validate import add_parser as add_validate_parser
@@ -48,6 +49,9 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--report", help="write the per-layer report as JSON here")
     p.add_argument("--prefetch", type=int, default=2, help="layers read ahead in the background")
+    p.add_argument("--target-size", type=float, default=d.target_size_mb, metavar="MB",
+                   help="allocate ranks (capped by --rank/--conv-rank) for the least error whose "
+                        "tensors fit MB MiB (0: off; the safetensors header comes on top)")
 
 
 def _config(a: argparse.Namespace) -> ExtractConfig:
@@ -56,7 +60,7 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         adaptive_param=a.adaptive_param, algorithm=a.algorithm, lowrank_iters=a.lowrank_iters,
         output_dtype=a.dtype, bias_diff=not a.no_bias_diff,
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
-        key_style=a.key_style, device=a.device).validate()
+        key_style=a.key_style, device=a.device, target_size_mb=a.target_size).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
@@ -72,6 +76,10 @@ def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
+    if a.dry_run:
+        return run_dry(a.base, a.tuned, _config(a), a.prefetch)
+    if not a.output:
+        raise ExtractionInputError("no output file: pass -o OUT.safetensors (or --dry-run).")
     if os.path.exists(a.output) and not a.overwrite:
         raise ExtractionInputError(f"{a.output} already exists; pass --overwrite or pick another name.")
     return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite)
@@ -94,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract a LoRA from TUNED - BASE")
     p.add_argument("base")
     p.add_argument("tuned")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", help="the LoRA file to write (not with --dry-run)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the error against file size from the spectra; write no file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_extract_options(p)
     p.set_defaults(func=cmd_extract)

@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .budget import check_target_size
 from .errors import ExtractionInputError
 from .keys import KEY_STYLES
 from .rank_rules import RANK_RULES
+from .size_types import MIB
 
 LORA_TYPES = ("standard", "full", "adaptive_ratio", "adaptive_quantile", "adaptive_energy",
               "adaptive_fro")
@@ -38,6 +40,7 @@ class ExtractConfig:
     device: str = "cpu"
     seed: int = 0                         # randomized SVD sketch; fixed for reproducible files
     oversample: int = 16                  # extra randomized sketch columns past the rank cap
+    target_size_mb: float = 0.0           # 0: off; else ranks allocated to fit this many MiB
 
     def validate(self) -> ExtractConfig:
         def bad(what: str) -> ExtractionInputError:
@@ -64,6 +67,7 @@ class ExtractConfig:
             raise bad(f"output_dtype {self.output_dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}.")
         if not self.alpha >= 0 or self.alpha != self.alpha:
             raise bad(f"alpha {self.alpha!r} must be >= 0 (0 means alpha = rank).")
+        self._validate_target_size()
         if self.key_style not in KEY_STYLES:
             raise bad(f"key_style {self.key_style!r} is not one of {', '.join(KEY_STYLES)}.")
         try:
@@ -74,6 +78,27 @@ class ExtractConfig:
             # Caught here, not as a torch assertion half-way through the first layer.
             raise bad(f"device {self.device!r}: CUDA is not available to this torch; use cpu.")
         return self
+
+    def _validate_target_size(self) -> None:
+        check_target_size(self.target_size_mb)
+        if self.target_size_mb and self.lora_type != "standard":
+            fix = ("store the whole difference without a budget" if self.lora_type == "full" else
+                   "the budget chooses every layer's rank itself")
+            raise ExtractionInputError(
+                f"target_size_mb {self.target_size_mb:g} cannot be combined with lora_type "
+                f"{self.lora_type!r}: {fix}. Use lora_type 'standard' (rank and conv_rank are "
+                "then the per-layer caps), or target_size_mb 0.")
+
+    @property
+    def budget_bytes(self) -> int:
+        """The size budget in bytes (MiB = 2**20 bytes); 0 when off."""
+        return int(self.target_size_mb * MIB)
+
+    def name_tag(self) -> str:
+        """The part of output names after the prefix: ``rank_8`` or ``size_64mb``."""
+        if self.target_size_mb:
+            return f"size_{self.target_size_mb:g}mb"
+        return f"rank_{self.file_tag()}"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -18,6 +18,7 @@ from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
 from .prefetch import Prefetcher
 from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
+from .report_curve import curve_from_report
 from .sources import WeightSource
 from .writer import save_safetensors_atomic
 
@@ -90,7 +91,7 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
             tensors[keys.alpha] = torch.tensor(f.alpha, dtype=torch.float32)
             entry.status, entry.rank = STATUS_LORA, f.rank
             entry.rel_error, entry.rel_error_unclamped = res.rel_error, res.rel_error_unclamped
-            entry.spectrum = res.spectrum
+            entry.spectrum, entry.energy = res.spectrum, fro * fro
             if not all(map(bool, (torch.isfinite(f.up).all(), torch.isfinite(f.down).all()))):
                 raise ExtractionInputError(
                     f"key {pair.tuned_key!r}: factors overflow {cfg.output_dtype}; "
@@ -121,6 +122,11 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     and :class:`NothingToExtract` when the models are identical.
     """
     cfg.validate()
+    if cfg.target_size_mb:
+        # Imported here: the budgeted pipeline builds on this module.
+        from .budget_pipeline import extract_lora_budgeted
+        return extract_lora_budgeted(base, tuned, cfg, progress=progress,
+                                     check_interrupt=check_interrupt, prefetch=prefetch)
     t0 = time.perf_counter()
     plan = plan_pair(base, tuned)
     report = ExtractionReport(config=cfg.to_dict())
@@ -179,9 +185,18 @@ def finish_result(cfg: ExtractConfig, report: ExtractionReport,
         report.notes.append(
             f"{len(ignored)} parameter difference(s) such as {ignored[0]!r} are stored, but "
             "ComfyUI's LoRA loader ignores parameters of non-leaf modules; other loaders apply them.")
+    _add_size_facts(cfg, report, tensors)
     metadata = cfg.metadata()
     metadata.update(_network_metadata(cfg, report))
     return ExtractionResult(tensors=tensors, metadata=metadata, report=report)
+
+
+def _add_size_facts(cfg: ExtractConfig, report: ExtractionReport,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """The stored tensors' bytes, and the error-against-size curve unless a budget run set it."""
+    report.tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    if report.size_curve is None:
+        report.size_curve = curve_from_report(report, cfg)
 
 
 def _network_metadata(cfg: ExtractConfig, report: ExtractionReport) -> dict[str, str]:

@@ -10,6 +10,9 @@ import json
 import statistics
 from dataclasses import asdict, dataclass, field
 
+from .size_text import budget_lines, curve_lines
+from .size_types import BudgetOutcome, SizeCurve
+
 STATUS_LORA = "lora"
 STATUS_DIFF = "diff"
 STATUS_SKIPPED = "skipped"
@@ -27,6 +30,7 @@ class LayerReport:
     rel_error_unclamped: float | None = None
     seconds: float = 0.0
     spectrum: list[float] = field(default_factory=list)
+    energy: float | None = None          # ||dW||_F^2 of a LoRA layer (feeds the size curve)
 
 
 @dataclass
@@ -54,6 +58,9 @@ class ExtractionReport:
     output_path: str | None = None
     file_bytes: int = 0
     seconds: float = 0.0
+    tensor_bytes: int = 0                  # bytes of the stored tensors (the file less its header)
+    size_curve: SizeCurve | None = None    # error against size, from the spectra
+    budget: BudgetOutcome | None = None    # set by a target_size_mb run
 
     def add(self, layer: LayerReport) -> None:
         self.layers.append(layer)
@@ -87,6 +94,9 @@ class ExtractionReport:
             "summary": asdict(self.summary()),
             "notes": list(self.notes),
             "output_path": self.output_path,
+            "tensor_bytes": self.tensor_bytes,
+            "budget": asdict(self.budget) if self.budget is not None else None,
+            "size_curve": asdict(self.size_curve) if self.size_curve is not None else None,
             "layers": [asdict(r) for r in self.layers],
         }
 
@@ -116,8 +126,10 @@ class ExtractionReport:
         for reason, n in sorted(self.skipped_reasons().items()):
             lines.append(f"skipped {n}: {reason}")
         lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(budget_lines(self))
         if self.output_path:
             lines.append(f"file: {self.output_path} ({s.file_bytes / 2**20:.2f} MiB)")
+        lines.extend(curve_lines(self.size_curve))
         lines.append(f"time: {s.seconds:.2f} s")
         lora = sorted((r for r in self.layers if r.status == STATUS_LORA and r.rel_error is not None),
                       key=lambda r: -(r.rel_error or 0.0))[:worst]

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from ..extract import batched
+from ..extract.budget_run import BudgetPass
 from ..extract.config import ExtractConfig
 from ..extract.keys import keys_for_param
 from ..extract.layer import LayerExtraction, extract_matrix, layer_kind
-from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
+from ..extract.oom_fallback import OOM_ERRORS, OomFallback, release_accelerator_cache
 from ..extract.pairing import KeyPair, PairPlan, plan_pair
 from ..extract.pipeline import (
     ExtractionResult,
@@ -80,8 +81,11 @@ class _Run:
 
     def __init__(self, cfg: ExtractConfig, opts: MemoryOptions, mem: MemoryRunReport,
                  cache: ResidentCache, use_batched: bool,
-                 workers: ThreadPoolExecutor | None = None) -> None:
+                 workers: ThreadPoolExecutor | None = None,
+                 finish: Callable[[LoadedLayer], LayerExtraction] | None = None) -> None:
         self.cfg, self.opts, self.mem, self.cache = cfg, opts, mem, cache
+        # A size-budgeted run: the factors were decomposed in pass 1; only finish them.
+        self.finish = finish
         self.use_batched = use_batched
         self.workers = workers                 # CPU: the layers of a batch run side by side
         self.limit = mem.plan.batch_size       # layers per SVD call; halved on OOM / threshold
@@ -104,14 +108,22 @@ class _Run:
                 # large allocation, so the failed attempt left this one intact.
                 layer = chunk[0]
                 layer.diff = layer.diff.cpu()
-                out.append(extract_matrix(layer.diff, self.cfg, fro=layer.fro,
-                                          generator=_layer_generator(self.cfg, layer.pair.path)))
+                out.append(self.one(layer))
                 self.mem.oom_events.append(
                     f"out of memory at {layer.pair.tuned_key!r} alone: extracted on the CPU.")
                 i += 1
         return out
 
+    def one(self, layer: LoadedLayer) -> LayerExtraction:
+        """One layer's factors on the device its difference is on."""
+        if self.finish is not None:
+            return self.finish(layer)
+        return extract_matrix(layer.diff, self.cfg, fro=layer.fro,
+                              generator=_layer_generator(self.cfg, layer.pair.path))
+
     def _decompose(self, chunk: list[LoadedLayer]) -> list[LayerExtraction]:
+        if self.finish is not None:
+            return [self.one(layer) for layer in chunk]
         gens = [_layer_generator(self.cfg, layer.pair.path) for layer in chunk]
         if self.workers is not None and len(chunk) > 1:
             return list(self.workers.map(
@@ -207,8 +219,7 @@ def _stream(streamer: PairStreamer, batches: list[list[KeyPair]], run: _Run, cfg
             # the reader, and must not read while it holds layers: batches then.
             stream_rolling(
                 loaded_batches, streamer.has_ready_batch, run.workers, max(run.limit, 1),
-                lambda layer: extract_matrix(layer.diff, cfg, fro=layer.fro,
-                                             generator=_layer_generator(cfg, layer.pair.path)),
+                run.one,
                 lambda layer: _needs_svd(layer.pair, layer, cfg, plan), store,
                 lambda n, seconds: run.after_batch(monitor, streamer, n, seconds), check_interrupt)
         else:
@@ -224,6 +235,21 @@ def _stream(streamer: PairStreamer, batches: list[list[KeyPair]], run: _Run, cfg
     if check_interrupt is not None:
         check_interrupt()
     return store.tensors
+
+
+def budget_first_pass(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
+                      plan: PairPlan, progress: ProgressFn | None,
+                      check_interrupt: InterruptFn | None) -> BudgetPass | None:
+    """A ``target_size_mb`` run's spectra pass and allocation (None without a budget).
+
+    Pass 1 streams layer by layer like V1 (one difference at a time on the device); pass 2,
+    which only finishes the kept factors at the allocated ranks, goes through the V2 streamer.
+    """
+    if not cfg.target_size_mb:
+        return None
+    return BudgetPass(base, tuned, cfg, plan, lambda path: _layer_generator(cfg, path),
+                      fallback=OomFallback(cfg.device), progress=progress,
+                      check_interrupt=check_interrupt, prefetch=2)
 
 
 def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
@@ -250,6 +276,9 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     for key, shape, reason in plan.left_out:
         report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
                                status=STATUS_SKIPPED, reason=reason))
+    budget = budget_first_pass(base, tuned, cfg, plan, progress, check_interrupt)
+    if budget is not None:
+        progress = budget.second_pass_progress(progress)
     sizes = [pair_bytes(p.shape) for p in plan.common]
     blocks: dict[str, int] = {}
     for p, size in zip(plan.common, sizes, strict=True):
@@ -287,7 +316,9 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     workers = cpu_workers(device, mplan.batch_size, use_batched)
     mem.cpu_workers = workers
     with _layer_parallel(workers) as pool_exec:
-        run = _Run(cfg, opts, mem, cache, use_batched, pool_exec)
+        run = _Run(cfg, opts, mem, cache, use_batched, pool_exec,
+                   finish=None if budget is None else
+                   (lambda x: budget.finish(x.pair.tuned_key, x.diff, x.fro)))
         tensors = _stream(streamer, batches, run, cfg, plan, report, progress, check_interrupt,
                           monitor)
     mem.cache_hits, mem.bytes_moved = streamer.cache_hits, streamer.bytes_moved
@@ -297,6 +328,8 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     mem.final_vram = monitor.read()
     mem.seconds = report.seconds = time.perf_counter() - t0
     report.notes.extend(mem.notes())
+    if budget is not None:
+        budget.annotate(report)
     return V2Result(finish_result(cfg, report, tensors), mem)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..extract.budget import MAX_TARGET_MB
 from ..extract.config import ALGORITHMS, LORA_TYPES, OUTPUT_DTYPES, ExtractConfig
 from ..extract.keys import KEY_STYLES
 
@@ -52,6 +53,12 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
             "save_to": (list(SAVE_TO), {"default": "output",
                                         "tooltip": "output: ComfyUI's output folder. models/loras: LoraLoader "
                                                    "lists the file at once."}),
+            "target_size_mb": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": float(MAX_TARGET_MB), "step": 1.0,
+                "tooltip": "0 = off. Otherwise the file's tensors fit this many MiB: ranks are "
+                           "allocated across layers (rank / conv_rank are the caps) for the least "
+                           "total error; lora_type must be standard. The report shows the error "
+                           "against size to pick a value."}),
         },
         "hidden": {"unique_id": "UNIQUE_ID"},
     }
@@ -60,12 +67,12 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
 def build_config(*, rank: int, lora_type: str, algorithm: str, lowrank_iters: int,
                  output_dtype: str, bias_diff: bool, adaptive_param: float,
                  clamp_quantile: bool, conv_rank: int, alpha: float, key_style: str,
-                 device: str) -> ExtractConfig:
+                 device: str, target_size_mb: float = 0.0) -> ExtractConfig:
     return ExtractConfig(
         rank=rank, lora_type=lora_type, algorithm=algorithm, lowrank_iters=lowrank_iters,
         output_dtype=output_dtype, bias_diff=bias_diff, adaptive_param=adaptive_param,
         clamp_quantile=0.99 if clamp_quantile else None, conv_rank=conv_rank, alpha=alpha,
-        key_style=key_style, device=device).validate()
+        key_style=key_style, device=device, target_size_mb=target_size_mb).validate()
 
 
 def save_root_and_prefix(save_to: str, filename_prefix: str, output_dir: str, loras_dir: str) -> tuple[str, str]:

@@ -96,13 +96,14 @@ class LoraExtract:
                 lora_type: str, algorithm: str, lowrank_iters: int, output_dtype: str,
                 bias_diff: bool, adaptive_param: float, clamp_quantile: bool, conv_rank: int = 0,
                 alpha: float = 0.0, key_style: str = "comfy", save_to: str = "output",
-                unique_id: str | None = None) -> dict:
+                target_size_mb: float = 0.0, unique_id: str | None = None) -> dict:
         cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
                            lowrank_iters=lowrank_iters, output_dtype=output_dtype,
                            bias_diff=bias_diff, adaptive_param=adaptive_param,
                            clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
-                           key_style=key_style, device=str(comfy.compute_device()))
+                           key_style=key_style, device=str(comfy.compute_device()),
+                           target_size_mb=target_size_mb)
         res = run_node_extraction(
             finetuned_model, original_model, filename_prefix,
-            f"rank_{cfg.file_tag()}_{output_dtype}", cfg, save_to, unique_id)
+            f"{cfg.name_tag()}_{output_dtype}", cfg, save_to, unique_id)
         return {"ui": res.ui(), "result": (res.path, res.text, res.chart)}

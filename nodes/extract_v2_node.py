@@ -71,13 +71,15 @@ class LoraExtractV2:
                 vram_usage_mode: str = "balanced", blocks_in_gpu: int = 10, batch_size: int = 4,
                 prefetch_ahead: int = 2, memory_threshold: float = 0.85, debug_mode: bool = False,
                 conv_rank: int = 0, alpha: float = 0.0, key_style: str = "comfy",
-                save_to: str = "output", unique_id: str | None = None) -> dict:
+                save_to: str = "output", target_size_mb: float = 0.0,
+                unique_id: str | None = None) -> dict:
         device = comfy.compute_device()
         cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
                            lowrank_iters=lowrank_iters, output_dtype=output_dtype,
                            bias_diff=bias_diff, adaptive_param=adaptive_param,
                            clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
-                           key_style=key_style, device=str(device))
+                           key_style=key_style, device=str(device),
+                           target_size_mb=target_size_mb)
         # The widgets always carry a value, so they are explicit knobs (the mode still sets
         # the budget; conservative stays sequential).
         opts = MemoryOptions(mode=vram_usage_mode, blocks_in_gpu=blocks_in_gpu,
@@ -94,7 +96,7 @@ class LoraExtractV2:
             memory.append(mem)
             return report
 
-        suffix = (f"rank_{cfg.file_tag()}_{output_dtype}_{vram_usage_mode}_b{blocks_in_gpu}"
+        suffix = (f"{cfg.name_tag()}_{output_dtype}_{vram_usage_mode}_b{blocks_in_gpu}"
                   f"_bs{batch_size}")
         res = run_node_extraction(finetuned_model, original_model, filename_prefix, suffix, cfg,
                                   save_to, unique_id, extract_fn=extract_v2)

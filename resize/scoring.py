@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..extract.allocate import BudgetTooSmall, allocate
 from ..extract.errors import ExtractionInputError
 from .decompose import DecomposedLayer
 from .recipe import Recipe
@@ -95,24 +96,24 @@ def select(layers: list[DecomposedLayer], recipe: Recipe, elem_size: int,
 
 def _size_threshold(layers: list[DecomposedLayer], scores: list[torch.Tensor], flat: torch.Tensor,
                     recipe: Recipe, elem_size: int, fixed_bytes: int) -> float:
-    """Greedy: sort all dimensions by score, keep them while the running bytes fit the target.
+    """Keep dimensions by score, best first, while the running bytes fit the target.
 
-    Returns the score of the last dimension kept (so ``score >= threshold`` keeps exactly
-    those, ties aside), or -inf when everything fits.
+    The shared allocator (``extract/allocate.py``, also behind extraction's ``target_size_mb``)
+    does the cut. Returns the score of the last dimension kept (so ``score >= threshold`` keeps
+    exactly those, ties aside), or -inf when everything fits.
     """
     assert recipe.size_mib is not None
-    budget = recipe.size_mib * (1 << 20) - fixed_bytes
-    costs = torch.cat([torch.full((s.numel(),), bytes_per_dim(layer, elem_size), dtype=torch.int64)
-                       for layer, s in zip(layers, scores, strict=True)]) if scores else torch.zeros(0, dtype=torch.int64)
-    order = torch.argsort(flat, descending=True, stable=True)
-    running = torch.cumsum(costs[order], 0)
-    if running.numel() == 0 or float(running[-1]) <= budget:
-        return -math.inf
-    fits = int(torch.searchsorted(running.double(), torch.tensor([budget], dtype=torch.float64),
-                                  right=True)[0])
-    if fits == 0:
+    budget = int(recipe.size_mib * (1 << 20))
+    costs = [bytes_per_dim(layer, elem_size) for layer in layers]
+    try:
+        alloc = allocate(scores, costs, budget, required_bytes=fixed_bytes)
+    except BudgetTooSmall:
+        alloc = None
+    if alloc is None or (alloc.kept == 0 and flat.numel() > 0):
+        first = int(costs[int(torch.argmax(torch.tensor([float(s.max()) if s.numel() else -math.inf
+                                                          for s in scores])))]) if costs else 0
         raise ExtractionInputError(
             f"score recipe {recipe.text!r}: size={recipe.size_mib} MiB is smaller than a single "
-            f"dimension ({int(costs[order[0]])} bytes) plus the copied tensors ({fixed_bytes} "
+            f"dimension ({first} bytes) plus the copied tensors ({fixed_bytes} "
             "bytes). Give a larger size.")
-    return float(flat[order[fits - 1]])
+    return alloc.threshold

@@ -1,0 +1,40 @@
+"""``lora-extract extract --dry-run``: the error-against-size curve from the spectra, no file."""
+
+from __future__ import annotations
+
+from ..extract import ExtractConfig, open_source
+from ..extract.budget import plan_ranks
+from ..extract.budget_run import chosen_point, spectra_only
+from ..extract.pipeline import _layer_generator
+from ..extract.size_text import budget_lines, curve_lines
+from ..extract.size_types import MIB
+from .progress import progress_bar
+
+
+class _Facts:
+    """What ``budget_lines`` reads, for a run that writes nothing."""
+
+    def __init__(self, budget) -> None:
+        self.budget, self.file_bytes, self.tensor_bytes = budget, 0, 0
+
+
+def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int) -> int:
+    """Pass 1 of a budgeted run (every layer decomposed at its cap); print the curve."""
+    spectra, _plan = spectra_only(open_source(base_path), open_source(tuned_path), cfg,
+                                  lambda path: _layer_generator(cfg, path),
+                                  progress=progress_bar("spectra"), prefetch=prefetch)
+    curve = spectra.curve()
+    lines = [f"dry run: {len(spectra.layers)} LoRA layers, caps rank {cfg.rank}"
+             f"{f' / conv {cfg.conv_rank}' if cfg.conv_rank else ''}, {cfg.output_dtype}; "
+             f"stored diffs {spectra.fixed_bytes} bytes; no file written"]
+    if cfg.target_size_mb:
+        plan = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes)
+        curve.chosen = chosen_point(plan)
+        lines.extend(budget_lines(_Facts(plan.outcome)))
+    lines.extend(curve_lines(curve))
+    top = curve.points[-1].tensor_bytes if curve.points else 0
+    lines.append(f"(pick a size between {curve.points[0].tensor_bytes / MIB:.3f} and "
+                 f"{top / MIB:.3f} MiB and pass it as --target-size)" if curve.points else
+                 "no LoRA layers: nothing to size")
+    print("\n".join(lines))
+    return 0

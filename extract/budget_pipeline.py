@@ -1,0 +1,68 @@
+"""The V1 streaming pipeline with a size budget: spectra pass, allocation, finishing pass."""
+
+from __future__ import annotations
+
+import time
+
+from .budget_run import (
+    BudgetPass,
+    InterruptFn,
+    ProgressFn,
+    needs_svd,
+    new_report,
+)
+from .config import ExtractConfig
+from .oom_fallback import OomFallback
+from .pairing import KeyPair, load_difference, plan_pair
+from .pipeline import ExtractionResult, _layer_generator, finish_result, process_pair
+from .prefetch import Prefetcher
+from .report import LayerReport
+from .sources import WeightSource
+
+
+def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
+                          progress: ProgressFn | None = None,
+                          check_interrupt: InterruptFn | None = None,
+                          prefetch: int = 2) -> ExtractionResult:
+    """``extract_lora`` for ``cfg.target_size_mb``: the best ranks whose tensors fit the budget."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    plan = plan_pair(base, tuned)
+    report = new_report(cfg, plan)
+    total = len(plan.common)
+    fallback = OomFallback(cfg.device)
+    budget = BudgetPass(base, tuned, cfg, plan, lambda path: _layer_generator(cfg, path),
+                        fallback=fallback, progress=progress, check_interrupt=check_interrupt,
+                        prefetch=prefetch)
+    progress = budget.second_pass_progress(progress)
+    tensors = {}
+
+    def load(pair: KeyPair):
+        return fallback.call(pair.tuned_key, lambda dev: load_difference(
+            base, tuned, pair.tuned_key, pair.base_key, dev))
+
+    def process(pair: KeyPair, diff, fro: float) -> LayerReport:
+        loaded_on = "cpu" if fallback.ran_on_cpu(pair.tuned_key) else fallback.requested
+
+        def work(dev: str) -> LayerReport:
+            d, f = (diff, fro) if dev == loaded_on else load_difference(
+                base, tuned, pair.tuned_key, pair.base_key, dev)
+            ex = budget.finish(pair.tuned_key, d, f) if needs_svd(pair, f, cfg, plan) else None
+            return process_pair(pair, d, f, cfg, plan, tensors, extraction=ex)
+        entry = fallback.call(pair.tuned_key, work, loaded_on)
+        budget.spectra.release(pair.tuned_key)
+        return entry
+
+    for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
+        if check_interrupt is not None:
+            check_interrupt()
+        report.add(process(pair, diff, fro))
+        del diff
+        if progress is not None:
+            progress(i + 1, total, pair.tuned_key)
+    if check_interrupt is not None:
+        check_interrupt()
+    report.notes.extend(fallback.notes())
+    budget.annotate(report)
+    report.seconds = time.perf_counter() - t0
+    return finish_result(cfg, report, tensors)

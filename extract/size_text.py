@@ -1,0 +1,50 @@
+"""Text for size budgets and size curves: the report's lines and the dry run's table."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .size_types import MIB, BudgetOutcome, SizeCurve
+
+
+class _HasBudget(Protocol):
+    budget: BudgetOutcome | None
+    file_bytes: int
+    tensor_bytes: int
+
+
+def budget_lines(report: _HasBudget) -> list[str]:
+    """Budget, bytes used and the implied threshold of a ``target_size_mb`` run."""
+    b = report.budget
+    if b is None:
+        return []
+    lines = [f"size budget: {b.budget_bytes / MIB:.3f} MiB ({b.budget_bytes} bytes of tensors); "
+             f"used {b.used_bytes} bytes ({100 * b.used_bytes / max(1, b.budget_bytes):.2f}%), "
+             f"smallest possible {b.required_bytes} bytes",
+             f"implied threshold: a rank is kept when it removes >= {b.threshold:.3e} of its "
+             f"layer's relative squared error per byte (next left out: {b.next_threshold:.3e})",
+             f"predicted truncation error (before clamp/cast): mean "
+             f"{b.predicted_mean_rel_error:.4f}, rms {b.predicted_rms_rel_error:.4f} "
+             f"over {b.lora_layers} LoRA layers"]
+    if report.file_bytes:
+        lines.append(f"file {report.file_bytes} bytes = tensors {report.tensor_bytes} + header "
+                     f"{report.file_bytes - report.tensor_bytes} (the header is not budgeted)")
+    return lines
+
+
+def curve_lines(curve: SizeCurve | None) -> list[str]:
+    """The error-against-size table (about 10 rows), the chosen point marked."""
+    if curve is None or not curve.points:
+        return []
+    lines = ["error against size (truncated SVD; sizes without the header):",
+             "      MiB   mean err    rms err   ranks"]
+    for p in curve.points:
+        lines.append(f"  {p.tensor_bytes / MIB:8.3f}   {p.mean_rel_error:8.4f}   "
+                     f"{p.rms_rel_error:8.4f}   {p.rank_min}..{p.rank_max}")
+    if curve.chosen is not None:
+        c = curve.chosen
+        lines.append(f"  {c.tensor_bytes / MIB:8.3f}   {c.mean_rel_error:8.4f}   "
+                     f"{c.rms_rel_error:8.4f}   {c.rank_min}..{c.rank_max}   <- this file")
+    if curve.partial_note:
+        lines.append(f"  ({curve.partial_note})")
+    return lines
