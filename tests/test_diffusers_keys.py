@@ -138,3 +138,18 @@ def test_comfy_style_on_a_diffusers_model_says_comfyui_will_not_match(flux) -> N
         {"diffusion_model." + k: v for k, v in convert_diffusers_flux(base).items()},
         res.tensors, flux_lora_key_map(base))
     assert len(not_loaded) == len(res.tensors)         # why the note is there
+
+
+def test_validate_reads_the_diffusers_style_against_the_diffusers_named_pair(flux) -> None:
+    from lora_extract.validation.validate import validate_lora
+
+    base, tuned = flux
+    res = _extract(base, tuned)
+    rep = validate_lora(StateDictSource(base, "base"), StateDictSource(tuned, "tuned"),
+                        StateDictSource(res.tensors, "lora"))
+    assert rep.key_styles == ["diffusers"] and rep.unmatched_keys == []
+    by_path = {r.path: r for r in rep.layers}
+    for layer in res.report.layers:
+        if layer.status == "lora":   # validate's error of each LoRA layer is the extraction's
+            assert by_path[layer.key].rank == RANK
+            assert abs(by_path[layer.key].rel_error - layer.rel_error) < 1e-5, layer.key
