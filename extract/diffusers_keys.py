@@ -49,8 +49,7 @@ _S = r"single_transformer_blocks\.\d+\."
 _SLICED = {
     FLUX: re.compile(rf"^(?:{_B}attn\.(?:to_[qkv]|add_[qkv]_proj)|{_S}attn\.to_[qkv]|{_S}proj_mlp"
                      r"|norm_out\.linear)$"),
-    SD3: re.compile(rf"^(?:{_B}attn2?\.(?:to_[qkv]|add_[qkv]_proj)|norm_out\.linear"
-                    rf"|{_B}norm1_context\.linear)$"),
+    SD3: re.compile(rf"^(?:{_B}attn2?\.(?:to_[qkv]|add_[qkv]_proj)|norm_out\.linear)$"),
 }
 # Every weight module ``flux_to_diffusers`` maps (so a LoRA key on it loads in ComfyUI).
 _FLUX_WEIGHTS = re.compile(
@@ -105,10 +104,12 @@ def diffusers_prefix(module: str) -> str:
     return "transformer." + module
 
 
-def unmapped_reason(path: str, role: str, family: str | None) -> str | None:
+def unmapped_reason(path: str, role: str, family: str | None, last_block: int = -1) -> str | None:
     """Why ComfyUI's loader cannot apply this parameter in the diffusers style, or None.
 
     ``role`` is what ``keys_for_param`` says: weight, bias (of a module with a weight) or param.
+    ``last_block``: SD3's last joint block, whose ``norm1_context.linear`` ComfyUI maps through
+    the scale/shift swap (the others map by name).
     """
     if role == "param":
         return UNMAPPED_PARAM
@@ -116,9 +117,26 @@ def unmapped_reason(path: str, role: str, family: str | None) -> str | None:
     if family == FLUX and not _FLUX_WEIGHTS.match(module):
         return UNMAPPED_PARAM
     sliced = _SLICED.get(family or "")
-    if role == "bias" and sliced is not None and sliced.match(module):
+    if role == "bias" and sliced is not None and (
+            sliced.match(module)
+            or family == SD3 and module == f"transformer_blocks.{last_block}.norm1_context.linear"):
         return UNMAPPED_BIAS
     return None
+
+
+def comfy_unmapped(paths: list[str], weight_paths: set[str], family: str | None) -> dict[str, str]:
+    """``unmapped_reason`` for every parameter path of a diffusers-named model (path -> reason)."""
+    blocks = [int(p.split(".")[1]) for p in paths if p.startswith("transformer_blocks.")]
+    last = max(blocks, default=-1)
+    out: dict[str, str] = {}
+    for p in paths:
+        role = ("weight" if p.endswith(".weight") else
+                "bias" if p.endswith(".bias") and p[: -len(".bias")] + ".weight" in weight_paths
+                else "param")
+        why = unmapped_reason(p, role, family, last)
+        if why is not None:
+            out[p] = why
+    return out
 
 
 def resolve_key_style(cfg: ExtractConfig, paths: list[str]) -> tuple[ExtractConfig, Naming, list[str]]:
@@ -133,8 +151,9 @@ def resolve_key_style(cfg: ExtractConfig, paths: list[str]) -> tuple[ExtractConf
     style = cfg.key_style
     if style == "auto":
         style = "diffusers" if naming.is_diffusers else "comfy"
-        notes.append(f"key_style auto: the input is in {_describe(naming)}, so keys are in the "
-                     f"{style} style.")
+        if naming.is_diffusers:   # the usual case (ComfyUI naming -> comfy) needs no note
+            notes.append(f"key_style auto: the input is in {_describe(naming)}, so keys are in "
+                         "the diffusers style.")
     elif style == "diffusers" and not naming.is_diffusers:
         raise ExtractionInputError(
             "key_style 'diffusers' needs a model in diffusers naming (Flux transformer_blocks.N.attn."
@@ -154,8 +173,10 @@ def _describe(naming: Naming) -> str:
 
 def resolve_for_plan(cfg: ExtractConfig, plan: PairPlan) -> tuple[ExtractConfig, list[str]]:
     """``resolve_key_style`` for a paired input; records the naming family on the plan."""
-    cfg, naming, notes = resolve_key_style(cfg, [kp.path for kp in plan.common])
-    plan.diffusers_family = naming.family
+    paths = [kp.path for kp in plan.common]
+    cfg, naming, notes = resolve_key_style(cfg, paths)
+    if cfg.key_style == "diffusers":
+        plan.comfy_unmapped = comfy_unmapped(paths, plan.weight_paths, naming.family)
     return cfg, notes
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ExtractConfig
-from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note, unmapped_reason
+from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
 from .errors import ExtractionInputError
 from .keys import keys_for_param
 from .layer import LayerExtraction, extract_matrix, layer_kind
@@ -76,8 +76,7 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
     kind = layer_kind(shape)
     entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED)
     keys, role = keys_for_param(pair.path, cfg.key_style, plan.module_has_weight(pair.path))
-    unmapped = (unmapped_reason(pair.path, role, plan.diffusers_family)
-                if cfg.key_style == "diffusers" else None)
+    unmapped = plan.comfy_unmapped.get(pair.path)
     if fro == 0.0:
         entry.reason = "no difference"
     elif unmapped is not None and (cfg.bias_diff or role == "weight" and len(shape) >= 2):

@@ -153,3 +153,24 @@ def test_validate_reads_the_diffusers_style_against_the_diffusers_named_pair(flu
         if layer.status == "lora":   # validate's error of each LoRA layer is the extraction's
             assert by_path[layer.key].rank == RANK
             assert abs(by_path[layer.key].rel_error - layer.rel_error) < 1e-5, layer.key
+
+
+def test_sd3_flags_exactly_the_biases_comfyui_maps_to_slices_or_swaps() -> None:
+    """The expected set is what ComfyUI 0.3.64's ``mmdit_to_diffusers`` maps to a non-string
+    target among the biases of a 2-block diffusers SD3 (checked against the real code)."""
+    from lora_extract.extract.diffusers_keys import comfy_unmapped
+
+    paths = ["pos_embed.proj.weight", "pos_embed.proj.bias", "norm_out.linear.weight", "norm_out.linear.bias"]
+    for i in range(2):
+        b = f"transformer_blocks.{i}"
+        mods = [f"{b}.attn.{m}" for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")]
+        mods += [f"{b}.norm1.linear", f"{b}.norm1_context.linear", f"{b}.attn.to_out.0", f"{b}.ff.net.2"]
+        paths += [f"{m}.{e}" for m in mods for e in ("weight", "bias")]
+    weights = {p for p in paths if p.endswith(".weight")}
+    got = comfy_unmapped(paths, weights, "sd3")
+    expected = {"norm_out.linear.bias", "transformer_blocks.1.norm1_context.linear.bias"} | {
+        f"transformer_blocks.{i}.attn.{m}.bias" for i in range(2)
+        for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+    assert set(got) == expected
+    assert comfy_unmapped(["conv_in.weight", "conv_in.bias", "down_blocks.0.attentions.0.norm.weight"],
+                          {"conv_in.weight", "down_blocks.0.attentions.0.norm.weight"}, "unet") == {}
