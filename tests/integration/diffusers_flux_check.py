@@ -32,7 +32,6 @@ from lora_extract.extract.diffusers_keys import UNMAPPED_PREFIX
 NAME = "tiny_flux_diffusers"
 RANK = 16
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-_saved: dict[tuple[str, str], str] = {}       # (server url, role) -> ModelSave file of that model
 
 
 class Tensors:
@@ -53,11 +52,20 @@ class Tensors:
 
 
 def tail_energy(d: torch.Tensor, k: int) -> float:
-    """sum of sigma_i^2 past the k largest: the squared optimal rank-k error (Eckart-Young)."""
+    """sum of sigma_i^2 past the k largest: the squared optimal rank-k error (Eckart-Young).
+
+    The top-k energy comes from a randomized SVD (oversampled, 3 power iterations), which can
+    only under-estimate it, so the result is the optimum or slightly above: exact SVDs of these
+    3072-wide matrices take minutes on a busy 2-core machine.
+    """
     m = d.reshape(d.shape[0], -1).float()
-    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp_min(0)
-    return float(ev[k:].sum())
+    total = float((m.double() ** 2).sum())
+    if min(m.shape) <= k:
+        return 0.0
+    q = min(min(m.shape), k + 24)
+    torch.manual_seed(0)
+    _u, s, _v = torch.svd_lowrank(m, q=q, niter=3)
+    return max(total - float((s[:k].double() ** 2).sum()), 0.0)
 
 
 def _model_save(server, root: str, unet: str, tag: str, lora: str | None = None) -> str:
@@ -74,14 +82,6 @@ def _model_save(server, root: str, unet: str, tag: str, lora: str | None = None)
     saved = glob.glob(os.path.join(root, "output", "itest", f"{tag}_*.safetensors"))
     assert len(saved) == 1, saved
     return saved[0]
-
-
-def _reference(server, root: str, role: str) -> str:
-    key = (server.url, role)
-    if key not in _saved:
-        _saved[key] = _model_save(server, root, f"{NAME}_{role}.safetensors",
-                                  f"dflux_{role}_{int(time.time() * 1000)}")
-    return _saved[key]
 
 
 def _extract_node(server, root: str, tag: str) -> tuple[str, set[str]]:
@@ -129,10 +129,20 @@ def run_check(server, root: str, route: str, tmp_dir: str) -> dict[str, float]:
         assert all(k.startswith("transformer.") for k in lora_keys)
         assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in lora_keys
         assert len(flagged) == 6 + 4 + 1        # fused-slice biases and norm_out's swapped bias
-    patched_path = _model_save(server, root, f"{NAME}_base.safetensors", tag,
-                               lora=os.path.relpath(lora_path, os.path.join(root, "models", "loras")))
-    base, tuned, patched = (Tensors(_reference(server, root, "base")), Tensors(_reference(server, root, "tuned")),
-                            Tensors(patched_path))
+    saved = [_model_save(server, root, f"{NAME}_base.safetensors", tag,
+                         lora=os.path.relpath(lora_path, os.path.join(root, "models", "loras")))]
+    try:
+        for role in ("base", "tuned"):
+            saved.append(_model_save(server, root, f"{NAME}_{role}.safetensors", f"{tag}_{role}"))
+        return _compare(route, models, flagged, *saved, len(lora_keys))
+    finally:
+        for p in (*saved, lora_path):
+            os.remove(p)
+
+
+def _compare(route: str, models: str, flagged: set[str], patched_path: str, base_path: str,
+             tuned_path: str, n_keys: int) -> dict[str, float]:
+    base, tuned, patched = Tensors(base_path), Tensors(tuned_path), Tensors(patched_path)
     d_base, d_tuned = Tensors(os.path.join(models, f"{NAME}_base.safetensors")), \
         Tensors(os.path.join(models, f"{NAME}_tuned.safetensors"))
     suffix = "scale" if "double_blocks.0.img_attn.norm.query_norm.scale" in tuned.keys() else "weight"
@@ -161,6 +171,4 @@ def run_check(server, root: str, route: str, tmp_dir: str) -> dict[str, float]:
         bound = 1.05 * math.sqrt(allowed2) + 1e-4 * dn
         assert err <= bound, (route, k, err, math.sqrt(allowed2), dn)
         worst = max(worst, err / dn)
-    os.remove(patched_path)
-    os.remove(lora_path)
-    return {"worst_rel_error": worst, "flagged": len(flagged), "lora_keys": len(lora_keys)}
+    return {"worst_rel_error": worst, "flagged": len(flagged), "lora_keys": n_keys}
