@@ -174,3 +174,26 @@ def test_sd3_flags_exactly_the_biases_comfyui_maps_to_slices_or_swaps() -> None:
     assert set(got) == expected
     assert comfy_unmapped(["conv_in.weight", "conv_in.bias", "down_blocks.0.attentions.0.norm.weight"],
                           {"conv_in.weight", "down_blocks.0.attentions.0.norm.weight"}, "unet") == {}
+
+
+def test_cli_defaults_to_diffusers_keys_and_refuses_them_for_comfyui_names(tmp_path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lora_extract.cli.main import main
+
+    base, tuned = flux_pair(flux_shapes(hidden=16, depth=1, depth_single=1), seed=5)
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    out = tmp_path / "l.safetensors"
+    assert main(["extract", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"),
+                 "-o", str(out), "--rank", "4"]) == 0
+    assert all(k.startswith("transformer.") for k in load_file(str(out)))
+    assert "skipped 11: not stored: ComfyUI's loader" in capsys.readouterr().out
+    ldm = {"img_in.weight": torch.zeros(4, 4)}
+    save_file(ldm, str(tmp_path / "lb.safetensors"))
+    save_file({"img_in.weight": torch.ones(4, 4)}, str(tmp_path / "lt.safetensors"))
+    assert main(["extract", str(tmp_path / "lb.safetensors"), str(tmp_path / "lt.safetensors"),
+                 "-o", str(tmp_path / "x.safetensors"), "--key-style", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "key_style 'diffusers' needs a model in diffusers naming" in err
+    assert not (tmp_path / "x.safetensors").exists()
