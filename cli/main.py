@@ -45,7 +45,8 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clamp-quantile", type=float, default=d.clamp_quantile)
     p.add_argument("--no-clamp", action="store_true", help="do not clamp factor outliers")
     p.add_argument("--alpha", type=float, default=d.alpha, help="alpha (0: equal to rank)")
-    p.add_argument("--key-style", choices=KEY_STYLES, default=d.key_style)
+    p.add_argument("--key-style", choices=KEY_STYLES, default=d.key_style,
+                   help="auto: diffusers for a diffusers-named model, else comfy")
     p.add_argument("--device", default=d.device)
     p.add_argument("--report", help="write the per-layer report as JSON here")
     p.add_argument("--prefetch", type=int, default=2, help="layers read ahead in the background")

@@ -12,6 +12,7 @@ from .budget_run import (
     new_report,
 )
 from .config import ExtractConfig
+from .diffusers_keys import resolve_for_plan
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, load_difference, plan_pair
 from .pipeline import ExtractionResult, _layer_generator, finish_result, process_pair
@@ -28,7 +29,9 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
     cfg.validate()
     t0 = time.perf_counter()
     plan = plan_pair(base, tuned)
+    cfg, style_notes = resolve_for_plan(cfg, plan)
     report = new_report(cfg, plan)
+    report.notes.extend(style_notes)
     total = len(plan.common)
     fallback = OomFallback(cfg.device)
     budget = BudgetPass(base, tuned, cfg, plan, lambda path: _layer_generator(cfg, path),

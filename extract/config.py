@@ -36,7 +36,7 @@ class ExtractConfig:
     clamp_quantile: float | None = 0.99   # None: no clamp
     conv_rank: int = 0                    # 0: same as rank
     alpha: float = 0.0                    # 0: alpha equals each layer's rank (scale 1)
-    key_style: str = "comfy"
+    key_style: str = "auto"               # auto: diffusers for diffusers-named inputs, else comfy
     device: str = "cpu"
     seed: int = 0                         # randomized SVD sketch; fixed for reproducible files
     oversample: int = 16                  # extra randomized sketch columns past the rank cap

@@ -5,13 +5,20 @@ for every ``diffusion_model.<module>.weight`` it accepts ``diffusion_model.<modu
 ``lora_unet_<module with dots as underscores>``; for every other parameter
 ``diffusion_model.<param path>`` (the full key, used with ``.diff``). ``.diff_b`` patches the
 ``.bias`` next to the ``.weight`` that the prefix maps to.
+
+The ``diffusers`` style (PEFT names, for diffusers-named inputs) is defined in
+``diffusers_keys``; ``auto`` resolves to it or to ``comfy`` per input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-KEY_STYLES = ("comfy", "kohya")
+from .diffusers_keys import diffusers_prefix
+
+# auto: diffusers for a diffusers-named input, else comfy (resolved per input by
+# diffusers_keys.resolve_key_style before any key is built).
+KEY_STYLES = ("auto", "comfy", "kohya", "diffusers")
 
 # (up, down, mid) suffixes of low-rank LoRA pairs, in the order ComfyUI's LoRA adapter looks
 # for them (the first up key present decides the format of a prefix). Shared by validation
@@ -50,14 +57,15 @@ class LoraKeys:
     """Where one parameter's extracted tensors go in the LoRA file."""
 
     prefix: str
+    peft: bool = False          # diffusers style: PEFT's lora_B (up) / lora_A (down) names
 
     @property
     def up(self) -> str:
-        return f"{self.prefix}.lora_up.weight"
+        return f"{self.prefix}.lora_B.weight" if self.peft else f"{self.prefix}.lora_up.weight"
 
     @property
     def down(self) -> str:
-        return f"{self.prefix}.lora_down.weight"
+        return f"{self.prefix}.lora_A.weight" if self.peft else f"{self.prefix}.lora_down.weight"
 
     @property
     def alpha(self) -> str:
@@ -76,6 +84,8 @@ def module_prefix(module: str, style: str) -> str:
     """The LoRA prefix of a module (its weight key without ``.weight``) in a key style."""
     if style == "kohya":
         return "lora_unet_" + module.replace(".", "_")
+    if style == "diffusers":
+        return diffusers_prefix(module)
     return "diffusion_model." + module
 
 
@@ -88,8 +98,11 @@ def keys_for_param(path: str, style: str, module_has_weight: bool) -> tuple[Lora
     the generic form ComfyUI maps for non-weight parameters in every key style (kohya names
     exist only for ``.weight`` keys).
     """
+    peft = style == "diffusers"
     if path.endswith(".weight"):
-        return LoraKeys(module_prefix(path[: -len(".weight")], style)), "weight"
+        return LoraKeys(module_prefix(path[: -len(".weight")], style), peft), "weight"
     if path.endswith(".bias") and module_has_weight:
-        return LoraKeys(module_prefix(path[: -len(".bias")], style)), "bias"
+        return LoraKeys(module_prefix(path[: -len(".bias")], style), peft), "bias"
+    if peft:  # ComfyUI maps no diffusers key to these; diffusers_keys.unmapped_reason flags them
+        return LoraKeys(diffusers_prefix(path), peft), "param"
     return LoraKeys("diffusion_model." + path), "param"

@@ -40,6 +40,9 @@ class PairPlan:
     # Modules that contain sub-modules. ComfyUI's loader never patches parameters that sit
     # directly on such modules (e.g. WAN ``blocks.N.modulation``, a DiT root ``pos_embed``).
     nonleaf_modules: set[str] = field(default_factory=set)
+    # Parameters ComfyUI's loader cannot apply in the diffusers key style, with the reason; set
+    # by diffusers_keys.resolve_for_plan when it resolves the key style to diffusers.
+    comfy_unmapped: dict[str, str] = field(default_factory=dict)
 
     def module_has_weight(self, path: str) -> bool:
         """Whether ``<module>.weight`` exists next to a ``<module>.bias`` path."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ExtractConfig
+from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
 from .errors import ExtractionInputError
 from .keys import keys_for_param
 from .layer import LayerExtraction, extract_matrix, layer_kind
@@ -76,8 +77,11 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
     kind = layer_kind(shape)
     entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED)
     keys, role = keys_for_param(pair.path, cfg.key_style, plan.module_has_weight(pair.path))
+    unmapped = plan.comfy_unmapped.get(pair.path)
     if fro == 0.0:
         entry.reason = "no difference"
+    elif unmapped is not None and (cfg.bias_diff or role == "weight" and len(shape) >= 2):
+        entry.reason = unmapped   # flagged and counted in a note: never a silently partial file
     elif role == "weight" and len(shape) >= 2:
         if cfg.lora_type == "full":
             tensors[keys.diff] = _cast_checked(diff, cfg, pair.tuned_key)
@@ -129,7 +133,8 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
                                      check_interrupt=check_interrupt, prefetch=prefetch)
     t0 = time.perf_counter()
     plan = plan_pair(base, tuned)
-    report = ExtractionReport(config=cfg.to_dict())
+    cfg, style_notes = resolve_for_plan(cfg, plan)
+    report = ExtractionReport(config=cfg.to_dict(), notes=style_notes)
     for key, shape, reason in plan.left_out:
         report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
                                status=STATUS_SKIPPED, reason=reason))
@@ -186,6 +191,9 @@ def finish_result(cfg: ExtractConfig, report: ExtractionReport,
             f"{len(ignored)} parameter difference(s) such as {ignored[0]!r} are stored, but "
             "ComfyUI's LoRA loader ignores parameters of non-leaf modules; other loaders apply them.")
     _add_size_facts(cfg, report, tensors)
+    unmapped = [r.key for r in report.layers if r.reason.startswith(UNMAPPED_PREFIX)]
+    if unmapped:
+        report.notes.append(unmapped_note(unmapped))
     metadata = cfg.metadata()
     metadata.update(_network_metadata(cfg, report))
     return ExtractionResult(tensors=tensors, metadata=metadata, report=report)

@@ -20,6 +20,7 @@ import torch
 from ..extract import batched
 from ..extract.budget_run import BudgetPass
 from ..extract.config import ExtractConfig
+from ..extract.diffusers_keys import resolve_for_plan
 from ..extract.keys import keys_for_param
 from ..extract.layer import LayerExtraction, extract_matrix, layer_kind
 from ..extract.oom_fallback import OOM_ERRORS, OomFallback, release_accelerator_cache
@@ -272,7 +273,8 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     device = torch.device(cfg.device)
     monitor = VramMonitor(probe or torch_probe(device), opts.memory_threshold)
     plan = plan_pair(base, tuned)
-    report = ExtractionReport(config=cfg.to_dict())
+    cfg, style_notes = resolve_for_plan(cfg, plan)
+    report = ExtractionReport(config=cfg.to_dict(), notes=style_notes)
     for key, shape, reason in plan.left_out:
         report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
                                status=STATUS_SKIPPED, reason=reason))

@@ -47,9 +47,11 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
             "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5,
                                 "tooltip": "LoRA alpha; 0 = equal to the rank (scale 1). The factors are "
                                            "rescaled so strength 1 reproduces the difference."}),
-            "key_style": (list(KEY_STYLES), {"default": "comfy",
-                                             "tooltip": "comfy: diffusion_model.* keys. kohya: lora_unet_* keys "
-                                                        "and ss_* metadata."}),
+            "key_style": (list(KEY_STYLES), {"default": "auto",
+                                             "tooltip": "auto: diffusers for a diffusers-named model, else comfy. "
+                                                        "comfy: diffusion_model.* keys. kohya: lora_unet_* keys "
+                                                        "and ss_* metadata. diffusers: PEFT keys (transformer.* / "
+                                                        "unet.*, lora_A/lora_B) for diffusers-named models."}),
             "save_to": (list(SAVE_TO), {"default": "output",
                                         "tooltip": "output: ComfyUI's output folder. models/loras: LoraLoader "
                                                    "lists the file at once."}),

@@ -95,7 +95,7 @@ class LoraExtract:
     def extract(self, finetuned_model, original_model, filename_prefix: str, rank: int,
                 lora_type: str, algorithm: str, lowrank_iters: int, output_dtype: str,
                 bias_diff: bool, adaptive_param: float, clamp_quantile: bool, conv_rank: int = 0,
-                alpha: float = 0.0, key_style: str = "comfy", save_to: str = "output",
+                alpha: float = 0.0, key_style: str = "auto", save_to: str = "output",
                 target_size_mb: float = 0.0, unique_id: str | None = None) -> dict:
         cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
                            lowrank_iters=lowrank_iters, output_dtype=output_dtype,

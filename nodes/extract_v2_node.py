@@ -70,7 +70,7 @@ class LoraExtractV2:
                 bias_diff: bool, adaptive_param: float, clamp_quantile: bool,
                 vram_usage_mode: str = "balanced", blocks_in_gpu: int = 10, batch_size: int = 4,
                 prefetch_ahead: int = 2, memory_threshold: float = 0.85, debug_mode: bool = False,
-                conv_rank: int = 0, alpha: float = 0.0, key_style: str = "comfy",
+                conv_rank: int = 0, alpha: float = 0.0, key_style: str = "auto",
                 save_to: str = "output", target_size_mb: float = 0.0,
                 unique_id: str | None = None) -> dict:
         device = comfy.compute_device()

@@ -112,3 +112,13 @@ def test_extract_then_load_on_real_comfyui(server, arch: str, node: str) -> None
                                    for o in tuned), f"{k} was not patched by ComfyUI"
     os.remove(saved[0])
     os.remove(lora_files[0])
+
+
+@pytest.mark.parametrize("route", ["node", "cli"])
+def test_diffusers_named_flux_on_real_comfyui(server, route: str, tmp_path) -> None:
+    """A diffusers-named Flux pair (tests/integration/make_diffusers_flux.py) through UNETLoader:
+    LoraExtract on the MODELs (comfy keys) or the command line on the files (diffusers keys),
+    then LoraLoaderModelOnly; see integration/diffusers_flux_check.py for the checks."""
+    from integration.diffusers_flux_check import run_check
+
+    print(route, run_check(server, ROOT, route, str(tmp_path)))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..extract.diffusers_keys import detect_diffusers_naming, diffusers_prefix
 from ..extract.errors import ExtractionInputError
 from ..extract.keys import UP_DOWN_FORMATS
 from ..extract.sources import WeightSource
@@ -69,7 +70,7 @@ class LoraIndex:
     patches: dict[str, LoraPatch] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)       # ComfyUI: "lora key not loaded"
     text_encoder: list[str] = field(default_factory=list)    # keys for CLIP, not the model
-    key_styles: list[str] = field(default_factory=list)      # comfy / kohya, as found
+    key_styles: list[str] = field(default_factory=list)      # comfy / kohya / diffusers, as found
 
     def rank(self, lora: WeightSource, target: str) -> int | None:
         """The rank of the LoRA patch on ``target`` (from the header, no tensor read)."""
@@ -87,13 +88,20 @@ def comfy_key_map(model_paths: Iterable[str]) -> dict[str, str]:
     ComfyUI's dict.
     """
     key_map: dict[str, str] = {}
-    for path in model_paths:
+    paths = list(model_paths)
+    for path in paths:
         if path.endswith(".weight"):
             module = path[: -len(".weight")]
             key_map[KOHYA_UNET_PREFIX + module.replace(".", "_")] = path
             key_map[DIFFUSION_PREFIX + module] = path
         else:
             key_map[DIFFUSION_PREFIX + path] = path
+    if detect_diffusers_naming(paths).is_diffusers:
+        # A diffusers-named model: the diffusers-style keys ComfyUI maps for it (onto its own
+        # converted model; here straight onto the diffusers parameter, so no q/k/v slicing).
+        for path in paths:
+            if path.endswith(".weight"):
+                key_map[diffusers_prefix(path[: -len(".weight")])] = path
     return key_map
 
 
@@ -148,7 +156,8 @@ def index_lora(lora_keys: Iterable[str], model_paths: Iterable[str]) -> LoraInde
         if set_weight is not None:
             index.patches[target] = LoraPatch(target, KIND_SET, x, tensor=set_weight)
         if found or diff is not None or diff_b is not None or w_norm is not None or set_weight is not None:
-            styles.add("kohya" if x.startswith(KOHYA_UNET_PREFIX) else "comfy")
+            styles.add("kohya" if x.startswith(KOHYA_UNET_PREFIX)
+                       else "diffusers" if x.startswith(("transformer.", "unet.")) else "comfy")
     for k in keys:
         if k in used:
             continue
