@@ -14,6 +14,7 @@ from .config import ExtractConfig
 from .errors import ExtractionInputError
 from .keys import keys_for_param
 from .layer import LayerExtraction, extract_matrix, layer_kind
+from .norms import frobenius_norm
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
 from .prefetch import Prefetcher
@@ -90,6 +91,7 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
             tensors[keys.alpha] = torch.tensor(f.alpha, dtype=torch.float32)
             entry.status, entry.rank = STATUS_LORA, f.rank
             entry.rel_error, entry.rel_error_unclamped = res.rel_error, res.rel_error_unclamped
+            entry.clamped_entries = res.clamped_entries
             entry.spectrum = res.spectrum
             if not all(map(bool, (torch.isfinite(f.up).all(), torch.isfinite(f.down).all()))):
                 raise ExtractionInputError(
@@ -102,7 +104,7 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
         stored = _cast_checked(diff, cfg, pair.tuned_key)
         tensors[target] = stored
         entry.status = STATUS_DIFF
-        entry.rel_error = float(torch.linalg.vector_norm(stored.float() - diff)) / fro
+        entry.rel_error = frobenius_norm(stored.float() - diff) / fro
         if plan.on_nonleaf_module(pair.path):
             entry.reason = NONLEAF_NOTE
     entry.seconds = time.perf_counter() - t0
