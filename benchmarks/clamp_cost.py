@@ -184,7 +184,7 @@ def main() -> int:
                 per.setdefault(rm, []).append((r, key))
         print(f"\n{name}: {len(per.get((a.ranks[0], a.methods[0]), []))} matrices, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        print(f"| rank | method | median | worst | worst layer |\n|---|---|---|---|---|")
+        print("| rank | method | median | worst | worst layer |\n|---|---|---|---|---|")
         for (rank, method), vals in sorted(per.items(), key=lambda kv: (kv[0][0], a.methods.index(kv[0][1]))):
             med = statistics.median(v for v, _ in vals)
             worst, wkey = max(vals)
