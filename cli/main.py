@@ -42,7 +42,9 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lowrank-iters", type=int, default=d.lowrank_iters)
     p.add_argument("--dtype", choices=tuple(OUTPUT_DTYPES), default=d.output_dtype)
     p.add_argument("--no-bias-diff", action="store_true", help="do not store bias / 1-D differences")
-    p.add_argument("--clamp-quantile", type=float, default=d.clamp_quantile)
+    p.add_argument("--clamp-quantile", type=float, default=d.clamp_quantile,
+                   help="q of the outlier clamp: in each rank component, entries of up and down "
+                        "beyond 2x the q quantile of their own vector are clipped")
     p.add_argument("--no-clamp", action="store_true", help="do not clamp factor outliers")
     p.add_argument("--alpha", type=float, default=d.alpha, help="alpha (0: equal to rank)")
     p.add_argument("--key-style", choices=KEY_STYLES, default=d.key_style,

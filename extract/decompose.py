@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .norms import gram_float64
+
 
 @dataclass
 class TruncatedSVD:
@@ -132,6 +134,6 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
     """
     m, n = a.shape
     small = a if m <= n else a.T
-    g = (small @ small.T).double()
+    g = gram_float64(small)
     ev = torch.linalg.eigvalsh(g).clamp_min_(0).sqrt_()
     return ev.flip(0).float()

@@ -16,6 +16,7 @@ import torch
 from .clamp import clamp_factors
 from .config import ExtractConfig
 from .decompose import TruncatedSVD, exact_svd, randomized_svd, singular_values
+from .norms import frobenius_norm
 from .rank_rules import RULE_NEEDS, SpectrumTotals, select_rank
 
 # When the randomized sketch would be this large a share of the smaller side, an exact SVD
@@ -55,7 +56,8 @@ class LayerExtraction:
     factors: LoraFactors
     rel_error: float               # ||dW - stored||_F / ||dW||_F, after clamp and dtype cast
     rel_error_unclamped: float     # same, of the truncated SVD before clamp and cast
-    clamp_threshold: float | None  # |entry| limit applied by the clamp, None when off
+    clamp_threshold: float | None  # largest |entry| limit applied by the clamp, None when off
+    clamped_entries: int = 0       # factor entries the clamp changed
     spectrum: list[float] = field(default_factory=list)   # leading singular values (computed)
     seconds: float = 0.0
 
@@ -108,7 +110,7 @@ def extract_matrix(diff: torch.Tensor, cfg: ExtractConfig, *, fro: float | None 
     t0 = time.perf_counter()
     mat = diff.reshape(diff.shape[0], -1)
     if fro is None:
-        fro = float(torch.linalg.vector_norm(mat))
+        fro = frobenius_norm(mat)
     cap = cfg.rank_cap(diff.dim())
     svd, rank = _decompose(mat, cfg, cap, fro * fro, generator)
     return finish_extraction(diff, svd, rank, fro, cfg, t0)
@@ -153,14 +155,21 @@ def finish_extraction(diff: torch.Tensor, svd: TruncatedSVD, rank: int, fro: flo
     up = kept.U * root.unsqueeze(0)
     down = kept.Vh * root.unsqueeze(1)
     threshold = None
+    clipped = 0
     if cfg.clamp_quantile is not None:
-        up, down, threshold = clamp_factors(up, down, cfg.clamp_quantile)
+        clamped_up, clamped_down, threshold = clamp_factors(up, down, cfg.clamp_quantile)
+        clipped = int((clamped_up != up).sum()) + int((clamped_down != down).sum())
+        up, down = clamped_up, clamped_down
     up_out = up.to(cfg.torch_dtype)
     down_out = down.to(cfg.torch_dtype)
 
     # Residual in place: dW - (alpha/rank) * up @ down, with the factors as stored.
     mat.addmm_(up_out.float(), down_out.float(), alpha=-(alpha / rank))
-    rel_error = float(torch.linalg.vector_norm(mat)) / fro if fro > 0 else 0.0
+    rel_error = frobenius_norm(mat) / fro if fro > 0 else 0.0
+    if clipped == 0 and cfg.torch_dtype == torch.float32:
+        # The stored factors are the truncated SVD's own: nothing was added, and the measured
+        # error is the more accurate of the two numbers (no cancellation in ||dW||^2 - kept).
+        unclamped = rel_error
 
     tail = (1,) * (len(shape) - 2)
     factors = LoraFactors(
@@ -169,5 +178,5 @@ def finish_extraction(diff: torch.Tensor, svd: TruncatedSVD, rank: int, fro: flo
         alpha=alpha, rank=rank)
     return LayerExtraction(
         factors=factors, rel_error=rel_error, rel_error_unclamped=unclamped,
-        clamp_threshold=threshold, spectrum=svd.S[:SPECTRUM_KEEP].tolist(),
+        clamp_threshold=threshold, clamped_entries=clipped, spectrum=svd.S[:SPECTRUM_KEEP].tolist(),
         seconds=time.perf_counter() - t0)

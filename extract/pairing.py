@@ -13,6 +13,7 @@ import torch
 from .difference import difference_into
 from .errors import ExtractionInputError
 from .keys import diffusion_path
+from .norms import frobenius_norm
 from .sources import WeightSource
 
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
@@ -121,7 +122,7 @@ def load_difference(base: WeightSource, tuned: WeightSource, tuned_key: str, bas
     # In place, upcasting b chunk by chunk: no second float32 buffer of the layer's size.
     difference_into(diff, None, b)
     del b
-    fro = float(torch.linalg.vector_norm(diff))
+    fro = frobenius_norm(diff)
     if fro != fro or fro == float("inf"):
         for src, k in ((tuned, tuned_key), (base, base_key)):
             if not bool(torch.isfinite(src.get(k, "cpu", torch.float32)).all()):

@@ -15,6 +15,7 @@ from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
 from .errors import ExtractionInputError
 from .keys import keys_for_param
 from .layer import LayerExtraction, extract_matrix, layer_kind
+from .norms import frobenius_norm
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
 from .prefetch import Prefetcher
@@ -95,6 +96,7 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
             tensors[keys.alpha] = torch.tensor(f.alpha, dtype=torch.float32)
             entry.status, entry.rank = STATUS_LORA, f.rank
             entry.rel_error, entry.rel_error_unclamped = res.rel_error, res.rel_error_unclamped
+            entry.clamped_entries = res.clamped_entries
             entry.spectrum, entry.energy = res.spectrum, fro * fro
             if not all(map(bool, (torch.isfinite(f.up).all(), torch.isfinite(f.down).all()))):
                 raise ExtractionInputError(
@@ -108,9 +110,9 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
         tensors[target] = stored
         entry.status = STATUS_DIFF
         # ``stored`` is on the CPU (the output file's tensors are), ``diff`` on the compute
-        # device: compare them where the difference is.
-        entry.rel_error = float(torch.linalg.vector_norm(
-            stored.to(device=diff.device, dtype=torch.float32) - diff)) / fro
+        # device: compare them where the difference is, summing in float64.
+        entry.rel_error = frobenius_norm(
+            stored.to(device=diff.device, dtype=torch.float32) - diff) / fro
         if plan.on_nonleaf_module(pair.path):
             entry.reason = NONLEAF_NOTE
     entry.seconds = time.perf_counter() - t0

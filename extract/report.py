@@ -28,6 +28,7 @@ class LayerReport:
     rank: int | None = None
     rel_error: float | None = None       # of the stored tensors against the difference
     rel_error_unclamped: float | None = None
+    clamped_entries: int | None = None   # factor entries the clamp changed (LoRA layers)
     seconds: float = 0.0
     spectrum: list[float] = field(default_factory=list)
     energy: float | None = None          # ||dW||_F^2 of a LoRA layer (feeds the size curve)
@@ -44,6 +45,8 @@ class ExtractionSummary:
     worst_error: float | None
     worst_key: str | None
     mean_clamp_added_error: float | None
+    clamped_entries: int
+    clamped_layers: int
     rank_min: int | None
     rank_max: int | None
     file_bytes: int
@@ -82,6 +85,8 @@ class ExtractionReport:
             worst_error=worst.rel_error if worst else None,
             worst_key=worst.key if worst else None,
             mean_clamp_added_error=statistics.fmean(clamp_added) if clamp_added else None,
+            clamped_entries=sum(r.clamped_entries or 0 for r in lora),
+            clamped_layers=sum(bool(r.clamped_entries) for r in lora),
             rank_min=min(ranks) if ranks else None,
             rank_max=max(ranks) if ranks else None,
             file_bytes=self.file_bytes,
@@ -123,6 +128,9 @@ class ExtractionReport:
                          f"worst {s.worst_error:.4f} ({s.worst_key})")
         if s.mean_clamp_added_error is not None:
             lines.append(f"error added by clamp + dtype cast: mean {s.mean_clamp_added_error:+.5f}")
+        if self.config.get("clamp_quantile") is not None:
+            lines.append(f"clamp: {s.clamped_entries} factor entries clipped in {s.clamped_layers} "
+                         "layers")
         for reason, n in sorted(self.skipped_reasons().items()):
             lines.append(f"skipped {n}: {reason}")
         lines.extend(f"note: {n}" for n in self.notes)

@@ -27,6 +27,7 @@ import torch
 
 from ..extract.difference import CHUNK, difference_into
 from ..extract.errors import ExtractionInputError
+from ..extract.norms import frobenius_norm, frobenius_norm_tensor
 from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
 from ..extract.pairing import KeyPair, load_difference
 from ..extract.prefetch import Prefetcher
@@ -160,7 +161,7 @@ class PairStreamer:
             base = self.base.get(pair.base_key, "cpu")
             difference_into(diff, tuned, base, self._scratch)
             del tuned, base
-        fro = float(torch.linalg.vector_norm(diff))
+        fro = frobenius_norm(diff)
         self._check_finite(pair, fro)
         self.bytes_moved += diff.numel() * 4
         return LoadedLayer(pair, diff, fro, _buffer=buf, _pool=self.pool)
@@ -191,7 +192,7 @@ class PairStreamer:
                 with streams.on_side():
                     hit = self.cache.take(self.identity, pair.tuned_key)
             if hit is not None:
-                diff, fro_t, moved = hit.diff, torch.tensor(hit.fro), 0
+                diff, fro_t, moved = hit.diff, torch.tensor(hit.fro, dtype=torch.float64), 0
             elif isinstance(self.tuned, _HOST_SOURCES) and isinstance(self.base, _HOST_SOURCES):
                 diff, fro_t, moved = self._stage_and_copy(pair, staged, streams)
             else:
@@ -200,7 +201,7 @@ class PairStreamer:
                 with streams.on_side():
                     diff = self.tuned.get(pair.tuned_key, self.device, torch.float32)
                     difference_into(diff, None, self.base.get(pair.base_key, self.device))
-                    fro_t = torch.linalg.vector_norm(diff)
+                    fro_t = frobenius_norm_tensor(diff)
                 moved = diff.numel() * 4
             ready = streams.mark()
             # Host wait (reader thread only): the pinned buffers may be reused only once the
@@ -251,7 +252,7 @@ class PairStreamer:
             diff = on_device[0].float()
             difference_into(diff, None, on_device[1])
             del on_device
-            fro_t = torch.linalg.vector_norm(diff)
+            fro_t = frobenius_norm_tensor(diff)
         return diff, fro_t, moved
 
 

@@ -38,8 +38,9 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
                 "default": 0.15, "min": 0.0, "max": 1.0, "step": 0.01,
                 "tooltip": "adaptive_ratio: keep sigma > p*sigma_max. adaptive_quantile: share of the "
                            "sum of sigma. adaptive_energy: share of sum sigma^2. adaptive_fro: share of ||dW||."}),
-            "clamp_quantile": ("BOOLEAN", {"default": True, "tooltip": "Clip factor outliers at the 0.99 "
-                                                                       "quantile of their absolute values."}),
+            "clamp_quantile": ("BOOLEAN", {"default": True, "tooltip": "Clip outliers only: in each rank "
+                "component, entries of up and of down beyond 2x the 0.99 quantile of that vector's "
+                "own absolute values. No extreme values, almost no added error."}),
         },
         "optional": {
             "conv_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1,

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..extract.norms import frobenius_norm, gram_float64
 from ..extract.sources import WeightSource, open_source
 from .key_map import BaseTarget, KeyMap, build_key_map
 from .norm_cache import NormCache
@@ -14,11 +15,11 @@ from .norm_cache import NormCache
 def spectral_norm(w: torch.Tensor) -> float:
     """Exact largest singular value of a matrix.
 
-    The top eigenvalue of the smaller Gram matrix is computed to float32 rounding (eigvalsh is
-    backward stable and the top eigenvalue is the best conditioned), 3-5x cheaper than an SVD.
+    The top eigenvalue of the smaller Gram matrix (accumulated in float64) is exact to float32
+    rounding (eigvalsh is backward stable and the top eigenvalue is the best conditioned), 3-5x
+    cheaper than an SVD.
     """
-    w = w.float()
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    gram = gram_float64(w if w.shape[0] <= w.shape[1] else w.T)
     top = torch.linalg.eigvalsh(gram)[-1]
     return float(top.clamp_min(0).sqrt())
 
@@ -64,7 +65,7 @@ class BaseModel:
             return fro, spn
         w = weight if weight is not None else self.weight(target, device)
         if fro is None:
-            fro = float(torch.linalg.vector_norm(w))
+            fro = frobenius_norm(w)
             self.cache.put(target.ident, "fro", fro)
         if need_spectral and spn is None:
             spn = spectral_norm(w)

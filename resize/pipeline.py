@@ -141,8 +141,8 @@ def apply_recipe(layers: list[DecomposedLayer], recipe: Recipe, lora: LoraInput,
         k = int(mask.sum())
         ranks[layer.prefix] = k
         s = layer.S.double()
-        dropped = float(torch.linalg.vector_norm(s[~mask]))
-        total = float(torch.linalg.vector_norm(s))
+        dropped = float(torch.linalg.vector_norm(s[~mask], dtype=torch.float64))
+        total = float(torch.linalg.vector_norm(s, dtype=torch.float64))
         lines.append(LayerResize(
             prefix=layer.prefix, base_key=layer.base_key, old_rank=layer.S.numel(), new_rank=k,
             rle_lora=dropped / total if total > 0 else 1.0,

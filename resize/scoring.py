@@ -43,7 +43,7 @@ def layer_scores(layer: DecomposedLayer, recipe: Recipe) -> torch.Tensor:
         elif method == "spn_lora":
             offset += w * _log10(float(s[0]) if s.numel() else 0.0)
         elif method == "fro_lora":
-            offset += w * _log10(float(torch.linalg.vector_norm(s)))
+            offset += w * _log10(float(torch.linalg.vector_norm(s, dtype=torch.float64)))
         elif method == "params":
             offset += w * math.log10(layer.params_per_rank())
         elif method == "subspace":

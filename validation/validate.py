@@ -21,6 +21,7 @@ from ..extract.devices import checked_device
 from ..extract.errors import ExtractionInputError
 from ..extract.keys import diffusion_path
 from ..extract.layer import SPECTRUM_KEEP, layer_kind
+from ..extract.norms import frobenius_norm
 from ..extract.pairing import KeyPair, plan_pair
 from ..extract.prefetch import Prefetcher
 from ..extract.sources import WeightSource
@@ -96,7 +97,7 @@ def validate_layer(pair: KeyPair, base: WeightSource, tuned: WeightSource, lora:
     """
     base_w, tuned_w = weights if weights is not None else load_pair(pair, base, tuned, device)
     diff = tuned_w - base_w
-    delta_norm = float(torch.linalg.vector_norm(diff))
+    delta_norm = frobenius_norm(diff)
     if not _finite(delta_norm):  # NaN/Inf in either input propagates into the norm
         _raise_not_finite([(tuned_w, f"key {pair.tuned_key!r} in {tuned.name}"),
                            (base_w, f"key {pair.base_key!r} in {base.name}")])
@@ -117,7 +118,7 @@ def validate_layer(pair: KeyPair, base: WeightSource, tuned: WeightSource, lora:
             entry.note = f"patched shape {list(patched.shape)} != model shape {list(tuned_w.shape)}"
             entry.rel_error = 1.0 if delta_norm > 0 else None
             return entry
-        residual = float(torch.linalg.vector_norm(patched.sub_(tuned_w)))
+        residual = frobenius_norm(patched.sub_(tuned_w))
         if not _finite(residual):
             raise ExtractionInputError(
                 f"{lora.name}: the patch for {pair.path!r} has NaN or Inf values (or overflows "

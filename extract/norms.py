@@ -1,0 +1,74 @@
+"""Frobenius norms and sums of squares accumulated in float64, on any device.
+
+``torch.linalg.vector_norm`` on a large float32 CPU tensor accumulates in float32: on 28M
+random entries its squared norm comes out 0.3% low. The rank rules take ``||dW||_F^2`` as the
+total energy, so such an error moves ranks (adaptive_energy stopping at 0.8995 of the energy
+for p = 0.9) and every relative error of the report. ``vector_norm(x, dtype=torch.float64)``
+is exact but materialises a float64 copy of ``x`` (twice its float32 size): too much for the
+largest layers on a GPU. So the squares are summed chunk by chunk, each chunk upcast to
+float64, into a float64 accumulator that stays on ``x``'s device (one sync at the end).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Elements per chunk. On the CPU a 512 KiB float64 chunk stays in cache and each step runs
+# on one core: 3x faster than 8 MiB chunks and 10x faster than upcasting the whole tensor
+# (measured on 28M entries, 2 busy cores). On a GPU fewer, larger chunks mean fewer launches;
+# 32 MiB of float64 is small next to the layer itself.
+CPU_CHUNK = 1 << 16
+DEVICE_CHUNK = 1 << 22
+
+
+def sum_of_squares_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``sum(x_i^2)`` as a 0-dim float64 tensor on ``x``'s device (no host sync)."""
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    chunk = CPU_CHUNK if flat.device.type == "cpu" else DEVICE_CHUNK
+    # One reused float64 buffer per call (not per module: the prefetch thread and the main
+    # thread take norms at the same time).
+    buf = torch.empty(min(n, chunk), dtype=torch.float64, device=flat.device)
+    acc = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, n, chunk):
+        part = buf[: min(chunk, n - start)]
+        part.copy_(flat[start:start + chunk])
+        acc += torch.dot(part, part)
+    return acc
+
+
+def sum_of_squares(x: torch.Tensor) -> float:
+    """``sum(x_i^2)`` accumulated in float64, as a Python float."""
+    return float(sum_of_squares_tensor(x))
+
+
+def frobenius_norm_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``||x||_F`` as a 0-dim float64 tensor on ``x``'s device (no host sync)."""
+    return sum_of_squares_tensor(x).sqrt()
+
+
+def frobenius_norm(x: torch.Tensor) -> float:
+    """``||x||_F`` accumulated in float64, as a Python float (NaN/Inf propagate)."""
+    return math.sqrt(sum_of_squares(x)) if x.numel() else 0.0
+
+
+# Columns per float64 chunk of a Gram product: at most this many float64 elements (32 MiB).
+GRAM_CHUNK_ELEMENTS = 1 << 22
+
+
+def gram_float64(a: torch.Tensor) -> torch.Tensor:
+    """``a @ a.T`` for ``a`` ``[m, n]`` (m the side to keep), accumulated in float64.
+
+    A float32 product sums n products per entry in float32; the singular values taken from it
+    (nuclear norm, spectral norm) inherit that error squared-root-amplified at the small end.
+    The columns are upcast a chunk at a time, so no float64 copy of ``a`` exists at once.
+    """
+    m, n = a.shape
+    cols = max(1, GRAM_CHUNK_ELEMENTS // max(m, 1))
+    g = torch.zeros(m, m, dtype=torch.float64, device=a.device)
+    for start in range(0, n, cols):
+        c = a[:, start:start + cols].detach().to(torch.float64)
+        g.addmm_(c, c.mT)
+    return g

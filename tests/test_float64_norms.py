@@ -1,0 +1,88 @@
+"""Norms that feed a rank rule, a report or validation accumulate in float64 (issue 14).
+
+``torch.linalg.vector_norm`` on a large float32 CPU tensor sums in float32 (0.3% low on 28M
+entries). These tests use tensors whose exact norm is known in closed form: every entry is
+k / 1024 for an integer k, so every square and every partial sum is exact in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_extract.extract.norms import (
+    frobenius_norm,
+    frobenius_norm_tensor,
+    gram_float64,
+    sum_of_squares,
+    sum_of_squares_tensor,
+)
+from lora_extract.extract.pairing import load_difference
+from lora_extract.extract.sources import StateDictSource
+
+N = 28_000_000
+PERIOD = 4097          # k runs over -2048..2048, repeating
+
+
+def _exact_sum_of_squares(n: int) -> float:
+    """sum over i < n of ((i % PERIOD) - 2048)^2 / 2^20, exactly (Python integers)."""
+    full, rest = divmod(n, PERIOD)
+    per_period = sum((j - 2048) ** 2 for j in range(PERIOD))
+    partial = sum((j - 2048) ** 2 for j in range(rest))
+    return (full * per_period + partial) / 2**20
+
+
+@pytest.fixture(scope="module")
+def big() -> torch.Tensor:
+    k = torch.arange(N, dtype=torch.int32).remainder_(PERIOD).sub_(2048)
+    return (k.float() / 1024).reshape(5000, 5600)
+
+
+@pytest.fixture(scope="module")
+def exact() -> float:
+    return _exact_sum_of_squares(N)
+
+
+def test_sum_of_squares_is_exact_on_28m_entries(big: torch.Tensor, exact: float) -> None:
+    assert sum_of_squares(big) == pytest.approx(exact, rel=1e-12)
+    t = sum_of_squares_tensor(big)
+    assert t.dtype == torch.float64 and t.device == big.device and t.dim() == 0
+    assert float(t) == pytest.approx(exact, rel=1e-12)
+
+
+def test_frobenius_norm_is_exact_on_28m_entries(big: torch.Tensor, exact: float) -> None:
+    assert frobenius_norm(big) == pytest.approx(math.sqrt(exact), rel=1e-12)
+    t = frobenius_norm_tensor(big)
+    assert t.dtype == torch.float64
+    assert float(t) == pytest.approx(math.sqrt(exact), rel=1e-12)
+
+
+def test_norm_of_non_contiguous_half_and_empty_tensors(big: torch.Tensor) -> None:
+    x = big[:64, :96]
+    ref = float((x.double() ** 2).sum())
+    assert sum_of_squares(x.T) == pytest.approx(ref, rel=1e-14)          # a strided view
+    assert sum_of_squares(x.half()) == pytest.approx(ref, rel=1e-14)     # k/1024, |k| <= 2048: exact in fp16
+    assert frobenius_norm(torch.empty(0, 5)) == 0.0
+    assert frobenius_norm(torch.tensor([3.0, float("inf")])) == float("inf")
+    assert math.isnan(frobenius_norm(torch.tensor([float("nan"), 1.0])))
+
+
+def test_load_difference_norm_is_exact_on_28m_entries(big: torch.Tensor, exact: float) -> None:
+    # What the rank rules take as the layer's total energy, and every relative error divides by.
+    base = StateDictSource({"w": torch.zeros(big.shape, dtype=torch.bfloat16)}, "base")
+    tuned = StateDictSource({"w": big}, "tuned")
+    diff, fro = load_difference(base, tuned, "w", "w")
+    assert fro * fro == pytest.approx(exact, rel=1e-12)
+
+
+def test_gram_float64_is_exact() -> None:
+    # Entries k/1024: every product and partial sum below 2^53 / 2^20 is exact in float64.
+    k = torch.arange(3 * 2**21, dtype=torch.int32).remainder_(PERIOD).sub_(2048).reshape(3, 2**21)
+    a = k.float() / 1024
+    ki = k.to(torch.int64)
+    exact = torch.stack([(ki[i] * ki).sum(1) for i in range(3)]).double() / 2**20
+    g = gram_float64(a)
+    assert g.dtype == torch.float64
+    assert torch.equal(g, exact)
