@@ -22,8 +22,10 @@ from ..extract import (
     extract_to_file,
     open_source,
 )
+from ..extract.devices import resolve_device
 from ..extract.keys import KEY_STYLES
 from ..extract.tempfiles import write_text_atomic
+from .extract_v2 import add_device_option, add_v2_options, memory_options, run_extract_v2, wants_v2
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
 from .validate import add_parser as add_validate_parser
@@ -45,9 +47,10 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clamp", action="store_true", help="do not clamp factor outliers")
     p.add_argument("--alpha", type=float, default=d.alpha, help="alpha (0: equal to rank)")
     p.add_argument("--key-style", choices=KEY_STYLES, default=d.key_style)
-    p.add_argument("--device", default=d.device)
+    add_device_option(p)
     p.add_argument("--report", help="write the per-layer report as JSON here")
-    p.add_argument("--prefetch", type=int, default=2, help="layers read ahead in the background")
+    p.add_argument("--prefetch", type=int, default=2, help="layers read ahead in the background (V1)")
+    add_v2_options(p)
 
 
 def _config(a: argparse.Namespace) -> ExtractConfig:
@@ -56,11 +59,15 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         adaptive_param=a.adaptive_param, algorithm=a.algorithm, lowrank_iters=a.lowrank_iters,
         output_dtype=a.dtype, bias_diff=not a.no_bias_diff,
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
-        key_style=a.key_style, device=a.device).validate()
+        key_style=a.key_style, device=resolve_device(a.device)).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
-                report_path: str | None, prefetch: int, overwrite: bool = False) -> int:
+                report_path: str | None, prefetch: int, overwrite: bool = False,
+                args: argparse.Namespace | None = None) -> int:
+    if args is not None and wants_v2(args):
+        return run_extract_v2(base_path, tuned_path, out, cfg, memory_options(args), report_path,
+                              overwrite)
     base = open_source(base_path)
     tuned = open_source(tuned_path)
     report = extract_to_file(base, tuned, cfg, out, progress=progress_bar("extract"),
@@ -74,7 +81,7 @@ def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
 def cmd_extract(a: argparse.Namespace) -> int:
     if os.path.exists(a.output) and not a.overwrite:
         raise ExtractionInputError(f"{a.output} already exists; pass --overwrite or pick another name.")
-    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite)
+    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite, a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -84,7 +91,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     base, tuned = write_pair(folder, demo_layers(), seed=0)
     out = os.path.join(folder, "demo_lora.safetensors")
     print(f"demo pair: {base} and {tuned}")
-    return run_extract(base, tuned, out, _config(a), a.report, a.prefetch, overwrite=True)
+    return run_extract(base, tuned, out, _config(a), a.report, a.prefetch, overwrite=True, args=a)
 
 
 def build_parser() -> argparse.ArgumentParser:
