@@ -39,18 +39,34 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, transposed: bool)
 GRAM_MIN_ASPECT = 1.5
 
 
+def exact_route(device: torch.device, m: int, n: int, batched: bool) -> str:
+    """``"gram64"`` (float64 Gram matrix of the small side + eigh) or ``"thin_svd"``.
+
+    CPU: measured (see GRAM_MIN_ASPECT). CUDA: the Gram route for every shape, not measured
+    yet: cuSOLVER's SVD of a large matrix was measured no faster than the full SVD per layer
+    (21.8 s vs 20.5 s on an H200, issue "Fastest on the GPU"), while the Gram route is one
+    matmul and one small symmetric eigensolve (batched for stacks). ``benchmarks/gpu_peers.py``
+    times both routes (``route_*`` rows) on the device; set this from its numbers.
+    """
+    if device.type == "cuda":
+        return "gram64"
+    if device.type == "cpu" and not batched and max(m, n) >= GRAM_MIN_ASPECT * min(m, n):
+        return "gram64"
+    return "thin_svd"
+
+
 def exact_svd(a: torch.Tensor, k_max: int | None = None) -> TruncatedSVD:
     """All singular values of ``a``, and the top ``k_max`` (default: all) singular vectors.
 
-    Works on ``[m, n]`` or a stack ``[B, m, n]`` (one batched LAPACK/cuSOLVER call).
-    Clearly non-square CPU matrices go through the float64 Gram matrix of their small side
-    (exact to float32 precision for every singular value above ~1e-8 of the largest);
-    everything else through LAPACK's thin SVD of the tall orientation.
+    Works on ``[m, n]`` or a stack ``[B, m, n]`` (one batched call). The route per device and
+    shape is ``exact_route``'s: the float64 Gram matrix of the small side (exact to float32
+    precision for every singular value above ~1e-8 of the largest) or the thin SVD of the
+    tall orientation.
     """
     m, n = a.shape[-2:]
     transposed = m < n
     tall = a.mT if transposed else a
-    if a.dim() == 2 and a.device.type == "cpu" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n):
+    if exact_route(a.device, m, n, a.dim() > 2) == "gram64":
         return _gram_svd(tall, k_max, transposed)
     # LAPACK's divide-and-conquer is much slower on wide matrices; factorize the transpose.
     u, s, vh = torch.linalg.svd(tall, full_matrices=False)
@@ -58,17 +74,17 @@ def exact_svd(a: torch.Tensor, k_max: int | None = None) -> TruncatedSVD:
 
 
 def _gram_svd(tall: torch.Tensor, k_max: int | None, transposed: bool) -> TruncatedSVD:
-    """SVD of a tall ``[M, N]`` matrix from the eigenvectors of its ``N x N`` Gram matrix."""
+    """SVD of a tall ``[..., M, N]`` matrix from the eigenvectors of its ``N x N`` Gram matrix."""
     t64 = tall.double()
     evals, evecs = torch.linalg.eigh(t64.mT @ t64)           # ascending
     del t64
-    s = evals.flip(0).clamp_min(0).sqrt()
-    k = s.numel() if k_max is None else min(k_max, s.numel())
-    v = evecs.flip(1)[:, :k]
+    s = evals.flip(-1).clamp_min(0).sqrt()
+    k = s.shape[-1] if k_max is None else min(k_max, s.shape[-1])
+    v = evecs.flip(-1)[..., :k]
     # U = A V / S. A zero singular value (rank-deficient difference) gets a zero column, which
     # its zero weight cancels; float32 here keeps memory at one extra copy of the layer.
     vk = v.to(tall.dtype)
-    sk = s[:k].to(tall.dtype)
+    sk = s[..., :k].to(tall.dtype).unsqueeze(-2)
     av = tall @ vk
     u = torch.where(sk > 0, av / sk.clamp_min(torch.finfo(tall.dtype).tiny), torch.zeros_like(av))
     return _split(u, s.to(tall.dtype), vk.mT, transposed)

@@ -124,3 +124,29 @@ def test_stack_stops_each_matrix_on_its_own(gen) -> None:
         torch.testing.assert_close(together.U[i].abs(), one.U.abs(), rtol=0, atol=1e-5)
         err_b = _rel_error((a, b)[i], dec.TruncatedSVD(together.U[i], together.S[i], together.Vh[i]))
         assert math.isclose(err_b, _rel_error((a, b)[i], one), rel_tol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (200, 520), (480, 160)])
+def test_gram_route_of_cuda_is_exact_alone_and_batched(shape, gen, monkeypatch) -> None:
+    # The exact route CUDA takes (float64 Gram + eigh, square and stacked too), run on the CPU.
+    monkeypatch.setattr(dec, "exact_route", lambda device, m, n, batched: "gram64")
+    m, n = shape
+    mats = [matrix_with_spectrum(m, n, _spectrum(kind, min(m, n)), gen)
+            for kind in ("slow", "power")]
+    alone = [dec.exact_svd(x, k_max=20) for x in mats]
+    stacked = dec.exact_svd(torch.stack(mats), k_max=20)
+    for i, (x, svd) in enumerate(zip(mats, alone, strict=True)):
+        ref = torch.linalg.svdvals(x.double())
+        torch.testing.assert_close(svd.S.double(), ref, rtol=1e-5, atol=1e-6 * float(ref[0]))
+        assert _rel_error(x, svd.truncate(20)) / optimal_rel_error(x, 20) <= 1 + 1e-6
+        torch.testing.assert_close(stacked.S[i], svd.S, rtol=1e-5, atol=1e-7)
+        one = dec.TruncatedSVD(stacked.U[i], stacked.S[i], stacked.Vh[i]).truncate(20)
+        assert _rel_error(x, one) / optimal_rel_error(x, 20) <= 1 + 1e-6
+
+
+def test_exact_route_per_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert dec.exact_route(cpu, 9216, 3072, False) == "gram64"
+    assert dec.exact_route(cpu, 3072, 3072, False) == "thin_svd"
+    assert dec.exact_route(cpu, 9216, 3072, True) == "thin_svd"
+    assert dec.exact_route(cuda, 3072, 3072, True) == "gram64"
