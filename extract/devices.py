@@ -31,7 +31,7 @@ def resolve_device(name: str) -> str:
         dev = torch.device(spec)
     except (RuntimeError, TypeError) as e:
         raise ExtractionInputError(
-            f"device {name!r} is not a device name; use {DEVICE_HELP}.") from e
+            f"device {name!r} is not a torch device; use {DEVICE_HELP}.") from e
     if dev.type == "cpu":
         return "cpu"
     if dev.type == "cuda":

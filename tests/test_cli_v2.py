@@ -97,7 +97,7 @@ def test_auto_device_picks_cuda_when_torch_has_it(monkeypatch) -> None:
 @pytest.mark.parametrize("device,needle", [
     ("cuda", "CUDA is not available to this torch"),
     ("cuda:0", "CUDA is not available to this torch"),
-    ("gpu", "'gpu' is not a device name"),
+    ("gpu", "'gpu' is not a torch device"),
     ("meta", "meta is not supported for extraction"),
 ])
 def test_unusable_device_is_one_line_exit_2(bf16_pair, tmp_path, capsys, monkeypatch,
