@@ -33,6 +33,19 @@ SDXL_DIT_MIX: list[tuple[tuple[int, ...], int, str]] = [
     ((3072, 12288), 1, "mlp_out"),
 ]
 
+# A pair dominated by large DiT layers (Flux / SD3 / Wan): fused qkv, attention projections,
+# 4x MLPs both ways, and 1280-channel 3x3 convs (1280x11520 flattened) and Wan-like FFNs.
+# 439M parameters, 0.88 GB per model in bf16; the full-SVD baseline runs one layer per shape.
+DIT_MIX: list[tuple[tuple[int, ...], int, str]] = [
+    ((9216, 3072), 4, "qkv"),
+    ((3072, 3072), 6, "proj"),
+    ((12288, 3072), 3, "mlp"),
+    ((3072, 12288), 3, "mlp_out"),
+    ((1280, 1280, 3, 3), 2, "conv"),
+    ((5120, 1280), 2, "ffn"),
+]
+MIXES = {"mix": SDXL_DIT_MIX, "dit": DIT_MIX}
+
 
 def specs(mix: list[tuple[tuple[int, ...], int, str]], scale: float = 1.0) -> list[LayerSpec]:
     """Layer specs for ``mix``; ``scale`` multiplies the counts (rounded, at least 1)."""

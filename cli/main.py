@@ -22,9 +22,11 @@ from ..extract import (
     extract_to_file,
     open_source,
 )
+from ..extract.devices import resolve_device
 from ..extract.keys import KEY_STYLES
 from ..extract.tempfiles import write_text_atomic
 from .dry_run import run_dry
+from .extract_v2 import add_device_option, add_v2_options, memory_options, run_extract_v2, wants_v2
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
 from .validate import add_parser as add_validate_parser
@@ -49,12 +51,13 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha, help="alpha (0: equal to rank)")
     p.add_argument("--key-style", choices=KEY_STYLES, default=d.key_style,
                    help="auto: diffusers for a diffusers-named model, else comfy")
-    p.add_argument("--device", default=d.device)
+    add_device_option(p)
     p.add_argument("--report", help="write the per-layer report as JSON here")
-    p.add_argument("--prefetch", type=int, default=2, help="layers read ahead in the background")
+    p.add_argument("--prefetch", type=int, default=2, help="layers read ahead in the background (V1)")
     p.add_argument("--target-size", type=float, default=d.target_size_mb, metavar="MB",
                    help="allocate ranks (capped by --rank/--conv-rank) for the least error whose "
                         "tensors fit MB MiB (0: off; the safetensors header comes on top)")
+    add_v2_options(p)
 
 
 def _config(a: argparse.Namespace) -> ExtractConfig:
@@ -63,11 +66,16 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         adaptive_param=a.adaptive_param, algorithm=a.algorithm, lowrank_iters=a.lowrank_iters,
         output_dtype=a.dtype, bias_diff=not a.no_bias_diff,
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
-        key_style=a.key_style, device=a.device, target_size_mb=a.target_size).validate()
+        key_style=a.key_style, device=resolve_device(a.device),
+        target_size_mb=a.target_size).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
-                report_path: str | None, prefetch: int, overwrite: bool = False) -> int:
+                report_path: str | None, prefetch: int, overwrite: bool = False,
+                args: argparse.Namespace | None = None) -> int:
+    if args is not None and wants_v2(args):
+        return run_extract_v2(base_path, tuned_path, out, cfg, memory_options(args), report_path,
+                              overwrite)
     base = open_source(base_path)
     tuned = open_source(tuned_path)
     report = extract_to_file(base, tuned, cfg, out, progress=progress_bar("extract"),
@@ -85,7 +93,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         raise ExtractionInputError("no output file: pass -o OUT.safetensors (or --dry-run).")
     if os.path.exists(a.output) and not a.overwrite:
         raise ExtractionInputError(f"{a.output} already exists; pass --overwrite or pick another name.")
-    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite)
+    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite, a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -95,7 +103,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     base, tuned = write_pair(folder, demo_layers(), seed=0)
     out = os.path.join(folder, "demo_lora.safetensors")
     print(f"demo pair: {base} and {tuned}")
-    return run_extract(base, tuned, out, _config(a), a.report, a.prefetch, overwrite=True)
+    return run_extract(base, tuned, out, _config(a), a.report, a.prefetch, overwrite=True, args=a)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,8 @@ def batched_exact_svd(stack: torch.Tensor) -> list[TruncatedSVD]:
 
 
 def batched_randomized_svd(stack: torch.Tensor, k: int, oversample: int, niter: int,
-                           generators: Sequence[torch.Generator | None]) -> list[TruncatedSVD]:
+                           generators: Sequence[torch.Generator | None],
+                           fro2s: Sequence[float] | None = None) -> list[TruncatedSVD]:
     """Top-``k`` triplets of each matrix of ``stack``, as ``decompose.randomized_svd`` computes them.
 
     Each matrix gets its own Gaussian sketch from its own generator, so the result does not
@@ -48,7 +49,8 @@ def batched_randomized_svd(stack: torch.Tensor, k: int, oversample: int, niter: 
     shape = tuple(stack.shape[-2:])
     width = sketch_width(shape, k, oversample)
     omega = torch.stack([gaussian_sketch(shape, width, g, stack.dtype) for g in generators])
-    return _unstack(randomized_svd_with(stack, omega, k, niter))
+    fro2 = None if fro2s is None else torch.tensor(list(fro2s), dtype=torch.float64)
+    return _unstack(randomized_svd_with(stack, omega, k, niter, fro2=fro2))
 
 
 def same_shape_groups(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
@@ -79,7 +81,8 @@ def extract_matrices(diffs: Sequence[torch.Tensor], cfg: ExtractConfig, fros: Se
             svds = batched_exact_svd(stack)
         else:
             svds = batched_randomized_svd(stack, k, cfg.oversample, cfg.lowrank_iters,
-                                          [generators[i] for i in group])
+                                          [generators[i] for i in group],
+                                          [fros[i] * fros[i] for i in group])
         del stack
         # The batch's time is shared out evenly: per-layer seconds stay comparable with V1.
         share = (time.perf_counter() - t0) / len(group)

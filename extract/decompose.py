@@ -5,7 +5,9 @@ full matrices and always factorizes the tall orientation, which is what makes it
 faster than ``torch.linalg.svd(W)`` on the wide/tall layers of diffusion models. The randomized
 path sketches with a Gaussian test matrix, runs power iterations with re-orthonormalization
 (QR each half-step: without it the sketch collapses onto the top singular vector in float32),
-and finishes with an exact SVD of the small projected matrix.
+and finishes with an exact SVD of the small projected matrix (the Rayleigh-Ritz step, always on
+the float32 matrix). In float32 the iterations stop as soon as the kept spectrum has converged;
+on CUDA they run in bfloat16 on the tensor cores (see ``power_dtype``).
 """
 
 from __future__ import annotations
@@ -39,18 +41,34 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, transposed: bool)
 GRAM_MIN_ASPECT = 1.5
 
 
+def exact_route(device: torch.device, m: int, n: int, batched: bool) -> str:
+    """``"gram64"`` (float64 Gram matrix of the small side + eigh) or ``"thin_svd"``.
+
+    CPU: measured (see GRAM_MIN_ASPECT). CUDA: the Gram route for every shape, not measured
+    yet: cuSOLVER's SVD of a large matrix was measured no faster than the full SVD per layer
+    (21.8 s vs 20.5 s on an H200, issue "Fastest on the GPU"), while the Gram route is one
+    matmul and one small symmetric eigensolve (batched for stacks). ``benchmarks/gpu_peers.py``
+    times both routes (``route_*`` rows) on the device; set this from its numbers.
+    """
+    if device.type == "cuda":
+        return "gram64"
+    if device.type == "cpu" and not batched and max(m, n) >= GRAM_MIN_ASPECT * min(m, n):
+        return "gram64"
+    return "thin_svd"
+
+
 def exact_svd(a: torch.Tensor, k_max: int | None = None) -> TruncatedSVD:
     """All singular values of ``a``, and the top ``k_max`` (default: all) singular vectors.
 
-    Works on ``[m, n]`` or a stack ``[B, m, n]`` (one batched LAPACK/cuSOLVER call).
-    Clearly non-square CPU matrices go through the float64 Gram matrix of their small side
-    (exact to float32 precision for every singular value above ~1e-8 of the largest);
-    everything else through LAPACK's thin SVD of the tall orientation.
+    Works on ``[m, n]`` or a stack ``[B, m, n]`` (one batched call). The route per device and
+    shape is ``exact_route``'s: the float64 Gram matrix of the small side (exact to float32
+    precision for every singular value above ~1e-8 of the largest) or the thin SVD of the
+    tall orientation.
     """
     m, n = a.shape[-2:]
     transposed = m < n
     tall = a.mT if transposed else a
-    if a.dim() == 2 and a.device.type == "cpu" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n):
+    if exact_route(a.device, m, n, a.dim() > 2) == "gram64":
         return _gram_svd(tall, k_max, transposed)
     # LAPACK's divide-and-conquer is much slower on wide matrices; factorize the transpose.
     u, s, vh = torch.linalg.svd(tall, full_matrices=False)
@@ -58,17 +76,17 @@ def exact_svd(a: torch.Tensor, k_max: int | None = None) -> TruncatedSVD:
 
 
 def _gram_svd(tall: torch.Tensor, k_max: int | None, transposed: bool) -> TruncatedSVD:
-    """SVD of a tall ``[M, N]`` matrix from the eigenvectors of its ``N x N`` Gram matrix."""
+    """SVD of a tall ``[..., M, N]`` matrix from the eigenvectors of its ``N x N`` Gram matrix."""
     t64 = tall.double()
     evals, evecs = torch.linalg.eigh(t64.mT @ t64)           # ascending
     del t64
-    s = evals.flip(0).clamp_min(0).sqrt()
-    k = s.numel() if k_max is None else min(k_max, s.numel())
-    v = evecs.flip(1)[:, :k]
+    s = evals.flip(-1).clamp_min(0).sqrt()
+    k = s.shape[-1] if k_max is None else min(k_max, s.shape[-1])
+    v = evecs.flip(-1)[..., :k]
     # U = A V / S. A zero singular value (rank-deficient difference) gets a zero column, which
     # its zero weight cancels; float32 here keeps memory at one extra copy of the layer.
     vk = v.to(tall.dtype)
-    sk = s[:k].to(tall.dtype)
+    sk = s[..., :k].to(tall.dtype).unsqueeze(-2)
     av = tall @ vk
     u = torch.where(sk > 0, av / sk.clamp_min(torch.finfo(tall.dtype).tiny), torch.zeros_like(av))
     return _split(u, s.to(tall.dtype), vk.mT, transposed)
@@ -92,38 +110,140 @@ def gaussian_sketch(shape: tuple[int, ...], width: int, generator: torch.Generat
     return torch.randn(min(m, n), width, generator=generator, dtype=dtype, device="cpu")
 
 
-def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int) -> TruncatedSVD:
+# Power iterations stop once the energy the kept components capture has converged: when the
+# gain still to come, extrapolated from the last two gains (they shrink geometrically), is
+# below STOP_TOL of the energy left out. That keeps the error within ~STOP_TOL / 2 of what all
+# ``niter`` iterations give. On DiT-like layers at rank 32 the error / optimum after 2, 3, 4 and
+# 7 iterations measured 1.002-1.003, 1.0004-1.0009, 1.0001-1.0003 and 1.00001-1.00002; by those
+# numbers the test stops after about 5 of 7 there; tests/test_randomized_accuracy.py bounds it at 1.001x
+# on constructed spectra. Below ENERGY_FLOOR of the total energy, float32 rounding of the
+# estimates is of the order of the gains: the tolerance stops shrinking there.
+STOP_TOL = 2e-4
+ENERGY_FLOOR = 1e-3
+MIN_ITERS = 2
+
+
+def kept_energy(r: torch.Tensor, k: int) -> torch.Tensor:
+    """Energy of the top ``k`` Ritz values of the current subspace, float64, per matrix.
+
+    ``r`` is the R factor of ``A^T Q``: its singular values are those of ``Q^T A``, the
+    Rayleigh-Ritz estimates of ``A``'s top singular values in the subspace ``Q``; computing
+    them costs a ``width x width`` SVD, nothing next to the matmuls.
+    """
+    s = torch.linalg.svdvals(r.double())
+    return (s[..., :k] ** 2).sum(-1)
+
+
+def converged(energies: list[torch.Tensor], fro2: torch.Tensor) -> torch.Tensor:
+    """Per matrix: whether the kept energy has converged (see STOP_TOL), from its history."""
+    if len(energies) < MIN_ITERS + 1:
+        return torch.zeros_like(fro2, dtype=torch.bool)
+    e0, e1, e2 = energies[-3:]
+    d1, d2 = e1 - e0, e2 - e1
+    rate = torch.where(d1 > 0, d2 / d1.clamp_min(1e-300), torch.zeros_like(d1)).clamp_min(0)
+    # Gains that do not shrink (rate >= 1) are never taken for convergence.
+    still = torch.where(rate < 1, d2.clamp_min(0) * rate / (1 - rate).clamp_min(1e-12),
+                        torch.full_like(d2, float("inf")))
+    left_out = torch.maximum(fro2 - e2, ENERGY_FLOOR * fro2)
+    return still <= STOP_TOL * left_out
+
+
+def _power_iterations(mat: torch.Tensor, q: torch.Tensor, k: int, niter: int,
+                      fro2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 subspace iteration from ``q`` until converged or ``niter``; returns ``q`` and
+    ``y = mat^T q`` (the projected matrix, transposed, for the Rayleigh-Ritz step).
+
+    In a stack each matrix stops on its own (its ``q`` is frozen once converged), so a layer
+    gets the same iterations whether it is decomposed alone or in a batch.
+    """
+    batch = mat.shape[:-2]
+    done = torch.zeros(batch, dtype=torch.bool, device=fro2.device)
+    energies: list[torch.Tensor] = []
+    y = mat.mT @ q
+    for _ in range(niter):
+        z, r = torch.linalg.qr(y, mode="reduced")
+        energies.append(kept_energy(r, k).to(fro2.device))
+        done = done | converged(energies, fro2)
+        if bool(done.all()):
+            break
+        q_next = _orthonormal(mat @ z)
+        y_next = mat.mT @ q_next
+        if batch:
+            keep = done.to(q.device).view(*batch, 1, 1)
+            q, y = torch.where(keep, q, q_next), torch.where(keep, y, y_next)
+        else:
+            q, y = q_next, y_next
+    return q, y
+
+
+def power_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the power iterations' big matmuls on ``device``.
+
+    bfloat16 on CUDA (tensor cores; the final Rayleigh-Ritz step runs on the float32 matrix,
+    which keeps the accuracy: on the CPU, where this was measured, bf16 iterations gave the
+    same error / optimum to 1e-6 as float32 ones). float32 elsewhere, where the iterations
+    stop early on convergence instead (bf16 rounding would blur that test).
+    """
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _low_precision_iterations(mat: torch.Tensor, q: torch.Tensor, niter: int,
+                              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``niter`` power iterations with the matmuls in ``dtype`` (QRs in float32), then one
+    float32 ``y = mat^T q`` for the Rayleigh-Ritz step."""
+    low = mat.to(dtype)
+    for _ in range(niter):
+        z = _orthonormal((low.mT @ q.to(dtype)).float())
+        q = _orthonormal((low @ z.to(dtype)).float())
+    del low
+    return q, mat.mT @ q
+
+
+def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int, *,
+                        fro2: float | torch.Tensor | None = None,
+                        iteration_dtype: torch.dtype | None = None) -> TruncatedSVD:
     """Top-``k`` triplets of ``a`` (``[m, n]`` or ``[B, m, n]``) from the test matrix ``omega``
-    (``[min(m, n), width]``, or stacked ``[B, ...]``)."""
+    (``[min(m, n), width]``, or stacked ``[B, ...]``).
+
+    ``fro2``: ``||a||_F^2`` (per matrix) if the caller has it, for the convergence test.
+    ``iteration_dtype``: the power iterations' matmul dtype (default: ``power_dtype``).
+    """
     m, n = a.shape[-2:]
     # Sketch the side that makes the tall QR factors the smaller ones.
     transposed = m < n
     mat = a.mT if transposed else a           # [..., M, N] with M >= N
-    q = _orthonormal(mat @ omega.to(a.device))  # [..., M, width]
-    for _ in range(niter):
-        z = _orthonormal(mat.mT @ q)          # [..., N, width]
-        q = _orthonormal(mat @ z)
-    b = q.mT @ mat                            # [..., width, N], wide
-    # LAPACK is slower on wide matrices (5-18% of a whole randomized SVD at 320..1280 wide
-    # layers, measured): factorize b^T, which is tall, and swap its factors.
-    vb, s, ubt = torch.linalg.svd(b.mT, full_matrices=False)
+    k = min(k, omega.shape[-1])
+    dtype = iteration_dtype or power_dtype(a.device)
+    if dtype != mat.dtype:
+        q = _orthonormal((mat.to(dtype) @ omega.to(a.device, dtype)).float())
+        q, y = _low_precision_iterations(mat, q, niter, dtype)
+    else:
+        q = _orthonormal(mat @ omega.to(a.device))  # [..., M, width]
+        if fro2 is None:
+            fro2 = torch.linalg.vector_norm(mat, dim=(-2, -1), dtype=torch.float64) ** 2
+        f2 = torch.as_tensor(fro2, dtype=torch.float64).to("cpu")
+        q, y = _power_iterations(mat, q, k, niter, f2)
+    # y = (q^T mat)^T is tall: LAPACK is slower on wide matrices (5-18% of a whole randomized
+    # SVD at 320..1280 wide layers, measured), so factorize it and swap its factors.
+    vb, s, ubt = torch.linalg.svd(y, full_matrices=False)
     u = q @ ubt.mT
     vh = vb.mT
-    k = min(k, omega.shape[-1])
     return _split(u[..., :k], s[..., :k], vh[..., :k, :], transposed)
 
 
 def randomized_svd(a: torch.Tensor, k: int, oversample: int, niter: int,
-                   generator: torch.Generator | None = None) -> TruncatedSVD:
+                   generator: torch.Generator | None = None, *,
+                   fro2: float | torch.Tensor | None = None) -> TruncatedSVD:
     """Top-``k`` triplets of ``a`` by a randomized range finder.
 
     ``oversample`` extra sketch columns and ``niter`` power iterations trade time for accuracy;
     the smallest returned singular values are the least accurate (they run low), which is why
-    callers that choose a rank from them oversample past the rank cap.
+    callers that choose a rank from them oversample past the rank cap. ``niter`` is the most
+    iterations: in float32 they stop once the kept spectrum has converged (``STOP_TOL``).
     """
     width = sketch_width(tuple(a.shape), k, oversample)
     omega = gaussian_sketch(tuple(a.shape), width, generator, a.dtype)
-    return randomized_svd_with(a, omega, k, niter)
+    return randomized_svd_with(a, omega, k, niter, fro2=fro2)
 
 
 def singular_values(a: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ def _decompose(mat: torch.Tensor, cfg: ExtractConfig, cap: int, fro2: float,
     if use_exact:
         svd = exact_svd(mat, k_max=min(cap, min(m, n)))
     else:
-        svd = randomized_svd(mat, k, cfg.oversample, cfg.lowrank_iters, generator)
+        svd = randomized_svd(mat, k, cfg.oversample, cfg.lowrank_iters, generator, fro2=fro2)
     return svd, choose_rank(mat, svd, use_exact, cfg, cap, fro2)
 
 

@@ -37,9 +37,13 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    # Tensors in key order, not in the caller's: a file's bytes must not depend on the order a
+    # source lists its weights (a checkpoint file and the module ComfyUI builds from it list
+    # them differently), so the command line and the nodes write the same file.
+    items = sorted(tensors.items())
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
-    for key, t in tensors.items():
+    for key, t in items:
         if t.dtype not in _DTYPE_NAMES:
             raise ExtractionInputError(f"cannot save {key!r}: dtype {t.dtype} is not supported.")
         n = t.numel() * t.element_size()
@@ -50,7 +54,7 @@ def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
-    for t in tensors.values():
+    for _key, t in items:
         f.write(_tensor_bytes(t))
 
 

@@ -1,0 +1,152 @@
+"""The randomized SVD's accuracy bound (error <= 1.001x the optimal truncated SVD) on constructed
+spectra, with its speed levers on: early stop of the power iterations, bfloat16 iterations
+(the CUDA route, run here on the CPU), same-shape batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import matrix_with_spectrum, optimal_rel_error
+
+from lora_extract.extract import ExtractConfig, extract_matrix
+from lora_extract.extract import decompose as dec
+from lora_extract.extract.decompose import gaussian_sketch, randomized_svd, randomized_svd_with
+
+BOUND = 1.001
+
+
+def _spectrum(kind: str, n: int) -> torch.Tensor:
+    i = torch.arange(n, dtype=torch.float64)
+    if kind == "slow":          # fine-tune-like: no clean cut, sigma_k+p / sigma_k ~ 0.8
+        return 0.985 ** i
+    if kind == "very_slow":     # the hardest case for few iterations
+        return 0.995 ** i
+    if kind == "lowrank_noise":  # a clean rank-20 update over a noise floor
+        return torch.where(i < 20, 0.9 ** i, torch.full_like(i, 1e-3))
+    return torch.ones_like(i) / (1 + i) ** 0.5  # "power": heavy tail
+
+
+def _rel_error(a: torch.Tensor, svd: dec.TruncatedSVD) -> float:
+    approx = (svd.U.double() * svd.S.double()) @ svd.Vh.double()
+    return float(torch.linalg.norm(a.double() - approx) / torch.linalg.norm(a.double()))
+
+
+CASES = [((600, 240), "slow"), ((240, 700), "very_slow"), ((400, 400), "lowrank_noise"),
+         ((500, 300), "power"), ((300, 1100), "slow")]
+
+
+@pytest.mark.parametrize("shape,kind", CASES)
+@pytest.mark.parametrize("k", [8, 32])
+def test_default_randomized_within_bound_of_optimal(shape, kind, k, gen) -> None:
+    m, n = shape
+    a = matrix_with_spectrum(m, n, _spectrum(kind, min(m, n)), gen)
+    svd = randomized_svd(a, k, 16, 7, torch.Generator().manual_seed(3))
+    ratio = _rel_error(a, svd) / optimal_rel_error(a, k)
+    assert 1 - 1e-6 <= ratio <= BOUND, ratio
+
+
+@pytest.mark.parametrize("shape,kind", CASES)
+def test_early_stop_saves_iterations_and_keeps_the_error(shape, kind, gen, monkeypatch) -> None:
+    m, n = shape
+    k = 16
+    a = matrix_with_spectrum(m, n, _spectrum(kind, min(m, n)), gen)
+    omega = gaussian_sketch((m, n), k + 16, torch.Generator().manual_seed(5), torch.float32)
+    calls = []
+    real = dec._orthonormal
+    monkeypatch.setattr(dec, "_orthonormal", lambda y: calls.append(1) or real(y))
+    early = _rel_error(a, randomized_svd_with(a, omega, k, 7))
+    used = len(calls) - 1                      # one QR for the sketch, one per iteration
+    # Never converged: all 7 iterations.
+    monkeypatch.setattr(dec, "converged", lambda e, f: torch.zeros_like(f, dtype=torch.bool))
+    calls.clear()
+    full = _rel_error(a, randomized_svd_with(a, omega, k, 7))
+    assert len(calls) - 1 == 7
+    assert dec.MIN_ITERS <= used <= 7
+    # STOP_TOL bounds the energy still to come relative to the energy left out: error within
+    # ~1e-4 of what all iterations give.
+    assert early <= full * (1 + 2e-4), (early, full, used)
+    assert early / optimal_rel_error(a, k) <= BOUND
+
+
+def test_early_stop_pays_on_a_fine_tune_like_layer(gen, monkeypatch) -> None:
+    # The speed lever itself: on a slowly decaying spectrum it stops well before 7 iterations.
+    a = matrix_with_spectrum(900, 300, _spectrum("slow", 300), gen)
+    calls = []
+    real = dec._orthonormal
+    monkeypatch.setattr(dec, "_orthonormal", lambda y: calls.append(1) or real(y))
+    randomized_svd(a, 32, 16, 7, torch.Generator().manual_seed(1))
+    assert len(calls) - 1 <= 5
+
+
+@pytest.mark.parametrize("shape,kind", CASES)
+def test_bfloat16_iterations_then_float32_rayleigh_ritz_keep_the_bound(shape, kind, gen) -> None:
+    # The CUDA route (tensor-core bf16 power iterations), run on the CPU: the float32
+    # Rayleigh-Ritz step on the exact matrix keeps the error at the float32 route's.
+    m, n = shape
+    k = 16
+    a = matrix_with_spectrum(m, n, _spectrum(kind, min(m, n)), gen)
+    omega = gaussian_sketch((m, n), k + 16, torch.Generator().manual_seed(5), torch.float32)
+    low = randomized_svd_with(a, omega, k, 7, iteration_dtype=torch.bfloat16)
+    assert low.U.dtype == torch.float32 and low.S.dtype == torch.float32
+    ratio = _rel_error(a, low) / optimal_rel_error(a, k)
+    assert ratio <= BOUND, ratio
+
+
+def test_cuda_uses_bfloat16_iterations_cpu_float32() -> None:
+    assert dec.power_dtype(torch.device("cuda")) == torch.bfloat16
+    assert dec.power_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_extract_matrix_on_the_bf16_route_keeps_the_bound(gen, monkeypatch) -> None:
+    # The whole layer path as it runs on CUDA (bf16 iterations), emulated on the CPU.
+    monkeypatch.setattr(dec, "power_dtype", lambda device: torch.bfloat16)
+    a = matrix_with_spectrum(640, 320, _spectrum("slow", 320), gen)
+    cfg = ExtractConfig(rank=24, algorithm="svd_lowrank", clamp_quantile=None, output_dtype="fp32")
+    res = extract_matrix(a.clone(), cfg, generator=torch.Generator().manual_seed(2))
+    assert res.rel_error / optimal_rel_error(a, 24) <= BOUND
+
+
+def test_stack_stops_each_matrix_on_its_own(gen) -> None:
+    # A batch mixing a fast- and a slow-converging matrix gives each the result it gets alone.
+    # ("power" stops after 2 iterations, "very_slow" runs all 7: measured.)
+    a = matrix_with_spectrum(300, 120, _spectrum("power", 120), gen)
+    b = matrix_with_spectrum(300, 120, _spectrum("very_slow", 120), gen)
+    omegas = [gaussian_sketch((300, 120), 24, torch.Generator().manual_seed(s), torch.float32)
+              for s in (1, 2)]
+    alone = [randomized_svd_with(x, o, 8, 7) for x, o in zip((a, b), omegas, strict=True)]
+    fro2 = torch.tensor([float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2 for x in (a, b)],
+                        dtype=torch.float64)
+    together = randomized_svd_with(torch.stack([a, b]), torch.stack(omegas), 8, 7, fro2=fro2)
+    for i, one in enumerate(alone):
+        torch.testing.assert_close(together.S[i], one.S, rtol=1e-6, atol=0)
+        torch.testing.assert_close(together.U[i].abs(), one.U.abs(), rtol=0, atol=1e-5)
+        err_b = _rel_error((a, b)[i], dec.TruncatedSVD(together.U[i], together.S[i], together.Vh[i]))
+        assert math.isclose(err_b, _rel_error((a, b)[i], one), rel_tol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (200, 520), (480, 160)])
+def test_gram_route_of_cuda_is_exact_alone_and_batched(shape, gen, monkeypatch) -> None:
+    # The exact route CUDA takes (float64 Gram + eigh, square and stacked too), run on the CPU.
+    monkeypatch.setattr(dec, "exact_route", lambda device, m, n, batched: "gram64")
+    m, n = shape
+    mats = [matrix_with_spectrum(m, n, _spectrum(kind, min(m, n)), gen)
+            for kind in ("slow", "power")]
+    alone = [dec.exact_svd(x, k_max=20) for x in mats]
+    stacked = dec.exact_svd(torch.stack(mats), k_max=20)
+    for i, (x, svd) in enumerate(zip(mats, alone, strict=True)):
+        ref = torch.linalg.svdvals(x.double())
+        torch.testing.assert_close(svd.S.double(), ref, rtol=1e-5, atol=1e-6 * float(ref[0]))
+        assert _rel_error(x, svd.truncate(20)) / optimal_rel_error(x, 20) <= 1 + 1e-6
+        torch.testing.assert_close(stacked.S[i], svd.S, rtol=1e-5, atol=1e-7)
+        one = dec.TruncatedSVD(stacked.U[i], stacked.S[i], stacked.Vh[i]).truncate(20)
+        assert _rel_error(x, one) / optimal_rel_error(x, 20) <= 1 + 1e-6
+
+
+def test_exact_route_per_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert dec.exact_route(cpu, 9216, 3072, False) == "gram64"
+    assert dec.exact_route(cpu, 3072, 3072, False) == "thin_svd"
+    assert dec.exact_route(cpu, 9216, 3072, True) == "thin_svd"
+    assert dec.exact_route(cuda, 3072, 3072, True) == "gram64"
