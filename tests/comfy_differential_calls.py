@@ -269,6 +269,15 @@ def _real_main(comfy_root: str, pack_dir: str, work: str) -> None:
             return getattr(cls(), cls.FUNCTION)(**inputs, **hidden)
 
     record(work, "real", pack, run_node)
+    with open(os.path.join(work, "real.json"), encoding="utf-8") as f:
+        out = json.load(f)
+    try:
+        import comfyui_version
+        out["comfyui_version"] = comfyui_version.__version__
+    except ImportError:
+        out["comfyui_version"] = "unknown"
+    with open(os.path.join(work, "real.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
     with open(os.path.join(work, "real_arch_key_maps.json"), "w", encoding="utf-8") as f:
         json.dump(real_arch_key_maps(), f)
 

@@ -113,11 +113,22 @@ def test_comfy_keymap_applies_loras_as_comfyui_does(real, caplog) -> None:
         torch.testing.assert_close(patched[k].float(), v, rtol=1e-6, atol=1e-7, msg=k)
 
 
+# The ComfyUI version the stub models, and the differences newer versions are known to have
+# (the pack handles both sides; the tests named in the reason cover the other side).
+STUB_VERSION = "0.3.64"
+KNOWN_NEWER_DIFFERENCES = {
+    "interrupt_is_exception": "InterruptProcessingException became a BaseException after 0.3.64 "
+                              "(tests/test_faults_node.py runs the nodes with both)",
+}
+
+
 def test_device_interrupt_and_progress_hook_behave_the_same(real, stub) -> None:
     _, r, _ = real
     _, s = stub
     for key in ("device", "interrupt_is_exception", "interrupt_raised", "flag_after_raise",
                 "free_memory_type", "total_memory_type", "progress_hook_calls"):
+        if r["comfyui_version"] != STUB_VERSION and key in KNOWN_NEWER_DIFFERENCES:
+            continue
         assert s[key] == r[key], key
 
 
