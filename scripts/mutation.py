@@ -11,6 +11,7 @@ Do not edit the checkout while a chunk runs.
     python scripts/mutation.py --list              # the chunks
     python scripts/mutation.py extract-config      # one chunk (several: space-separated)
     python scripts/mutation.py --all               # every chunk (hours on 2 cores)
+    python scripts/mutation.py --all --sample 8    # 8 random mutants per chunk (seeded)
     mutmut results / mutmut show ID                 # survivors of the last runs (.mutmut-cache)
 
 A summary line per chunk (killed / survived / timed out / suspicious) is appended to
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
@@ -60,51 +60,56 @@ CHUNKS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def run_chunk(name: str) -> str:
+def _db():
+    import sqlite3
+
+    return sqlite3.connect(os.path.join(ROOT, ".mutmut-cache"))
+
+
+def _mutants(files: list[str]) -> list[tuple[int, str]]:
+    """(id, status) of every mutant of these files in mutmut's cache."""
+    marks = ",".join("?" * len(files))
+    with _db() as db:
+        return db.execute(
+            "SELECT m.id, m.status FROM Mutant m JOIN Line l ON m.line = l.id JOIN SourceFile s "
+            f"ON l.sourcefile = s.id WHERE s.filename IN ({marks}) ORDER BY m.id", files).fetchall()
+
+
+def run_chunk(name: str, sample: int, seed: int) -> str:
+    """Mutate the chunk's files; test every mutant, or a seeded random ``sample`` of them.
+
+    Sampling: mutmut lists the mutants first with a no-op runner (every one then reads
+    'survived'); the chosen ones are reset and tested one by one with the real tests.
+    """
+    import random
+
     files, tests = CHUNKS[name]
     runner = f"{PYTEST} {' '.join(tests)}"
     t0 = time.time()
-    cmd = ["mutmut", "run", "--paths-to-mutate", ",".join(files), "--tests-dir", "tests",
-           "--runner", runner, "--no-progress", "--simple-output"]
-    subprocess.run(cmd, cwd=ROOT, check=False)
-    res = subprocess.run(["mutmut", "results"], cwd=ROOT, capture_output=True, text=True, check=False)
-    survivors = _survivors(res.stdout, files)
-    counts = _counts(files)
-    line = (f"{time.strftime('%Y-%m-%d %H:%M')} {name}: {counts} in {time.time() - t0:.0f} s; "
-            f"survivors {survivors}")
+    base = ["mutmut", "run", "--paths-to-mutate", ",".join(files), "--tests-dir", "tests",
+            "--no-progress", "--simple-output"]
+    subprocess.run([*base, "--runner", "true"], cwd=ROOT, check=False, capture_output=True)
+    ids = [i for i, _ in _mutants(files)]
+    chosen = sorted(random.Random(seed).sample(ids, min(sample, len(ids)))) if sample else ids
+    with _db() as db:
+        # The no-op baseline took ~0 s; give each mutant's tests a 5-minute limit (10x this).
+        db.execute("UPDATE MiscData SET value='30' WHERE key='baseline_time_elapsed'")
+        db.executemany("UPDATE Mutant SET status='untested', tested_against_hash='' WHERE id=?",
+                       [(i,) for i in chosen])
+    for i in chosen:
+        subprocess.run([*base, "--runner", runner, str(i)], cwd=ROOT, check=False, capture_output=True)
+    status = dict(_mutants(files))
+    outcome: dict[str, list[int]] = {}
+    for i in chosen:
+        outcome.setdefault(status[i], []).append(i)
+    killed = len(outcome.get("ok_killed", []))
+    line = (f"{time.strftime('%Y-%m-%d %H:%M')} {name}: {killed}/{len(chosen)} killed "
+            f"({len(ids)} mutants, {'sample' if sample else 'all'}), "
+            f"{ {k: v for k, v in outcome.items() if k != 'ok_killed'} } in {time.time() - t0:.0f} s")
     os.makedirs(os.path.join(ROOT, "benchmarks", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "out", "mutation.txt"), "a", encoding="utf-8") as f:
         f.write(line + "\n")
     return line
-
-
-def _survivors(results: str, files: list[str]) -> dict[str, str]:
-    """Mutant ids per file from ``mutmut results`` (section 'Survived'), for these files."""
-    out: dict[str, str] = {}
-    section = None
-    current = None
-    for line in results.splitlines():
-        if line.startswith(("Survived", "Timed out", "Suspicious", "Untested", "Skipped", "Killed")):
-            section = line.split()[0]
-        m = re.match(r"---- (.+) \(\d+\) ----", line)
-        if m:
-            current = m.group(1)
-        elif section == "Survived" and current in files and line.strip():
-            out[current] = (out.get(current, "") + " " + line.strip()).strip()
-    return out
-
-
-def _counts(files: list[str]) -> dict[str, int]:
-    """Mutant outcomes for these files, from mutmut's cache."""
-    import sqlite3
-
-    db = sqlite3.connect(os.path.join(ROOT, ".mutmut-cache"))
-    marks = ",".join("?" * len(files))
-    rows = db.execute(
-        "SELECT m.status, count(*) FROM Mutant m JOIN Line l ON m.line = l.id "
-        f"JOIN SourceFile s ON l.sourcefile = s.id WHERE s.filename IN ({marks}) GROUP BY m.status",
-        files).fetchall()
-    return dict(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("chunks", nargs="*")
     p.add_argument("--all", action="store_true")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--sample", type=int, default=0, help="test N random mutants per chunk (0: all)")
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.list:
         for name, (files, tests) in CHUNKS.items():
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown or no chunk: {unknown}; use --list", file=sys.stderr)
         return 2
     for n in names:
-        print(run_chunk(n), flush=True)
+        print(run_chunk(n, a.sample, a.seed), flush=True)
     return 0
 
 
