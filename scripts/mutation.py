@@ -28,7 +28,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTEST = "python -m pytest -x -q -p no:cacheprovider"
+PYTEST = f"{sys.executable} -m pytest -x -q -p no:cacheprovider"
+# mutmut from the same environment, whether or not it is activated
+MUTMUT = os.path.join(os.path.dirname(sys.executable), "mutmut")
 
 # name: (files to mutate, fast tests that cover them)
 CHUNKS: dict[str, tuple[list[str], list[str]]] = {
@@ -86,7 +88,7 @@ def run_chunk(name: str, sample: int, seed: int) -> str:
     files, tests = CHUNKS[name]
     runner = f"{PYTEST} {' '.join(tests)}"
     t0 = time.time()
-    base = ["mutmut", "run", "--paths-to-mutate", ",".join(files), "--tests-dir", "tests",
+    base = [MUTMUT, "run", "--paths-to-mutate", ",".join(files), "--tests-dir", "tests",
             "--no-progress", "--simple-output"]
     subprocess.run([*base, "--runner", "true"], cwd=ROOT, check=False, capture_output=True)
     ids = [i for i, _ in _mutants(files)]
