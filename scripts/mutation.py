@@ -32,33 +32,38 @@ PYTEST = f"{sys.executable} -m pytest -x -q -p no:cacheprovider"
 # mutmut from the same environment, whether or not it is activated
 MUTMUT = os.path.join(os.path.dirname(sys.executable), "mutmut")
 
+UO, MR = "tests/test_user_options.py", "tests/test_memory_runtime.py"
 # name: (files to mutate, fast tests that cover them)
 CHUNKS: dict[str, tuple[list[str], list[str]]] = {
     "extract-config": (["extract/config.py", "extract/keys.py"],
                        ["tests/test_user_options.py", "tests/test_pipeline.py", "tests/test_bad_input.py"]),
     "extract-layer": (["extract/layer.py", "extract/rank_rules.py"],
                       ["tests/test_layer_extraction.py", "tests/test_rank_rules.py",
-                       "tests/test_user_options.py::test_lowrank_iters_buys_accuracy"]),
+                       f"{UO}::test_lowrank_iters_buys_accuracy"]),
     "extract-pipeline": (["extract/pipeline.py"],
                          ["tests/test_pipeline.py", "tests/test_user_options.py", "tests/test_bad_input.py"]),
     "memory-rolling-cache": (["memory/rolling.py", "memory/cache.py", "memory/buffers.py"],
-                             ["tests/test_rolling.py", "tests/test_memory_runtime.py",
-                              "tests/test_user_options.py::test_rolling_window_bounds_layers_held_while_workers_are_busy",
-                              "tests/test_user_options.py::test_resident_cache_misses_after_add_patches"]),
+                             ["tests/test_rolling.py",
+                              f"{UO}::test_rolling_window_bounds_layers_held_while_workers_are_busy",
+                              f"{UO}::test_resident_cache_misses_after_add_patches",
+                              f"{MR}::test_pool_reuses_buffers_and_bounds_memory",
+                              f"{MR}::test_pool_never_waits_on_nothing",
+                              f"{MR}::test_resident_blocks_are_not_read_again"]),
     "memory-planner": (["memory/planner.py"],
                        ["tests/test_memory_planning.py", "tests/test_memory_runtime.py"]),
     "resize-merge": (["resize/merge.py", "resize/recipe.py"],
-                     ["tests/test_resize_pipeline.py", "tests/test_resize_node.py",
-                      "tests/test_bad_input_resize.py", "tests/test_resize_scoring.py"]),
+                     ["tests/test_resize_pipeline.py", "tests/test_bad_input_resize.py",
+                      "tests/test_resize_node.py::test_node_with_model_input_and_merge_saved_to_loras"]),
     "resize-scoring": (["resize/scoring.py"],
                        ["tests/test_resize_scoring.py", "tests/test_resize_pipeline.py"]),
     "nodes": (["nodes/extract_node.py", "nodes/extract_v2_node.py", "nodes/extract_inputs.py",
                "nodes/comfy_adapter.py"],
-              ["tests/test_user_options.py", "tests/test_node_extract.py", "tests/test_v2_node.py",
-               "tests/test_comfy_model_source.py", "tests/test_bad_input_node.py"]),
+              ["tests/test_user_options.py", "tests/test_node_extract.py", "tests/test_v2_node.py"]),
     "validation": (["validation/report.py", "validation/validate.py"],
-                   ["tests/test_validate.py", "tests/test_validate_node_cli.py",
-                    "tests/test_user_options.py"]),
+                   ["tests/test_validate.py", f"{UO}::test_max_error_passes_a_complete_lora",
+                    f"{UO}::test_max_error_fails_on_an_uncovered_layer",
+                    f"{UO}::test_max_error_fails_on_an_unmatched_key",
+                    f"{UO}::test_max_error_fails_on_an_unmergeable_patch"]),
 }
 
 
