@@ -140,3 +140,13 @@ def test_interrupt_stops_between_layers_without_files(comfy_dirs, monkeypatch) -
     assert len(seen) == 1                 # the first layer finished, the second never started
     out = tmp_path / "output" / "loras"
     assert not out.exists() or os.listdir(out) == []
+
+
+def test_progress_text_goes_to_the_resize_node(comfy_dirs) -> None:
+    from server import PromptServer
+
+    server = PromptServer._reset()
+    run_node(NODE_CLASS_MAPPINGS["LoraResize"], _inputs(ckpt_name="sdxl_base.safetensors"), node_id="11")
+    texts = server.progress_texts()
+    assert texts and {nid for nid, _ in texts} == {"11"}
+    assert texts[0][1] == f"1/3: {PREFIX}"     # one layer, then the two recipes

@@ -27,8 +27,9 @@ from server import PromptServer
 from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
+from lora_extract.extract.keys import UP_DOWN_FORMATS
 from lora_extract.extract.layer import extract_matrix
-from lora_extract.extract.synthetic import LayerSpec, write_pair
+from lora_extract.extract.synthetic import LayerSpec, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
@@ -344,3 +345,70 @@ def test_progress_text_goes_to_the_running_node(comfy_dirs, models, node: str) -
     events = server.progress_events()
     assert [e["value"] for e in events] == list(range(1, n + 1))
     assert {e["node"] for e in events} == {"42"}
+
+
+def _extract_file(tuned_patcher, patcher) -> str:
+    return _node("LoraExtract", finetuned_model=tuned_patcher, original_model=patcher,
+                 output_dtype="fp32")["result"][0]
+
+
+def test_validate_node_asks_comfy_for_room_on_cuda(comfy_dirs, models, monkeypatch) -> None:
+    base, _tuned, patcher, tuned_patcher = models
+    path = _extract_file(tuned_patcher, patcher)
+    calls = _on_fake_cuda(monkeypatch, stop_at_call=1)
+    with pytest.raises(_StopBeforeTensorWork):
+        run_node(NODE_CLASS_MAPPINGS["LoraValidate"], dict(
+            finetuned_model=tuned_patcher, original_model=patcher, lora_name="", lora_path=path))
+    largest = max(math.prod(v.shape) for v in base.values())
+    # base, tuned, difference and patched weight of the largest layer, and the LoRA's product
+    assert calls == [(largest * 4 * 5, torch.device("cuda"))]
+
+
+def test_validate_node_sends_progress_text_to_its_node(comfy_dirs, models) -> None:
+    base, _tuned, patcher, tuned_patcher = models
+    path = _extract_file(tuned_patcher, patcher)
+    server = PromptServer._reset()
+    run_node(NODE_CLASS_MAPPINGS["LoraValidate"], dict(
+        finetuned_model=tuned_patcher, original_model=patcher, lora_name="", lora_path=path), node_id="9")
+    texts = server.progress_texts()
+    n = len(base)
+    assert texts and {nid for nid, _ in texts} == {"9"}
+    assert texts[-1][1].startswith(f"validating layer {n}/{n}: ")
+
+
+def test_config_defaults_are_the_documented_node_defaults() -> None:
+    """The library's defaults are the node's: clamping at the 0.99 quantile is on."""
+    base, tuned = make_pair([LayerSpec("diffusion_model.blocks.0.proj.weight", (48, 40), 12)], seed=7)
+    b, t = StateDictSource(base), StateDictSource(tuned)
+    default = extract_lora(b, t, ExtractConfig(rank=8))
+    explicit = extract_lora(b, t, ExtractConfig(rank=8, clamp_quantile=0.99))
+    unclamped = extract_lora(b, t, ExtractConfig(rank=8, clamp_quantile=None))
+    for k in default.tensors:
+        assert torch.equal(default.tensors[k], explicit.tensors[k]), k
+    assert any(not torch.equal(default.tensors[k], unclamped.tensors[k]) for k in default.tensors)
+
+
+def test_config_cannot_change_during_a_run() -> None:
+    import dataclasses
+
+    cfg = ExtractConfig(rank=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rank = 4  # type: ignore[misc]
+    assert hash(cfg) == hash(ExtractConfig(rank=8))
+
+
+@pytest.mark.parametrize("fmt", UP_DOWN_FORMATS, ids=lambda f: f[0])
+def test_validate_reads_every_lora_format_comfyui_reads(validate_files, fmt) -> None:
+    """A LoRA written with any up/down suffix pair ComfyUI's adapter accepts is validated as
+    complete (a format missing from the list would leave its layers uncovered)."""
+    tmp_path, bp, tp, good = validate_files
+    up, down, _mid = fmt
+    renamed = {}
+    for k, v in good.items():
+        if k.endswith(".lora_up.weight"):
+            renamed[k[: -len(".lora_up.weight")] + up] = v
+        elif k.endswith(".lora_down.weight"):
+            renamed[k[: -len(".lora_down.weight")] + down] = v
+        else:
+            renamed[k] = v
+    assert _validate_exit(tmp_path, bp, tp, renamed, "fmt") == 0
