@@ -17,7 +17,7 @@ import comfy.model_management as mm
 import comfy.utils
 import pytest
 import torch
-from comfy_keymap import apply_lora
+from comfy_keymap import LORA_KEY_FORMATS, apply_lora
 from execution import run_node
 from helpers import matrix_with_spectrum, optimal_rel_error, patched_pair
 from safetensors import safe_open
@@ -27,7 +27,6 @@ from server import PromptServer
 from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
-from lora_extract.extract.keys import UP_DOWN_FORMATS
 from lora_extract.extract.layer import extract_matrix
 from lora_extract.extract.synthetic import LayerSpec, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
@@ -397,10 +396,11 @@ def test_config_cannot_change_during_a_run() -> None:
     assert hash(cfg) == hash(ExtractConfig(rank=8))
 
 
-@pytest.mark.parametrize("fmt", UP_DOWN_FORMATS, ids=lambda f: f[0])
+@pytest.mark.parametrize("fmt", LORA_KEY_FORMATS, ids=lambda f: f[0])
 def test_validate_reads_every_lora_format_comfyui_reads(validate_files, fmt) -> None:
     """A LoRA written with any up/down suffix pair ComfyUI's adapter accepts is validated as
-    complete (a format missing from the list would leave its layers uncovered)."""
+    complete. The formats come from tests/comfy_keymap.py (ComfyUI's list, written out
+    independently), so a format dropped from the pack's list leaves its layers unmatched."""
     tmp_path, bp, tp, good = validate_files
     up, down, _mid = fmt
     renamed = {}
