@@ -28,9 +28,11 @@ def comfy_dirs(tmp_path):
     """The stub's ComfyUI folders under ``tmp_path``, with no interrupt pending before or after."""
     import comfy.model_management as mm
     import folder_paths
+    from server import PromptServer
 
     folder_paths._set_base_dir(str(tmp_path))
     mm.interrupt_current_processing(False)
+    PromptServer._reset()          # a fresh recording server for each test
     yield tmp_path
     mm.interrupt_current_processing(False)
 

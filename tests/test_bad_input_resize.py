@@ -12,11 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import lora_extract.resize.lora_file as lora_file
+import lora_extract.resize.output as resize_output
+import lora_extract.resize.recipe as recipe_mod
 from lora_extract.extract import ExtractionInputError
-
-lora_file = pytest.importorskip("lora_extract.resize.lora_file")
-resize_output = pytest.importorskip("lora_extract.resize.output")
-recipe_mod = pytest.importorskip("lora_extract.resize.recipe")
 
 P = "lora_unet_down_blocks_0_attentions_0_proj_in"
 

@@ -43,7 +43,7 @@ def test_cancel_is_honoured_within_one_layer(comfy_dirs, patchers, monkeypatch, 
     patcher, tuned_patcher = patchers
     monkeypatch.setattr(mm, "InterruptProcessingException", exc_type)
     if node_name == "LoraExtractV2":
-        layer_store = pytest.importorskip("lora_extract.memory.layer_store")
+        import lora_extract.memory.layer_store as layer_store
         from lora_extract.memory.cache import ResidentCache
 
         monkeypatch.setattr("lora_extract.memory.cache.RESIDENT", ResidentCache())

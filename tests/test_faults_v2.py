@@ -16,13 +16,12 @@ import pytest
 from fault_injection import NewComfyInterrupt, fail_on_call, fill_disk_after, new_threads
 
 import lora_extract.extract.pipeline as pipeline
+import lora_extract.memory.cache as cache_mod
+import lora_extract.memory.layer_store as layer_store
+import lora_extract.memory.manager as manager
+import lora_extract.memory.planner as planner
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource
 from lora_extract.extract.synthetic import demo_layers, make_pair
-
-manager = pytest.importorskip("lora_extract.memory.manager")
-layer_store = pytest.importorskip("lora_extract.memory.layer_store")
-planner = pytest.importorskip("lora_extract.memory.planner")
-cache_mod = pytest.importorskip("lora_extract.memory.cache")
 
 N_LAYERS = len(demo_layers(24))
 

@@ -52,33 +52,58 @@ def _same_tensors(a, b) -> None:
         torch.testing.assert_close(b.tensors[k].float(), a.tensors[k].float(), rtol=2e-3, atol=2e-4)
 
 
+class _WaitSignal(threading.Condition):
+    """The pool's condition variable, setting ``waiting`` whenever a thread starts to wait on it:
+    a wait is then observed as an event, not guessed from a timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout=None):
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+LIVENESS_S = 60   # only bounds a hang; never decides a result
+
+
 def test_pool_reuses_buffers_and_bounds_memory() -> None:
     pool = StagingPool(1000)
+    cond = pool._cond = _WaitSignal()
     a = pool.acquire(400)
     b = pool.acquire(500)
     got: list[torch.Tensor] = []
-    t = threading.Thread(target=lambda: got.append(pool.acquire(300)))
+    done = threading.Event()
+
+    def third() -> None:
+        got.append(pool.acquire(300))
+        done.set()
+    t = threading.Thread(target=third)
     t.start()
-    t.join(0.3)
-    assert t.is_alive() and not got          # 400 + 500 + 300 > 1000: waits for a release
+    while not (cond.waiting.is_set() or done.is_set()):
+        cond.waiting.wait(0.01)
+    assert cond.waiting.is_set() and not got     # 400 + 500 + 300 > 1000: it waits for a release
     pool.release(a)
-    t.join(2)
-    assert got and got[0] is a               # the released buffer is reused, not a new one
+    assert done.wait(LIVENESS_S)
+    assert got and got[0] is a                   # the released buffer is reused, not a new one
     pool.release(b)
     pool.release(got[0])
-    big = pool.acquire(5000)                 # larger than the cap: runs alone, never waits
+    big = pool.acquire(5000)                     # larger than the cap: runs alone, never waits
     assert big.numel() == 5000
     waiter_error: list[BaseException] = []
+    cond.waiting.clear()
 
     def wait_forever() -> None:
         try:
-            pool.acquire(900)                # cannot fit beside the 5000 one
+            pool.acquire(900)                    # cannot fit beside the 5000 one
         except PoolClosed as e:
             waiter_error.append(e)
     t = threading.Thread(target=wait_forever)
     t.start()
-    pool.close()                             # the end of a run wakes and fails the waiter
-    t.join(2)
+    assert cond.waiting.wait(LIVENESS_S)         # it is waiting ...
+    pool.close()                                 # ... and the end of a run wakes and fails it
+    t.join(LIVENESS_S)
     assert not t.is_alive() and waiter_error
     with pytest.raises(PoolClosed):
         pool.acquire(1)
@@ -225,32 +250,41 @@ def test_cpu_runs_batch_layers_side_by_side_and_restores_threads(sources) -> Non
 
 @pytest.mark.parametrize("ahead,overlaps", [(1, True), (0, False)])
 def test_reading_runs_ahead_of_compute(sources, monkeypatch, ahead: int, overlaps: bool) -> None:
-    """While the first layer is decomposed, the reader already reads the next batch (or not)."""
+    """While the first layer is decomposed, the reader already reads the next batch (or not).
+
+    Causality, not timing: with read-ahead the first decomposition waits until the later layer
+    has been read (it would wait forever otherwise); without, the read comes after it ended.
+    """
     base, tuned = sources
     first_svd_key = "diffusion_model.input_blocks.0.0.weight"
     later_key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
     read_later = threading.Event()
+    events: list[str] = []
     real_get = tuned.get
 
     def get(key, device="cpu", dtype=None):
         if key == later_key:
+            events.append("read later layer")
             read_later.set()
         return real_get(key, device, dtype)
 
-    seen: list[bool] = []
     real_single = manager.extract_matrix
 
     def single(diff, cfg, **k):
-        if not seen:
-            # Causality, not timing: wait (bounded) for the reader to reach a later layer.
-            seen.append(read_later.wait(timeout=2.0 if overlaps else 0.3))
-        return real_single(diff, cfg, **k)
+        first = "first svd done" not in events
+        if first and overlaps:
+            assert read_later.wait(LIVENESS_S), "the reader never read ahead"
+        out = real_single(diff, cfg, **k)
+        if first:
+            events.append("first svd done")
+        return out
 
     monkeypatch.setattr(tuned, "get", get)
     monkeypatch.setattr(manager, "extract_matrix", single)
     opts = MemoryOptions(mode="conservative", prefetch_ahead=ahead)
     out = extract_lora_v2(base, tuned, ExtractConfig(rank=4), opts, cache=ResidentCache())
-    assert seen == [overlaps]
+    order = ["read later layer", "first svd done"] if overlaps else ["first svd done", "read later layer"]
+    assert [e for e in events if e in order] == order
     assert [r.key for r in out.result.report.layers][:3:2] == [first_svd_key, later_key]
 
 

@@ -11,6 +11,7 @@ import folder_paths
 import pytest
 import torch
 from comfy_keymap import apply_lora
+from execution import run_node
 from helpers import patched_pair
 from safetensors.torch import load_file
 
@@ -23,12 +24,12 @@ def models():
 
 
 def _run(node_inputs: dict) -> dict:
-    node = NODE_CLASS_MAPPINGS["LoraExtract"]()
     defaults = dict(filename_prefix="loras/ComfyUI_extracted_lora", rank=8, lora_type="standard",
                     algorithm="svd_linalg", lowrank_iters=7, output_dtype="fp16", bias_diff=True,
                     adaptive_param=0.15, clamp_quantile=True)
     defaults.update(node_inputs)
-    return node.extract(**defaults)
+    # As ComfyUI runs it: under inference_mode, with the progress hook that raises Cancel.
+    return run_node(NODE_CLASS_MAPPINGS["LoraExtract"], defaults)
 
 
 def test_input_definitions_match_the_documented_node() -> None:

@@ -10,6 +10,7 @@ import folder_paths
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
+from execution import run_node
 from helpers import module_from_state_dict
 from safetensors.torch import load_file, save_file
 from test_resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
@@ -64,17 +65,41 @@ def test_node_resizes_against_a_checkpoint_file(comfy_dirs) -> None:
     assert os.path.isfile(tmp_path / "models" / "checkpoints" / "sdxl_base.safetensors.lora_norms.json")
 
 
+def _scaled_delta(sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    up, down = sd[prefix + ".lora_up.weight"].double(), sd[prefix + ".lora_down.weight"].double()
+    rank = down.shape[0]
+    alpha = float(sd[prefix + ".alpha"]) if prefix + ".alpha" in sd else rank
+    return alpha / rank * up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
+
+
 def test_node_with_model_input_and_merge_saved_to_loras(comfy_dirs) -> None:
     tmp_path, base_sd = comfy_dirs
     unet = {k[len(UNET):]: t for k, t in base_sd.items() if k.startswith(UNET)}
     root = module_from_state_dict(unet, prefix="diffusion_model.")
     patcher = ModelPatcher(root, torch.device("cpu"), torch.device("cpu"))
-    res = _node().resize(**_inputs(model=patcher, merge="a:0.5,b:0.5", score_recipes="spn_ckpt,thr=-3",
-                                   save_to="models/loras"))
-    path = res["result"][0]
-    assert os.path.dirname(path) == str(tmp_path / "models" / "loras")
-    assert os.path.basename(path).startswith("a0.5+b0.5_spnckpt1.00_th-3.00")
-    assert load_file(path)[PREFIX + ".lora_up.weight"].shape[1] <= 16
+    loras = tmp_path / "models" / "loras"
+    merged = 0.5 * _scaled_delta(load_file(str(loras / "a.safetensors")), PREFIX) \
+        + 0.25 * _scaled_delta(load_file(str(loras / "b.safetensors")), PREFIX)
+    sigma = torch.linalg.svdvals(merged)
+    # Two independent rank-8 LoRAs: the weighted sum has rank 16 exactly.
+    assert int((sigma > 1e-9 * sigma[0]).sum()) == 16
+    keep = int((sigma >= 0.1 * sigma[0]).sum())       # spn_lora, thr=-1: sigma_i / sigma_0 >= 10^-1
+    assert 2 < keep < 16
+    res = run_node(NODE_CLASS_MAPPINGS["LoraResize"],
+                   _inputs(model=patcher, merge="a:0.5,b:0.25", output_dtype="fp32",
+                           score_recipes="spn_lora,thr=-12:spn_lora,thr=-1", save_to="models/loras"))
+    full_path, cut_path = res["result"][0].split("\n")
+    assert os.path.dirname(full_path) == str(loras)
+    assert os.path.basename(full_path).startswith("a0.5+b0.25_spnlora1.00_th-12.00")
+    full, cut = load_file(full_path), load_file(cut_path)
+    # Nothing cut: the file reproduces the weighted sum itself, with all 16 dimensions.
+    assert full[PREFIX + ".lora_down.weight"].shape[0] == 16
+    torch.testing.assert_close(_scaled_delta(full, PREFIX), merged, rtol=0, atol=1e-6 * float(sigma[0]))
+    # Cut at 10% of the top sigma: exactly those dimensions, and the optimal (Eckart-Young) error.
+    assert cut[PREFIX + ".lora_down.weight"].shape[0] == keep
+    err = float(torch.linalg.matrix_norm(_scaled_delta(cut, PREFIX) - merged))
+    optimal = float(sigma[keep:].square().sum().sqrt())
+    assert abs(err - optimal) <= 1e-6 * float(sigma[0])
 
 
 def test_node_errors_are_clear(comfy_dirs) -> None:
@@ -86,11 +111,42 @@ def test_node_errors_are_clear(comfy_dirs) -> None:
         _node().resize(**_inputs(score_recipes="fro_ckpt", ckpt_name="sdxl_base.safetensors"))
 
 
-def test_interrupt_stops_between_layers_without_files(comfy_dirs) -> None:
+def test_interrupt_stops_between_layers_without_files(comfy_dirs, monkeypatch) -> None:
+    """Cancel pressed while the first of three layers is decomposed: the run stops before the
+    second one, and no file is written."""
     tmp_path, _ = comfy_dirs
     shutil.rmtree(tmp_path / "output", ignore_errors=True)
-    comfy.model_management.interrupt_current_processing(True)
+    gen = torch.Generator().manual_seed(9)
+    sd: dict[str, torch.Tensor] = {}
+    for prefix, (out, inn) in {PREFIX: (32, 32),
+                               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (32, 48),
+                               "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_0_proj": (128, 32)}.items():
+        kohya_layer(sd, prefix, *lora_pair(out, (inn,), spectrum(4, 0.5, 0.5), gen, 4.0), 4.0)
+    save_file(sd, str(tmp_path / "models" / "loras" / "three.safetensors"))
+    import lora_extract.resize.pipeline as pipeline
+
+    real, seen = pipeline.decompose_layer, []
+
+    def decompose_layer(prefix, *a, **k):
+        seen.append(prefix)
+        if len(seen) == 1:
+            comfy.model_management.interrupt_current_processing(True)   # Cancel, mid-layer
+        return real(prefix, *a, **k)
+
+    monkeypatch.setattr(pipeline, "decompose_layer", decompose_layer)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        _node().resize(**_inputs(ckpt_name="sdxl_base.safetensors"))
+        run_node(NODE_CLASS_MAPPINGS["LoraResize"],
+                 _inputs(lora_name="three.safetensors", ckpt_name="sdxl_base.safetensors"))
+    assert len(seen) == 1                 # the first layer finished, the second never started
     out = tmp_path / "output" / "loras"
     assert not out.exists() or os.listdir(out) == []
+
+
+def test_progress_text_goes_to_the_resize_node(comfy_dirs) -> None:
+    from server import PromptServer
+
+    server = PromptServer._reset()
+    run_node(NODE_CLASS_MAPPINGS["LoraResize"], _inputs(ckpt_name="sdxl_base.safetensors"), node_id="11")
+    texts = server.progress_texts()
+    assert texts and {nid for nid, _ in texts} == {"11"}
+    assert texts[0][1] == f"1/3: {PREFIX}"     # one layer, then the two recipes

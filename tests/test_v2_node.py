@@ -9,6 +9,7 @@ import comfy.utils
 import pytest
 import torch
 from comfy_keymap import apply_lora
+from execution import run_node
 from helpers import patched_pair
 from safetensors.torch import load_file
 
@@ -47,11 +48,11 @@ def test_v2_node_writes_the_v1_file_with_its_name(comfy_dirs, models, monkeypatc
     base, tuned, patcher, tuned_patcher = models
     common = dict(finetuned_model=tuned_patcher, original_model=patcher, rank=6,
                   lora_type="adaptive_energy", adaptive_param=0.8)
-    v1_path = NODE_CLASS_MAPPINGS["LoraExtract"]().extract(**{**V1_DEFAULTS, **common})["result"][0]
+    v1_path = run_node(NODE_CLASS_MAPPINGS["LoraExtract"], {**V1_DEFAULTS, **common})["result"][0]
     comfy.utils._reset()
-    out = NODE_CLASS_MAPPINGS["LoraExtractV2"]().extract(
-        **{**V1_DEFAULTS, **common, "filename_prefix": "loras/ComfyUI_v2_extracted_lora"},
-        vram_usage_mode="aggressive", blocks_in_gpu=20, batch_size=6)
+    out = run_node(NODE_CLASS_MAPPINGS["LoraExtractV2"], {
+        **V1_DEFAULTS, **common, "filename_prefix": "loras/ComfyUI_v2_extracted_lora",
+        "vram_usage_mode": "aggressive", "blocks_in_gpu": 20, "batch_size": 6})
     path, text, chart = out["result"]
     assert os.path.basename(path) == (
         "ComfyUI_v2_extracted_lora_rank_adaptive_energy_0.8_fp16_aggressive_b20_bs6_00001_.safetensors")
@@ -70,8 +71,8 @@ def test_v2_node_writes_the_v1_file_with_its_name(comfy_dirs, models, monkeypatc
 
 def test_debug_mode_reports_the_memory_log(comfy_dirs, models) -> None:
     base, tuned, patcher, tuned_patcher = models
-    out = NODE_CLASS_MAPPINGS["LoraExtractV2"]().extract(
-        **V1_DEFAULTS, finetuned_model=tuned_patcher, original_model=patcher, debug_mode=True)
+    out = run_node(NODE_CLASS_MAPPINGS["LoraExtractV2"], dict(
+        **V1_DEFAULTS, finetuned_model=tuned_patcher, original_model=patcher, debug_mode=True))
     path, text, _chart = out["result"]
     for needle in ("VRAM mode: balanced (budget n/a", "Blocks in GPU: 0 kept", "batch 1:",
                    "Extraction completed in", "Final VRAM: n/a", f"LoRA saved to: {path}"):

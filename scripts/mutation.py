@@ -1,0 +1,146 @@
+"""Mutation testing in chunks that fit a 2-core machine (a habit for developers, not CI).
+
+Each chunk mutates a few files of one folder (extract/, memory/, resize/, nodes/, validation/)
+with mutmut and runs only the fast tests that exercise them, stopping at the first failure.
+mutmut 2 mutates the files in place (and restores them), which suits this repository's
+layout: the repository root *is* the ``lora_extract`` package (pip's editable install points
+at it), so a mutated copy elsewhere, as mutmut 3 makes, would not be the code the tests import.
+Do not edit the checkout while a chunk runs.
+
+    pip install -e .[mutation]
+    python scripts/mutation.py --list              # the chunks
+    python scripts/mutation.py extract-config      # one chunk (several: space-separated)
+    python scripts/mutation.py --all               # every chunk (hours on 2 cores)
+    python scripts/mutation.py --all --sample 8    # 8 random mutants per chunk (seeded)
+    mutmut results / mutmut show ID                 # survivors of the last runs (.mutmut-cache)
+
+A summary line per chunk (killed / survived / timed out / suspicious) is appended to
+``benchmarks/out/mutation.txt``. Survivors are either killed by a new test or listed as
+equivalent, with the reason, in the README's testing section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTEST = f"{sys.executable} -m pytest -x -q -p no:cacheprovider"
+# mutmut from the same environment, whether or not it is activated
+MUTMUT = os.path.join(os.path.dirname(sys.executable), "mutmut")
+
+UO, MR = "tests/test_user_options.py", "tests/test_memory_runtime.py"
+# name: (files to mutate, fast tests that cover them)
+CHUNKS: dict[str, tuple[list[str], list[str]]] = {
+    "extract-config": (["extract/config.py", "extract/keys.py"],
+                       ["tests/test_user_options.py", "tests/test_pipeline.py", "tests/test_bad_input.py"]),
+    "extract-layer": (["extract/layer.py", "extract/rank_rules.py"],
+                      ["tests/test_layer_extraction.py", "tests/test_rank_rules.py",
+                       f"{UO}::test_lowrank_iters_buys_accuracy"]),
+    "extract-pipeline": (["extract/pipeline.py"],
+                         ["tests/test_pipeline.py", "tests/test_user_options.py", "tests/test_bad_input.py"]),
+    "memory-rolling-cache": (["memory/rolling.py", "memory/cache.py", "memory/buffers.py"],
+                             ["tests/test_rolling.py",
+                              f"{UO}::test_rolling_window_bounds_layers_held_while_workers_are_busy",
+                              f"{UO}::test_resident_cache_misses_after_add_patches",
+                              f"{MR}::test_pool_reuses_buffers_and_bounds_memory",
+                              f"{MR}::test_pool_never_waits_on_nothing",
+                              f"{MR}::test_resident_blocks_are_not_read_again"]),
+    "memory-planner": (["memory/planner.py"],
+                       ["tests/test_memory_planning.py", "tests/test_memory_runtime.py"]),
+    "resize-merge": (["resize/merge.py", "resize/recipe.py"],
+                     ["tests/test_resize_pipeline.py", "tests/test_bad_input_resize.py",
+                      "tests/test_resize_node.py::test_node_with_model_input_and_merge_saved_to_loras"]),
+    "resize-scoring": (["resize/scoring.py"],
+                       ["tests/test_resize_scoring.py", "tests/test_resize_pipeline.py"]),
+    "nodes": (["nodes/extract_node.py", "nodes/extract_v2_node.py", "nodes/extract_inputs.py",
+               "nodes/comfy_adapter.py"],
+              ["tests/test_user_options.py", "tests/test_node_extract.py", "tests/test_v2_node.py"]),
+    "validation": (["validation/report.py", "validation/validate.py"],
+                   ["tests/test_validate.py", f"{UO}::test_max_error_passes_a_complete_lora",
+                    f"{UO}::test_max_error_fails_on_an_uncovered_layer",
+                    f"{UO}::test_max_error_fails_on_an_unmatched_key",
+                    f"{UO}::test_max_error_fails_on_an_unmergeable_patch"]),
+}
+
+
+def _db():
+    import sqlite3
+
+    return sqlite3.connect(os.path.join(ROOT, ".mutmut-cache"))
+
+
+def _mutants(files: list[str]) -> list[tuple[int, str]]:
+    """(id, status) of every mutant of these files in mutmut's cache."""
+    marks = ",".join("?" * len(files))
+    with _db() as db:
+        return db.execute(
+            "SELECT m.id, m.status FROM Mutant m JOIN Line l ON m.line = l.id JOIN SourceFile s "
+            f"ON l.sourcefile = s.id WHERE s.filename IN ({marks}) ORDER BY m.id", files).fetchall()
+
+
+def run_chunk(name: str, sample: int, seed: int) -> str:
+    """Mutate the chunk's files; test every mutant, or a seeded random ``sample`` of them.
+
+    Sampling: mutmut lists the mutants first with a no-op runner (every one then reads
+    'survived'); the chosen ones are reset and tested one by one with the real tests.
+    """
+    import random
+
+    files, tests = CHUNKS[name]
+    runner = f"{PYTEST} {' '.join(tests)}"
+    t0 = time.time()
+    base = [MUTMUT, "run", "--paths-to-mutate", ",".join(files), "--tests-dir", "tests",
+            "--no-progress", "--simple-output"]
+    subprocess.run([*base, "--runner", "true"], cwd=ROOT, check=False, capture_output=True)
+    ids = [i for i, _ in _mutants(files)]
+    chosen = sorted(random.Random(seed).sample(ids, min(sample, len(ids)))) if sample else ids
+    with _db() as db:
+        # The no-op baseline took ~0 s; give each mutant's tests a 5-minute limit (10x this).
+        db.execute("UPDATE MiscData SET value='30' WHERE key='baseline_time_elapsed'")
+        db.executemany("UPDATE Mutant SET status='untested', tested_against_hash='' WHERE id=?",
+                       [(i,) for i in chosen])
+    for i in chosen:
+        subprocess.run([*base, "--runner", runner, str(i)], cwd=ROOT, check=False, capture_output=True)
+    status = dict(_mutants(files))
+    outcome: dict[str, list[int]] = {}
+    for i in chosen:
+        outcome.setdefault(status[i], []).append(i)
+    # mutmut's "suspicious" is a kill that took longer than its baseline (a loaded machine).
+    killed = len(outcome.get("ok_killed", [])) + len(outcome.get("ok_suspicious", []))
+    line = (f"{time.strftime('%Y-%m-%d %H:%M')} {name}: {killed}/{len(chosen)} killed "
+            f"({len(ids)} mutants, {'sample' if sample else 'all'}), "
+            f"{ {k: v for k, v in outcome.items() if k not in ('ok_killed', 'ok_suspicious')} } in {time.time() - t0:.0f} s")
+    os.makedirs(os.path.join(ROOT, "benchmarks", "out"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "out", "mutation.txt"), "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("chunks", nargs="*")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--sample", type=int, default=0, help="test N random mutants per chunk (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.list:
+        for name, (files, tests) in CHUNKS.items():
+            print(f"{name}: {' '.join(files)}  <-  {len(tests)} test selections")
+        return 0
+    names = list(CHUNKS) if a.all else a.chunks
+    unknown = [n for n in names if n not in CHUNKS]
+    if unknown or not names:
+        print(f"unknown or no chunk: {unknown}; use --list", file=sys.stderr)
+        return 2
+    for n in names:
+        print(run_chunk(n, a.sample, a.seed), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
