@@ -70,7 +70,16 @@ def test_extract_then_validate_chained(setup) -> None:
     # Rank-4 deltas extracted at rank 4 in fp32: reproduced; the untouched layer is not needed.
     assert "coverage: 4/4 changed weights patched (100.0%), 0 uncovered" in text
     assert "quality: excellent 4, good 0, poor 0" in text
-    assert res["ui"]["text"] == [text]
+    # The box on the node: key lines first (file, size, ranks, errors, counts), then the report.
+    key, _, rest = res["ui"]["text"][0].partition("\n\n")
+    assert rest == text
+    assert key.splitlines() == [
+        f"file: {os.path.basename(path)}",
+        f"size: {os.path.getsize(path) / 2**20:.2f} MiB, coverage 4/4 changed weights",
+        "ranks: 4",
+        key.splitlines()[3],
+        "skipped: 0, flagged: 0"]
+    assert key.splitlines()[3].startswith("error: mean 0.0%, median 0.0%, worst 0.0%")
     values = [v for _n, v, _t in comfy.utils._progress_log]
     assert values[-len(LAYERS):] == list(range(1, len(LAYERS) + 1))
 
