@@ -147,13 +147,13 @@ def test_summary_is_shown_read_only_and_updated(tmp_path) -> None:
 @needs_node
 def test_summary_box_is_tall_enough_for_the_key_lines(tmp_path) -> None:
     out = _run("report_summary.js", tmp_path)
-    # 5 key lines of 14 px + 12 px padding; the full text (5 + blank + 30 + a last empty line)
+    # 5 key lines of 14 px + 28 px (widget margins, padding); the full text (5 + blank + 30 + a last empty line)
     # is the most it takes.
-    assert out["minHeight"] == 5 * 14 + 12
-    assert out["maxHeight"] == 37 * 14 + 12
+    assert out["minHeight"] == 5 * 14 + 28
+    assert out["maxHeight"] == 37 * 14 + 28
     # At 120 px the box is ~12 characters wide: "error: mean 1.0%" (16) and
     # "file: a.safetensors" (19) and "size: 1.00 MiB" (14) wrap onto two rows each.
-    assert out["minHeightNarrow"] == 8 * 14 + 12
+    assert out["minHeightNarrow"] == 8 * 14 + 28
 
 
 @needs_node

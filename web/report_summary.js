@@ -15,7 +15,9 @@ window.comfyAPI.app.app.registerExtension({
 
     const FONT_PX = 11;
     const LINE_PX = 14;        // CSS line-height of the box
-    const BOX_PAD_PX = 12;     // textarea padding + border, top and bottom
+    // The frontend draws a DOM widget 2 x its 10-px margin smaller than the height it is given;
+    // then the textarea's own padding and border.
+    const BOX_PAD_PX = 28;
     const SIDE_PX = 36;        // node width minus the box's text width (widget margins, padding, scrollbar)
     const MAX_KEY_LINES = 8;
 
@@ -54,6 +56,28 @@ window.comfyAPI.app.app.registerExtension({
       return lines.reduce((n, l) => n + Math.max(1, Math.ceil(l.length / perRow)), 0);
     }
 
+    // Height the text takes in the box as rendered (padding included), measured on a hidden
+    // copy of the box at the width the node gives it (the box's own width lags behind while the
+    // node is laid out); null without a page. Cached: the frontend asks on every layout.
+    const WIDGET_MARGIN_PX = 10; // the frontend's margin around a DOM widget
+    const MARGINS_PX = 24;       // 2 x that margin, the border, and 2 px to spare
+    let cache = { key: null, height: null };
+    function measuredHeight(el, text, width) {
+      const doc = globalThis.document;
+      if (!doc?.body || !el || !(width > 0)) return null;
+      const cacheKey = `${width}|${text}`;
+      if (cache.key === cacheKey) return cache.height;
+      const probe = el.cloneNode(false);
+      Object.assign(probe.style, { position: "fixed", left: "-10000px", top: "0", height: "0px",
+                                   width: `${width}px`, boxSizing: "border-box", border: "0" });
+      probe.value = text;
+      doc.body.appendChild(probe);
+      const height = probe.scrollHeight;
+      probe.remove();
+      cache = { key: cacheKey, height };
+      return height;
+    }
+
     // The widget is created on first use, so a node that never ran keeps its usual size.
     function showSummary(node, text) {
       let widget = node.widgets?.find((w) => w.name === "summary");
@@ -70,7 +94,11 @@ window.comfyAPI.app.app.registerExtension({
         }
         // The frontend gives a DOM widget at least getMinHeight() and at most getMaxHeight().
         widget.options = widget.options ?? {};
-        widget.options.getMinHeight = () => rows(keyLines(String(widget.value ?? "")), node.size[0]) * LINE_PX + BOX_PAD_PX;
+        widget.options.getMinHeight = () => {
+          const key = keyLines(String(widget.value ?? ""));
+          const measured = measuredHeight(widget.inputEl, key.join("\n"), node.size[0] - 2 * WIDGET_MARGIN_PX);
+          return measured !== null ? measured + MARGINS_PX : rows(key, node.size[0]) * LINE_PX + BOX_PAD_PX;
+        };
         widget.options.getMaxHeight = () => rows(String(widget.value ?? "").split("\n"), node.size[0]) * LINE_PX + BOX_PAD_PX;
       }
       widget.value = text;
