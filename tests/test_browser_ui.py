@@ -84,7 +84,8 @@ def test_summary_shows_its_key_lines_without_scrolling(report) -> None:
                 continue
             boxes += 1
             assert s["displayed"] and s["scroll_top"] == 0, (name, n["id"])
-            assert s["key_lines"] >= 5, (name, n["id"], s["text"])
+            if n["type"] != "LoraResize":   # extraction and validation: file, size, ranks, errors, counts
+                assert s["key_lines"] >= 5, (name, n["id"], s["text"])
             assert s["visible_height"] >= s["key_height"], (name, n["id"], s)
     assert boxes >= 6   # 2 extractions + 1 V2 + 2 validations + 1 resize
 
