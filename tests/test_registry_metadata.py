@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+
 import tomllib
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
