@@ -122,7 +122,8 @@ def test_manager_style_install_keeps_torch_and_lists_every_node(tmp_path) -> Non
         assert missing == [], f"nodes not listed: {missing}\n{text[-3000:]}"
         for n in NODE_CLASS_MAPPINGS:
             assert info[n]["python_module"] == f"custom_nodes.{PACK_DIR_NAME}", info[n]["python_module"]
-        assert "IMPORT FAILED" not in text
+        # (ComfyUI's own optional nodes may fail to import in a venv without e.g. torchaudio)
+        assert not [ln for ln in text.splitlines() if "IMPORT FAILED" in ln and PACK_DIR_NAME in ln], text[-3000:]
         # the front-end files are served from the clone
         exts = _get(f"http://127.0.0.1:{PORT}/extensions")
         assert f"/extensions/{PACK_DIR_NAME}/report_summary.js" in exts
