@@ -268,7 +268,7 @@ def main() -> int:
         page.on("console", lambda m: m.type == "error" and errors.append(
             {"text": m.text[:1000], "url": (m.location or {}).get("url", "")}))
         page.on("pageerror", lambda e: errors.append({"text": str(e)[:1000], "url": getattr(e, "stack", "") or ""}))
-        page.goto(server + "/", wait_until="domcontentloaded", timeout=60000)
+        page.goto(server + "/", wait_until="domcontentloaded", timeout=240000)
         page.wait_for_function("() => !!(window.comfyAPI?.app?.app?.graph && window.LiteGraph)", timeout=120000)
         page.evaluate(PROBE_JS)
         page.wait_for_timeout(2500)
