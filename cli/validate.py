@@ -17,7 +17,7 @@ import sys
 
 from ..extract import ExtractionInputError, open_source
 from ..extract.tempfiles import replaced_atomically, write_text_atomic
-from ..validation.validate import validate_lora
+from ..validation.validate import LOADER_COMPLETE, LOADERS, validate_lora
 from .progress import progress_bar
 
 log = logging.getLogger("lora_extract")
@@ -37,7 +37,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
     tuned = open_source(a.tuned)
     lora = open_source(a.lora)
     report = validate_lora(base, tuned, lora, device=a.device, progress=progress_bar("validate"),
-                           spectrum_layers=0 if a.chart is None else 4)
+                           spectrum_layers=0 if a.chart is None else 4, loader=a.loader)
     if a.report:
         write_text_atomic(a.report, report.to_json())
     if a.chart:
@@ -66,6 +66,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--report", help="write the per-layer validation as JSON here")
     p.add_argument("--chart", help="write the report chart (PNG) here")
     p.add_argument("--device", default="cpu", help="where to apply the LoRA (cpu, cuda)")
+    p.add_argument("--loader", choices=LOADERS, default=LOADER_COMPLETE,
+                   help="score the LoRA as ComfyUI's LoraLoader applies it (comfyui: patches on "
+                        "parameters of modules with sub-modules are not applied) or as the pack's "
+                        "'Load LoRA (complete)' node does (complete)")
     p.add_argument("--max-error", type=float, default=None,
                    help="exit 1 if the whole-model relative error exceeds this (e.g. 0.2), or if "
                         "any changed weight is uncovered or any LoRA key matches nothing")

@@ -34,7 +34,8 @@ InterruptFn = Callable[[], None]
 # Measured against ComfyUI 0.3.64 and the 2026-08 code: its loader accepts these keys without a
 # warning but only patches parameters of leaf modules. Say so instead of letting it pass silently.
 NONLEAF_NOTE = ("stored as .diff, but ComfyUI's loader does not apply diffs to parameters of "
-                "modules that have sub-modules (it ignores them silently)")
+                "modules that have sub-modules (it ignores them silently); load the LoRA with "
+                "'Load LoRA (complete)' to apply them")
 
 
 class NothingToExtract(ExtractionInputError):
@@ -191,7 +192,8 @@ def finish_result(cfg: ExtractConfig, report: ExtractionReport,
     if ignored:
         report.notes.append(
             f"{len(ignored)} parameter difference(s) such as {ignored[0]!r} are stored, but "
-            "ComfyUI's LoRA loader ignores parameters of non-leaf modules; other loaders apply them.")
+            "ComfyUI's LoRA loader ignores parameters of non-leaf modules; load the LoRA with this "
+            "pack's 'Load LoRA (complete)' node to apply them (other loaders apply them too).")
     _add_size_facts(cfg, report, tensors)
     unmapped = [r.key for r in report.layers if r.reason.startswith(UNMAPPED_PREFIX)]
     if unmapped:

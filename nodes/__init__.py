@@ -2,6 +2,7 @@
 
 from .extract_node import LoraExtract
 from .extract_v2_node import LoraExtractV2
+from .load_complete_node import LoraLoadComplete
 from .resize_node import LoraResize
 from .validate_node import LoraValidate
 
@@ -10,10 +11,12 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoraExtractV2": LoraExtractV2,
     "LoraResize": LoraResize,
     "LoraValidate": LoraValidate,
+    "LoraLoadComplete": LoraLoadComplete,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoraExtract": "LoRA Extract (fine-tuned - original)",
     "LoraExtractV2": "LoRA Extract V2 (block-swap VRAM manager)",
     "LoraResize": "LoRA Resize (base-model aware)",
     "LoraValidate": "LoRA Validate (original + LoRA = fine-tuned?)",
+    "LoraLoadComplete": "Load LoRA (complete)",
 }

@@ -80,6 +80,92 @@ def save_preview_png(image, name: str) -> dict[str, str]:
     return {"filename": file, "subfolder": subfolder, "type": "temp"}
 
 
+# --- loading a LoRA (LoraLoader's way, plus what its load skips) --------------------------
+
+# The key under which our ON_LOAD callback is registered on a patcher (once per patcher chain).
+SKIPPED_PATCHES_CALLBACK = "lora_extract.apply_skipped_patches"
+
+
+def load_lora_file(path: str) -> dict[str, torch.Tensor]:
+    """A LoRA file as a state dict, read the way LoraLoader reads it."""
+    import comfy.utils
+
+    return comfy.utils.load_torch_file(path, safe_load=True)
+
+
+def nonleaf_patch_keys(model: torch.nn.Module, keys) -> list[str]:
+    """The patched keys that ``ModelPatcher.load`` never patches.
+
+    ``load`` walks only modules whose parameters are all their own (``_load_list``: "skip random
+    weights in non leaf modules"), so a parameter that sits directly on a module with
+    parameter-holding sub-modules (WAN ``blocks.N.modulation``, SD3 ``pos_embed``) keeps its
+    patch unapplied, although ``add_patches`` accepted it.
+    """
+    owners: dict[str, bool] = {}
+    out = []
+    for key in keys:
+        if not isinstance(key, str):
+            continue
+        module_name = key.rpartition(".")[0]
+        if module_name not in owners:
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                owners[module_name] = False
+                continue
+            own = {n for n, _ in module.named_parameters(recurse=False)}
+            owners[module_name] = any(n not in own for n, _ in module.named_parameters(recurse=True))
+        if owners[module_name]:
+            out.append(key)
+    return out
+
+
+def _apply_skipped_patches(patcher, device_to=None, *_args, **_kwargs) -> None:
+    """ON_LOAD callback: patch the parameters ``load`` skipped, through the patcher itself.
+
+    ``patch_weight_to_device`` backs the original up in ``patcher.backup``, so ``unpatch_model``
+    (unloading, or loading the same model with other patches or strengths) restores it exactly as
+    it restores every other patched weight. A key already in the backup is patched already
+    (backups are cleared on unpatch), so a second load does not add the patch twice. The weight
+    is patched on the device it is on (full load: the load device; low-VRAM: left offloaded).
+    """
+    import comfy.model_patcher
+
+    for key in nonleaf_patch_keys(patcher.model, list(patcher.patches)):
+        if key in patcher.backup:
+            continue
+        weight, _set, _convert = comfy.model_patcher.get_key_weight(patcher.model, key)
+        patcher.patch_weight_to_device(key, device_to=weight.device)
+
+
+def _ensure_skipped_patches_applied(patcher) -> list[str]:
+    """Register :func:`_apply_skipped_patches` on ``patcher`` (once); the keys it will patch."""
+    from comfy.patcher_extension import CallbacksMP
+
+    if not patcher.get_callbacks(CallbacksMP.ON_LOAD, SKIPPED_PATCHES_CALLBACK):
+        patcher.add_callback_with_key(CallbacksMP.ON_LOAD, SKIPPED_PATCHES_CALLBACK,
+                                      _apply_skipped_patches)
+    return nonleaf_patch_keys(patcher.model, list(patcher.patches))
+
+
+def load_lora_complete(model, clip, lora: dict[str, torch.Tensor], strength_model: float,
+                       strength_clip: float) -> tuple[object, object, list[str]]:
+    """``comfy.sd.load_lora_for_models`` (what LoraLoader calls), then the skipped parameters.
+
+    Returns the new MODEL, the new CLIP (``None`` without one) and the keys patched beyond what
+    ComfyUI's own load applies.
+    """
+    import comfy.sd
+
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
+    extra: list[str] = []
+    if new_model is not None:
+        extra += _ensure_skipped_patches_applied(new_model)
+    if new_clip is not None:
+        extra += _ensure_skipped_patches_applied(new_clip.patcher)
+    return new_model, new_clip, extra
+
+
 # --- progress and interrupt ---------------------------------------------------------------
 
 def progress_bar(total: int) -> Callable[[int, int, str], None]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from ..extract.report import ExtractionReport
 from . import comfy_adapter as comfy
 from .chart_output import chart_outputs
 from .extract_inputs import build_config, extraction_inputs, save_root_and_prefix
+from .summary_lines import extraction_key_lines, with_key_lines
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class NodeExtraction:
     preview: list[dict[str, str]]           # ui "images" entries showing the chart on the node
 
     def ui(self) -> dict[str, list]:
-        summary = f"saved {os.path.basename(self.path)}\n{self.text}"
+        summary = with_key_lines(extraction_key_lines(self.report, self.path), self.text)
         return {"text": [summary], "images": self.preview}
 
 

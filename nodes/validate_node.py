@@ -11,10 +11,11 @@ import torch
 from ..charts import validation_chart
 from ..extract.errors import ExtractionInputError
 from ..extract.sources import open_source
-from ..validation.validate import validate_lora
+from ..validation.validate import LOADER_COMPLETE, LOADERS, validate_lora
 from . import comfy_adapter as comfy
 from .chart_output import chart_outputs
 from .file_inputs import listed_file
+from .summary_lines import validation_key_lines, with_key_lines
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,17 @@ class LoraValidate:
                     "forceInput": True,
                     "tooltip": "Path of a LoRA file, e.g. LoraExtract's lora_path output; takes "
                                "precedence over lora_name."}),
+                "loader": (list(LOADERS), {
+                    "default": LOADER_COMPLETE,
+                    "tooltip": "Score the LoRA as 'Load LoRA' applies it (comfyui: diffs on "
+                               "parameters of modules with sub-modules, e.g. WAN modulation, are "
+                               "not applied) or as 'Load LoRA (complete)' does (complete)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def validate(self, finetuned_model, original_model, lora_name: str, lora_path: str = "",
-                 unique_id: str | None = None) -> dict:
+                 loader: str = LOADER_COMPLETE, unique_id: str | None = None) -> dict:
         path = resolve_lora_file(lora_name, lora_path or "")
         tuned = comfy.ComfyModelSource(finetuned_model, "finetuned_model")
         base = comfy.ComfyModelSource(original_model, "original_model")
@@ -104,11 +110,12 @@ class LoraValidate:
 
         try:
             report = validate_lora(base, tuned, lora, device=device, progress=progress,
-                                   check_interrupt=comfy.check_interrupt)
+                                   check_interrupt=comfy.check_interrupt, loader=loader)
         finally:
             comfy.soft_empty_cache()
         report.lora_name = os.path.basename(path)
         text = report.format_text()
         log.info("LoRA validation finished:\n%s", text)
         chart, preview = chart_outputs(validation_chart(report), "lora_validate_chart")
-        return {"ui": {"text": [text], "images": preview}, "result": (text, chart)}
+        summary = with_key_lines(validation_key_lines(report, path), text)
+        return {"ui": {"text": [summary], "images": preview}, "result": (text, chart)}

@@ -194,3 +194,6 @@ def test_parameters_comfyui_ignores_are_flagged(pair_dir) -> None:
     # blocks.0 has sub-modules (self_attn), so its own 'modulation' is never patched by ComfyUI.
     assert flagged == {"diffusion_model.blocks.0.modulation"}
     assert any("non-leaf" in n for n in res.report.notes)
+    # ...and the report says how to get them applied: this pack's complete loader.
+    assert all("'Load LoRA (complete)'" in r.reason for r in res.report.layers if r.key in flagged)
+    assert any("'Load LoRA (complete)'" in n for n in res.report.notes)

@@ -78,7 +78,8 @@ def _kohya(lora: dict) -> dict:
 
 def test_perfect_lora_gives_zero_error_and_full_coverage(gen) -> None:
     base, tuned, lora = _pair_and_lora(gen)
-    rep = _validate(base, tuned, lora)
+    # "complete": every patch applied, as the pack's "Load LoRA (complete)" node does.
+    rep = _validate(base, tuned, lora, loader="complete")
     s = rep.summary()
     assert (s.changed, s.covered, s.uncovered, s.coverage) == (6, 6, 0, 1.0)
     assert s.unmatched_keys == 0 and s.spurious == 0 and s.not_merged == 0
@@ -88,6 +89,23 @@ def test_perfect_lora_gives_zero_error_and_full_coverage(gen) -> None:
     ranks = {r.path: r.rank for r in rep.layers}
     assert ranks["input_blocks.1.1.proj_in.weight"] == RANK and ranks["pos_embed"] is None
     assert rep.key_styles == ["comfy"]
+
+
+def test_comfyui_loader_scores_the_nonleaf_patch_as_not_applied(gen) -> None:
+    # pos_embed sits on the model root, which has sub-modules: LoraLoader never applies it.
+    base, tuned, lora = _pair_and_lora(gen)
+    rep = _validate(base, tuned, lora, loader="comfyui")
+    s = rep.summary()
+    assert (s.changed, s.covered, s.not_merged) == (6, 5, 1)
+    row = next(r for r in rep.layers if r.path == "pos_embed")
+    assert row.status == "not_merged" and row.rel_error == 1.0
+    assert "Load LoRA (complete)" in row.note and any("loader: complete" in n for n in rep.notes)
+    # the whole-model error counts the unapplied delta in full
+    d = {r.path: r.delta_norm for r in rep.layers}
+    total = sum(v * v for v in d.values())
+    assert s.overall_error == pytest.approx((d["pos_embed"] ** 2 / total) ** 0.5, rel=1e-4)
+    with pytest.raises(ExtractionInputError, match="loader 'diffusers' is not one of comfyui, complete"):
+        _validate(base, tuned, lora, loader="diffusers")
 
 
 def test_application_matches_comfyui_loader(gen) -> None:

@@ -70,7 +70,16 @@ def test_extract_then_validate_chained(setup) -> None:
     # Rank-4 deltas extracted at rank 4 in fp32: reproduced; the untouched layer is not needed.
     assert "coverage: 4/4 changed weights patched (100.0%), 0 uncovered" in text
     assert "quality: excellent 4, good 0, poor 0" in text
-    assert res["ui"]["text"] == [text]
+    # The box on the node: key lines first (file, size, ranks, errors, counts), then the report.
+    key, _, rest = res["ui"]["text"][0].partition("\n\n")
+    assert rest == text
+    assert key.splitlines() == [
+        f"file: {os.path.basename(path)}",
+        f"size: {os.path.getsize(path) / 2**20:.2f} MiB, coverage 4/4 changed weights",
+        "ranks: 4",
+        key.splitlines()[3],
+        "skipped: 0, flagged: 0"]
+    assert key.splitlines()[3].startswith("error: mean 0.0%, median 0.0%, worst 0.0%")
     values = [v for _n, v, _t in comfy.utils._progress_log]
     assert values[-len(LAYERS):] == list(range(1, len(LAYERS) + 1))
 
@@ -138,3 +147,38 @@ def test_validate_node_honours_interrupt_between_layers(setup, monkeypatch) -> N
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         NODE_CLASS_MAPPINGS["LoraValidate"]().validate(tuned_patcher, patcher, FROM_PATH, path)
     assert len(seen) == 2  # stopped at the next layer boundary
+
+
+def test_loader_option_scores_the_parameter_comfyui_skips(tmp_path, capsys) -> None:
+    # A parameter on the model root (which has sub-modules): stored as .diff, never applied by
+    # ComfyUI's LoraLoader, applied by "Load LoRA (complete)".
+    layers = [*LAYERS, LayerSpec("diffusion_model.scale_shift_table", (32,), 1)]
+    bp, tp = write_pair(str(tmp_path), layers, seed=5)
+    lora = str(tmp_path / "l.safetensors")
+    assert main(["extract", bp, tp, "-o", lora, "--rank", "4", "--dtype", "fp32", "--no-clamp"]) == 0
+    capsys.readouterr()
+    reports = {}
+    for loader in ("complete", "comfyui"):
+        out = str(tmp_path / f"{loader}.json")
+        assert main(["validate", bp, tp, lora, "--loader", loader, "--report", out]) == 0
+        reports[loader] = json.loads(open(out, encoding="utf-8").read())
+    assert reports["complete"]["summary"]["covered"] == 5 and reports["complete"]["summary"]["not_merged"] == 0
+    assert reports["comfyui"]["summary"]["covered"] == 4 and reports["comfyui"]["summary"]["not_merged"] == 1
+    row = next(r for r in reports["comfyui"]["layers"] if r["path"] == "scale_shift_table")
+    assert row["status"] == "not_merged" and "Load LoRA (complete)" in row["note"]
+    assert main(["validate", bp, tp, lora, "--loader", "comfyui", "--max-error", "0.9"]) == 1
+    assert main(["validate", bp, tp, lora, "--loader", "complete", "--max-error", "0.9"]) == 0
+    with pytest.raises(SystemExit) as e:   # argparse: unknown choice, usage error
+        main(["validate", bp, tp, lora, "--loader", "diffusers"])
+    assert e.value.code == 2
+
+
+def test_validate_node_loader_input(setup) -> None:
+    _tmp, _base, _tuned, patcher, tuned_patcher = setup
+    path = _extract(tuned_patcher, patcher)["result"][0]
+    node = NODE_CLASS_MAPPINGS["LoraValidate"]()
+    assert node.INPUT_TYPES()["optional"]["loader"] == (["comfyui", "complete"], node.INPUT_TYPES()["optional"]["loader"][1])
+    assert node.INPUT_TYPES()["optional"]["loader"][1]["default"] == "complete"
+    for loader in ("comfyui", "complete"):   # no parameter of a module with sub-modules here
+        text = node.validate(tuned_patcher, patcher, FROM_PATH, path, loader=loader)["result"][0]
+        assert "coverage: 4/4" in text

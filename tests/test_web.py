@@ -53,14 +53,22 @@ const out = { atImport, names: registered.map((e) => e.name) };
     const node = Object.assign(Object.create(NodeType.prototype), {
       widgets: [], size: [200, 100], comfyClass: "LoraValidate", flags: {},
       computeSize: () => [300, 200], setSize(s) { this.size = s; }, setDirtyCanvas() {},
+      addWidget(type, name, value, cb) { const w = { type, name, value, cb }; this.widgets.push(w); return w; },
     });
     graphNodes[7] = node;
     app.graph._nodes.push(node);
     if (node.onExecuted) {
-      node.onExecuted({ text: ["coverage: 4/4", "mean 1%"] });
-      node.onExecuted({ text: ["second run"] });
+      const keys = ["file: a.safetensors", "size: 1.00 MiB", "ranks: 4", "error: mean 1.0%", "skipped: 0"];
+      node.onExecuted({ text: [keys.join("\n") + "\n\n" + "detail\n".repeat(30)], images: [{ filename: "c.png" }] });
+      const summary = node.widgets.find((w) => w.name === "summary");
+      out.minHeight = summary.options.getMinHeight();
+      out.maxHeight = summary.options.getMaxHeight();
+      node.size = [120, 200];   // narrower: the long key lines wrap, so the box needs more rows
+      out.minHeightNarrow = summary.options.getMinHeight();
+      node.size = [200, 100];
+      node.onExecuted({ text: ["second run"], images: [{ filename: "c.png" }] });
       out.widgets = node.widgets.map((w) => ({ name: w.name, value: w.value, serialize: w.serialize,
-                                               readOnly: w.inputEl.readOnly }));
+                                               readOnly: w.inputEl?.readOnly }));
       out.size = node.size;
     }
     await ext.setup?.();
@@ -71,6 +79,13 @@ const out = { atImport, names: registered.map((e) => e.name) };
       const ctx = { save() {}, restore() {}, fillText: (t) => drawn.push(t) };
       node.onDrawForeground(ctx);
       out.drawn = drawn;
+      out.drawnAt = [];
+      node.onDrawForeground({ save() {}, restore() {}, fillText: (t, x, y) => out.drawnAt.push([x, y]) });
+      // Where the frontend shows progress text in the node, nothing is drawn a second time.
+      node.widgets.push({ name: "$$node-text-preview", value: "layer 3/10" });
+      const again = [];
+      node.onDrawForeground({ save() {}, restore() {}, fillText: (t) => again.push(t) });
+      out.drawnWithFrontendText = again;
       handlers.progress_text({ detail: { nodeId: "5:7", text: "layer 4/10: y" } });
       out.statusSubgraph = node.loraExtractStatus;
       handlers.executed({ detail: { node: "7" } });
@@ -122,8 +137,23 @@ def test_registers_once_and_does_nothing_else_at_import(name: str, tmp_path) -> 
 @needs_node
 def test_summary_is_shown_read_only_and_updated(tmp_path) -> None:
     out = _run("report_summary.js", tmp_path)
-    assert out["widgets"] == [{"name": "summary", "value": "second run", "serialize": False, "readOnly": True}]
-    assert out["size"] == [420, 200]
+    assert out["widgets"] == [
+        {"name": "summary", "value": "second run", "serialize": False, "readOnly": True},
+        {"name": "open chart full size", "value": None, "serialize": False}]
+    # The node keeps its width (no jump over its neighbours); only computeSize may grow it.
+    assert out["size"] == [300, 200]
+
+
+@needs_node
+def test_summary_box_is_tall_enough_for_the_key_lines(tmp_path) -> None:
+    out = _run("report_summary.js", tmp_path)
+    # 5 key lines of 14 px + 28 px (widget margins, padding); the full text (5 + blank + 30 + a last empty line)
+    # is the most it takes.
+    assert out["minHeight"] == 5 * 14 + 28
+    assert out["maxHeight"] == 37 * 14 + 28
+    # At 120 px the box is ~12 characters wide: "error: mean 1.0%" (16) and
+    # "file: a.safetensors" (19) and "size: 1.00 MiB" (14) wrap onto two rows each.
+    assert out["minHeightNarrow"] == 8 * 14 + 28
 
 
 @needs_node
@@ -132,6 +162,9 @@ def test_live_status_follows_progress_text(tmp_path) -> None:
     assert out["status"] == "layer 3/10: diffusion_model.x.weight"
     # A 200-px node fits 28 characters: the end of the key (the layer name) is kept.
     assert out["drawn"] == ["..." + "layer 3/10: diffusion_model.x.weight"[-25:]]
+    # below the 100-px node body, clear of the title badges and the running outline
+    assert out["drawnAt"] == [[6, 118]]
+    assert out["drawnWithFrontendText"] == []
     assert out["statusSubgraph"] == "layer 4/10: y"
     assert out["statusAfter"] == ""
 

@@ -39,6 +39,16 @@ from .report import (
 ProgressFn = Callable[[int, int, str], None]
 InterruptFn = Callable[[], None]
 
+# How the LoRA is applied. "comfyui": as ComfyUI's LoraLoader does, which never patches a
+# parameter that sits directly on a module with sub-modules (WAN blocks.N.modulation, SD3
+# pos_embed): such patches count as not merged. "complete": every patch, as the pack's
+# "Load LoRA (complete)" node applies it.
+LOADER_COMFYUI = "comfyui"
+LOADER_COMPLETE = "complete"
+LOADERS = (LOADER_COMFYUI, LOADER_COMPLETE)
+SKIPPED_BY_COMFYUI = ("ComfyUI's LoraLoader does not apply patches to parameters of modules with "
+                      "sub-modules; load with 'Load LoRA (complete)' to apply it")
+
 # Spectra are computed for this many of the largest covered layers (for the chart): the
 # leading max(32, 4 x LoRA rank) singular values, which is the part the chart shows.
 SPECTRUM_LAYERS = 4
@@ -90,10 +100,13 @@ def load_pair(pair: KeyPair, base: WeightSource, tuned: WeightSource,
 def validate_layer(pair: KeyPair, base: WeightSource, tuned: WeightSource, lora: WeightSource,
                    index: LoraIndex, *, device: str | torch.device = "cpu",
                    want_spectrum: bool = False,
-                   weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> LayerValidation:
+                   weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   loader_skips: bool = False) -> LayerValidation:
     """Apply the LoRA to one base weight and compare it with the fine-tuned weight.
 
     ``weights``: the pair already loaded (by the prefetcher); read here otherwise.
+    ``loader_skips``: the chosen loader never applies a patch on this parameter (a valid patch
+    is then reported as not merged; a broken one still as broken).
     """
     base_w, tuned_w = weights if weights is not None else load_pair(pair, base, tuned, device)
     diff = tuned_w - base_w
@@ -116,6 +129,10 @@ def validate_layer(pair: KeyPair, base: WeightSource, tuned: WeightSource, lora:
             # reshape_weight grew the weight: ComfyUI would not load such a model either.
             entry.status = STATUS_NOT_MERGED
             entry.note = f"patched shape {list(patched.shape)} != model shape {list(tuned_w.shape)}"
+            entry.rel_error = 1.0 if delta_norm > 0 else None
+            return entry
+        if loader_skips:
+            entry.status, entry.note = STATUS_NOT_MERGED, SKIPPED_BY_COMFYUI
             entry.rel_error = 1.0 if delta_norm > 0 else None
             return entry
         residual = frobenius_norm(patched.sub_(tuned_w))
@@ -142,11 +159,16 @@ def validate_layer(pair: KeyPair, base: WeightSource, tuned: WeightSource, lora:
 def validate_lora(base: WeightSource, tuned: WeightSource, lora: WeightSource, *,
                   device: str | torch.device = "cpu", progress: ProgressFn | None = None,
                   check_interrupt: InterruptFn | None = None,
-                  spectrum_layers: int = SPECTRUM_LAYERS, prefetch: int = 2) -> ValidationReport:
+                  spectrum_layers: int = SPECTRUM_LAYERS, prefetch: int = 2,
+                  loader: str = LOADER_COMPLETE) -> ValidationReport:
     """Validate ``lora`` against the pair (``base``, ``tuned``), one layer at a time.
 
     The next ``prefetch`` layer pairs are read in a background thread while one is compared.
+    ``loader``: score the LoRA as ComfyUI's LoraLoader applies it (``comfyui``) or as "Load
+    LoRA (complete)" does (``complete``).
     """
+    if loader not in LOADERS:
+        raise ExtractionInputError(f"loader {loader!r} is not one of {', '.join(LOADERS)}; pick one of them.")
     t0 = time.perf_counter()
     checked_device(device)
     lora_keys = lora.keys()
@@ -173,8 +195,10 @@ def validate_lora(base: WeightSource, tuned: WeightSource, lora: WeightSource, *
     for i, (pair, weights) in enumerate(Prefetcher(plan.common, load, prefetch)):
         if check_interrupt is not None:
             check_interrupt()
+        skips = loader == LOADER_COMFYUI and plan.on_nonleaf_module(pair.path)
         report.layers.append(validate_layer(pair, base, tuned, lora, index, device=device,
-                                            want_spectrum=pair.path in want, weights=weights))
+                                            want_spectrum=pair.path in want, weights=weights,
+                                            loader_skips=skips))
         del weights
         if progress is not None:
             progress(i + 1, total, pair.tuned_key)
@@ -182,5 +206,10 @@ def validate_lora(base: WeightSource, tuned: WeightSource, lora: WeightSource, *
         check_interrupt()
     if any(p.dora is not None for p in index.patches.values()):
         report.notes.append("DoRA patches are not applied by this check (reported as not merged)")
+    skipped = [r for r in report.layers if r.note == SKIPPED_BY_COMFYUI]
+    if skipped:
+        report.notes.append(
+            f"{len(skipped)} patch(es) such as {skipped[0].key!r} are scored as ComfyUI's LoraLoader "
+            "applies them (not at all); 'Load LoRA (complete)' applies them (loader: complete).")
     report.seconds = time.perf_counter() - t0
     return report

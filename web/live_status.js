@@ -1,5 +1,7 @@
 // Live status on a running LoRA node: the server sends "layer i/n: key" as progress text
-// (PromptServer.send_progress_text); this draws the latest line just above the node and
+// (PromptServer.send_progress_text). ComfyUI's frontend (1.2x and later) shows that text inside
+// the node itself (its "$$node-text-preview" widget); only where it does not, this draws the
+// latest line just below the node (clear of the title badges and of the running outline) and
 // clears it when the node finishes. Nothing runs at import beyond registering the extension.
 
 window.comfyAPI.app.app.registerExtension({
@@ -41,18 +43,22 @@ window.comfyAPI.app.app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const ourNodes = ["LoraExtract", "LoraExtractV2", "LoraResize", "LoraValidate"];
     if (!ourNodes.includes(nodeData?.name)) return;
+    const FRONTEND_TEXT_WIDGET = "$$node-text-preview";
     const previous = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       previous?.apply(this, arguments);
       const text = this.loraExtractStatus;
       if (!text || this.flags?.collapsed) return;
+      // The frontend shows the progress text itself: once is enough.
+      if (this.widgets?.some((w) => w.name === FRONTEND_TEXT_WIDGET)) return;
       ctx.save();
       ctx.font = "11px monospace";
       ctx.fillStyle = "#8fc";
       // Keep the end of long keys: it names the layer.
       const max = Math.max(8, Math.floor((this.size[0] - 12) / 6.6));
       const shown = text.length > max ? "..." + text.slice(text.length - max + 3) : text;
-      ctx.fillText(shown, 6, -30);
+      // Below the node's body: the running outline is drawn a few px outside it.
+      ctx.fillText(shown, 6, this.size[1] + 18);
       ctx.restore();
     };
   },

@@ -5,8 +5,9 @@ does), so state dict keys start with ``diffusion_model.``. Patch storage, clonin
 and patching weights on load follow ComfyUI 0.3.64, including a partial (lowvram) load: modules
 that have ``comfy_cast_weights`` (ComfyUI's ``comfy.ops`` layers) and do not fit in the memory
 given stay on the offload device, unpatched, with a ``LowVramPatch`` in ``weight_function`` that
-applies the patches when the layer runs; the rest are patched and moved to the device. Hooks,
-injections, callbacks and ``partially_unload`` are left out.
+applies the patches when the layer runs; the rest are patched and moved to the device. The
+``CallbacksMP.ON_LOAD`` callbacks run at the end of every load and are copied by ``clone``.
+Hooks, injections, other callbacks, wrappers and ``partially_unload`` are left out.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.utils
 import torch
+from comfy.patcher_extension import CallbacksMP
 
 # The real backup entry is a namedtuple built inline under the name 'Dimension'.
 BackupEntry = collections.namedtuple("BackupEntry", ["weight", "inplace_update"])
@@ -125,6 +127,7 @@ class ModelPatcher:
         self.object_patches_backup: dict[str, Any] = {}
         self.weight_wrapper_patches: dict[str, list[Callable]] = {}
         self.model_options: dict[str, Any] = {"transformer_options": {}}
+        self.callbacks: dict[str, dict[str | None, list[Callable]]] = CallbacksMP.init_callbacks()
         self.model_size()
         self.load_device = load_device
         self.offload_device = offload_device
@@ -181,6 +184,7 @@ class ModelPatcher:
         n.attachments = dict(self.attachments)
         n.additional_models = {k: [m.clone() for m in v] for k, v in self.additional_models.items()}
         n.hook_backup = self.hook_backup
+        n.callbacks = {k: {k1: c1.copy() for k1, c1 in c.items()} for k, c in self.callbacks.items()}
         return n
 
     def is_clone(self, other: Any) -> bool:
@@ -406,6 +410,22 @@ class ModelPatcher:
         self.model.device = device_to
         self.model.model_loaded_weight_memory = mem_counter
         self.model.current_weight_patches_uuid = self.patches_uuid
+        for callback in self.get_all_callbacks(CallbacksMP.ON_LOAD):
+            callback(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
+
+    # --- callbacks (as in ComfyUI: {call_type: {key: [callables]}}) ------------------------
+
+    def add_callback(self, call_type: str, callback: Callable) -> None:
+        self.add_callback_with_key(call_type, None, callback)
+
+    def add_callback_with_key(self, call_type: str, key: str | None, callback: Callable) -> None:
+        self.callbacks.setdefault(call_type, {}).setdefault(key, []).append(callback)
+
+    def get_callbacks(self, call_type: str, key: str | None) -> list[Callable]:
+        return self.callbacks.get(call_type, {}).get(key, [])
+
+    def get_all_callbacks(self, call_type: str) -> list[Callable]:
+        return [c for cs in self.callbacks.get(call_type, {}).values() for c in cs]
 
     def patch_model(self, device_to: torch.device | None = None, lowvram_model_memory: float = 0,
                     load_weights: bool = True, force_patch_weights: bool = False) -> torch.nn.Module:

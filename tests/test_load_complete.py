@@ -1,0 +1,110 @@
+"""The "Load LoRA (complete)" node against the ComfyUI stub: LoraLoader's patches, the same way,
+plus the non-leaf parameters ComfyUI's load skips, restored on unload and on a strength change."""
+
+from __future__ import annotations
+
+import comfy.sd
+import pytest
+import torch
+from comfy.sd import CLIP
+from helpers import make_toy_patcher
+from safetensors.torch import save_file
+
+from lora_extract import NODE_CLASS_MAPPINGS
+from lora_extract.extract import ExtractionInputError
+
+P = "diffusion_model."
+NAME = "toy_lora.safetensors"
+
+
+@pytest.fixture
+def setup(comfy_dirs, gen):
+    patcher = make_toy_patcher(seed=3)
+    base = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    lora = {
+        P + "pos_embed.diff": torch.randn(1, 4, 6, generator=gen),         # non-leaf: skipped by ComfyUI
+        P + "lin.lora_up.weight": torch.randn(6, 2, generator=gen),
+        P + "lin.lora_down.weight": torch.randn(2, 8, generator=gen),
+        P + "lin.alpha": torch.tensor(1.0),
+        P + "lin.diff_b": torch.randn(6, generator=gen),
+        P + "norm.diff": torch.randn(6, generator=gen),
+        "text_encoders.enc.diff": torch.randn(3, 3, generator=gen),       # for the CLIP
+    }
+    save_file(lora, str(comfy_dirs / "models" / "loras" / NAME))
+    return patcher, base, lora
+
+
+def _node():
+    return NODE_CLASS_MAPPINGS["LoraLoadComplete"]()
+
+
+def _loaded(model) -> dict[str, torch.Tensor]:
+    model.patch_model(torch.device("cpu"))
+    return {k: v.clone() for k, v in model.model.state_dict().items()}
+
+
+def test_comfyui_loader_skips_the_nonleaf_parameter(setup) -> None:
+    # The gap the node closes: ComfyUI accepts the patch but its load never applies it.
+    patcher, base, lora = setup
+    model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 0.5, 0)
+    assert P + "pos_embed" in model.patches
+    sd = _loaded(model)
+    assert torch.equal(sd[P + "pos_embed"], base[P + "pos_embed"])
+    assert not torch.equal(sd[P + "lin.weight"], base[P + "lin.weight"])
+
+
+def test_applies_what_lora_loader_applies_plus_the_skipped_parameter(setup) -> None:
+    patcher, base, lora = setup
+    reference, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 0.5, 0)
+    ref = _loaded(reference)
+    reference.unpatch_model()
+    model, clip = _node().load_lora(patcher, NAME, 0.5)
+    assert clip is None
+    sd = _loaded(model)
+    for k in base:
+        if k != P + "pos_embed":
+            assert torch.equal(sd[k], ref[k]), k   # bit for bit what LoraLoader gives
+    torch.testing.assert_close(sd[P + "pos_embed"], base[P + "pos_embed"] + 0.5 * lora[P + "pos_embed.diff"],
+                               rtol=0, atol=1e-6)
+    # loading again (same patches) does not add the diff twice
+    model.patch_model(torch.device("cpu"))
+    torch.testing.assert_close(model.model.state_dict()[P + "pos_embed"], sd[P + "pos_embed"], rtol=0, atol=0)
+
+
+def test_unload_and_strength_change_restore_the_skipped_parameter(setup) -> None:
+    patcher, base, lora = setup
+    node = _node()
+    half, _ = node.load_lora(patcher, NAME, 0.5)
+    _loaded(half)
+    half.unpatch_model()
+    after = patcher.model.state_dict()
+    for k, v in base.items():
+        assert torch.equal(after[k], v), k                       # exactly the base again
+    minus, _ = node.load_lora(patcher, NAME, -1.0)
+    sd = _loaded(minus)
+    torch.testing.assert_close(sd[P + "pos_embed"], base[P + "pos_embed"] - lora[P + "pos_embed.diff"],
+                               rtol=0, atol=1e-6)
+    minus.unpatch_model()
+    assert torch.equal(patcher.model.state_dict()[P + "pos_embed"], base[P + "pos_embed"])
+
+
+def test_clip_gets_its_strength_and_zero_strengths_change_nothing(setup) -> None:
+    patcher, _base, lora = setup
+    enc = torch.nn.Module()
+    enc.enc = torch.nn.Linear(3, 3, bias=False)
+    clip = CLIP(enc)
+    w0 = enc.enc.weight.detach().clone()
+    model, new_clip = _node().load_lora(patcher, NAME, 1.0, clip=clip, strength_clip=0.25)
+    assert new_clip is not clip and model is not patcher
+    new_clip.patcher.patch_model(torch.device("cpu"))
+    torch.testing.assert_close(enc.enc.weight.detach(), w0 + 0.25 * lora["text_encoders.enc.diff"],
+                               rtol=0, atol=1e-6)
+    new_clip.patcher.unpatch_model()
+    same_model, same_clip = _node().load_lora(patcher, NAME, 0.0, clip=clip, strength_clip=0.0)
+    assert same_model is patcher and same_clip is clip
+
+
+def test_unknown_lora_name_is_a_clear_error(setup) -> None:
+    patcher, _base, _lora = setup
+    with pytest.raises(ExtractionInputError, match=r"lora_name 'nope.safetensors' is not in the loras folder"):
+        _node().load_lora(patcher, "nope.safetensors", 1.0)
