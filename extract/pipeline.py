@@ -12,13 +12,13 @@ import torch
 
 from .config import ExtractConfig
 from .errors import ExtractionInputError
-from .keys import keys_for_param
 from .layer import LayerExtraction, extract_matrix, layer_kind
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
 from .prefetch import Prefetcher
 from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
 from .sources import WeightSource
+from .te_keys import UNPATCHABLE_NOTE, layer_config, lora_keys_for
 from .writer import save_safetensors_atomic
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,13 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
     shape = pair.shape
     kind = layer_kind(shape)
     entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED)
-    keys, role = keys_for_param(pair.path, cfg.key_style, plan.module_has_weight(pair.path))
+    mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
+                           plan.encoders)
+    if mapped is None:
+        entry.reason = "no difference" if fro == 0.0 else UNPATCHABLE_NOTE
+        entry.seconds = time.perf_counter() - t0
+        return entry
+    keys, role = mapped
     if fro == 0.0:
         entry.reason = "no difference"
     elif role == "weight" and len(shape) >= 2:
@@ -82,7 +88,7 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
             tensors[keys.diff] = _cast_checked(diff, cfg, pair.tuned_key)
             entry.status, entry.rel_error = STATUS_DIFF, 0.0
         else:
-            res = extraction or extract_matrix(diff, cfg, fro=fro,
+            res = extraction or extract_matrix(diff, layer_config(cfg, pair.path), fro=fro,
                                                generator=_layer_generator(cfg, pair.path))
             f = res.factors
             tensors[keys.up] = f.up
