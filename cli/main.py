@@ -20,12 +20,12 @@ from ..extract import (
     ExtractConfig,
     ExtractionInputError,
     extract_to_file,
-    open_source,
 )
 from ..extract.keys import KEY_STYLES
 from ..extract.tempfiles import write_text_atomic
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
+from .text_encoders import add_text_encoder_options, open_model
 from .validate import add_parser as add_validate_parser
 
 log = logging.getLogger("lora_extract")
@@ -56,13 +56,15 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         adaptive_param=a.adaptive_param, algorithm=a.algorithm, lowrank_iters=a.lowrank_iters,
         output_dtype=a.dtype, bias_diff=not a.no_bias_diff,
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
-        key_style=a.key_style, device=a.device).validate()
+        key_style=a.key_style, device=a.device,
+        text_encoder_rank=getattr(a, "text_encoder_rank", 0)).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
-                report_path: str | None, prefetch: int, overwrite: bool = False) -> int:
-    base = open_source(base_path)
-    tuned = open_source(tuned_path)
+                report_path: str | None, prefetch: int, overwrite: bool = False,
+                text_encoders: bool = False) -> int:
+    base = open_model(base_path, text_encoders)
+    tuned = open_model(tuned_path, text_encoders)
     report = extract_to_file(base, tuned, cfg, out, progress=progress_bar("extract"),
                              prefetch=prefetch, overwrite=overwrite)
     if report_path:
@@ -74,7 +76,8 @@ def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
 def cmd_extract(a: argparse.Namespace) -> int:
     if os.path.exists(a.output) and not a.overwrite:
         raise ExtractionInputError(f"{a.output} already exists; pass --overwrite or pick another name.")
-    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite)
+    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite,
+                       text_encoders=not a.no_text_encoder)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -97,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_extract_options(p)
+    add_text_encoder_options(p)
     p.set_defaults(func=cmd_extract)
     p = sub.add_parser("demo", help="generate a small base/fine-tuned pair and extract it")
     p.add_argument("--dir", help="folder for the demo files (default: a new temp folder)")

@@ -13,7 +13,7 @@ import torch
 from .difference import difference_into
 from .errors import ExtractionInputError
 from .sources import WeightSource
-from .te_keys import encoders_in, model_path
+from .te_keys import encoders_in, left_out_reason, model_path
 
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
 SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",
@@ -70,8 +70,7 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
     for k in tuned_keys:
         p = model_path(k)
         if p is None:
-            plan.left_out.append((k, tuple(tuned.shape(k)),
-                                  "not part of the diffusion model (text encoder / VAE)"))
+            plan.left_out.append((k, tuple(tuned.shape(k)), left_out_reason(k)))
             continue
         if k.endswith(SYNTHETIC_SUFFIXES):
             plan.left_out.append((k, tuple(tuned.shape(k)), "quantization metadata, not a weight"))
@@ -92,7 +91,7 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
         if k in seen_base:
             continue
         p = model_path(k)
-        reason = ("not part of the diffusion model (text encoder / VAE)" if p is None
+        reason = (left_out_reason(k) if p is None
                   else "quantization metadata, not a weight" if k.endswith(SYNTHETIC_SUFFIXES)
                   else "only in the base model")
         plan.left_out.append((k, tuple(base.shape(k)), reason))

@@ -43,6 +43,17 @@ UNPATCHABLE_NOTE = ("ComfyUI's LoRA loader patches only .weight and .bias parame
                     "encoder; this parameter cannot be stored")
 
 
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def left_out_reason(key: str) -> str:
+    """Why a key outside the diffusion model and the extracted text encoders is not extracted."""
+    if key.startswith(VAE_PREFIXES):
+        return "not part of the diffusion model (VAE: LoRA loaders do not patch it)"
+    return ("not part of the diffusion model (text encoder / VAE; text encoders are extracted "
+            "from CLIP inputs, or from whole checkpoints unless --no-text-encoder)")
+
+
 def is_te_key(key: str) -> bool:
     return key.startswith(TE_PREFIX)
 

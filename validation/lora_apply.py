@@ -27,6 +27,7 @@ import torch
 from ..extract.errors import ExtractionInputError
 from ..extract.keys import UP_DOWN_FORMATS
 from ..extract.sources import WeightSource
+from ..extract.te_keys import is_te_key, te_key_map
 
 DIFFUSION_PREFIX = "diffusion_model."
 KOHYA_UNET_PREFIX = "lora_unet_"
@@ -82,12 +83,17 @@ class LoraIndex:
 def comfy_key_map(model_paths: Iterable[str]) -> dict[str, str]:
     """LoRA prefix -> model parameter path, in ComfyUI's generic key map order.
 
-    ``model_paths`` are diffusion-model parameter paths (no ``diffusion_model.`` prefix). On a
-    collision (``a_b.weight`` and ``a.b.weight`` share a kohya name) the later path wins, as in
-    ComfyUI's dict.
+    ``model_paths`` are diffusion-model parameter paths (no ``diffusion_model.`` prefix), and
+    text-encoder paths ``text_encoders.<CLIP key>`` (mapped as ``model_lora_keys_clip`` does).
+    On a collision (``a_b.weight`` and ``a.b.weight`` share a kohya name) the later path wins,
+    as in ComfyUI's dict.
     """
     key_map: dict[str, str] = {}
-    for path in model_paths:
+    paths = list(model_paths)
+    key_map.update(te_key_map(paths))
+    for path in paths:
+        if is_te_key(path):
+            continue
         if path.endswith(".weight"):
             module = path[: -len(".weight")]
             key_map[KOHYA_UNET_PREFIX + module.replace(".", "_")] = path
@@ -148,7 +154,7 @@ def index_lora(lora_keys: Iterable[str], model_paths: Iterable[str]) -> LoraInde
         if set_weight is not None:
             index.patches[target] = LoraPatch(target, KIND_SET, x, tensor=set_weight)
         if found or diff is not None or diff_b is not None or w_norm is not None or set_weight is not None:
-            styles.add("kohya" if x.startswith(KOHYA_UNET_PREFIX) else "comfy")
+            styles.add("kohya" if x.startswith((KOHYA_UNET_PREFIX, "lora_te")) else "comfy")
     for k in keys:
         if k in used:
             continue
