@@ -60,6 +60,9 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
         if not keys:
             raise ExtractionInputError(f"{src.name}: the model has no weights. Check the file.")
     check_same_text_encoders(base, base_keys, tuned, tuned_keys)
+    # Keys a source knows must not be extracted (e.g. a CLIP weight ComfyUI leaves
+    # uninitialised), with the reason: reported, never paired.
+    skip = {**_left_out_keys(base), **_left_out_keys(tuned)}
     plan = PairPlan()
     base_by_path: dict[str, str] = {}
     for k in base_keys:
@@ -69,6 +72,10 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
     seen_base: set[str] = set()
     for k in tuned_keys:
         p = model_path(k)
+        if k in skip:
+            plan.left_out.append((k, tuple(tuned.shape(k)), skip[k]))
+            seen_base.add(base_by_path.get(p or "", ""))
+            continue
         if p is None:
             plan.left_out.append((k, tuple(tuned.shape(k)), left_out_reason(k)))
             continue
@@ -107,6 +114,11 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
         plan.nonleaf_modules.add("")
         plan.nonleaf_modules.update(".".join(parts[: j + 1]) for j in range(len(parts) - 2))
     return plan
+
+
+def _left_out_keys(source: WeightSource) -> dict[str, str]:
+    fn = getattr(source, "left_out_keys", None)
+    return fn() if callable(fn) else {}
 
 
 def check_same_text_encoders(base: WeightSource, base_keys: list[str], tuned: WeightSource,

@@ -214,6 +214,14 @@ class CombinedSource:
             dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._owner[key].get(key, device, dtype)
 
+    def left_out_keys(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for s in self.sources:
+            fn = getattr(s, "left_out_keys", None)
+            if callable(fn):
+                out.update(fn())
+        return out
+
     def identity_parts(self) -> list[WeightSource]:
         """The parts, for caches that key on where weights come from (memory/cache.py)."""
         return list(self.sources)

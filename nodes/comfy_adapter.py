@@ -209,6 +209,17 @@ class ComfyModelSource:
 
 TEXT_ENCODERS_PREFIX = "text_encoders."
 
+# CLIP weights that ComfyUI's CLIP of a type has but never reads from that type's files, and the
+# model does not use: SD1/SDXL checkpoints do not store CLIP-L's projection (ComfyUI drops it
+# when saving them), so it stays uninitialised memory that differs between two loaded CLIPs
+# (measured on ComfyUI 0.3.64). Extracting it would store noise.
+UNLOADED_CLIP_KEYS = {
+    "SD1ClipModel": ("clip_l.transformer.text_projection.weight",),
+    "SDXLClipModel": ("clip_l.transformer.text_projection.weight",),
+}
+UNLOADED_REASON = ("not stored in {type} checkpoints and unused by the model: ComfyUI leaves it "
+                   "uninitialised when loading, so its difference is noise")
+
 
 def clip_patcher(clip, name: str):
     """The ModelPatcher of a ComfyUI CLIP (``CLIP.patcher``, around ``cond_stage_model``)."""
@@ -240,6 +251,13 @@ class ComfyClipSource(ComfyModelSource):
         self.type_name = clip_type_name(clip)
         sd = self.patcher.model_state_dict()
         self._shapes = {TEXT_ENCODERS_PREFIX + k: tuple(v.shape) for k, v in sd.items()}
+        reason = UNLOADED_REASON.format(type=self.type_name)
+        self._left_out = {TEXT_ENCODERS_PREFIX + k: reason
+                          for k in UNLOADED_CLIP_KEYS.get(self.type_name, ()) if k in sd}
+
+    def left_out_keys(self) -> dict[str, str]:
+        """Keys not to extract, with the reason (read by the key pairing)."""
+        return dict(self._left_out)
 
     def get(self, key: str, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = None) -> torch.Tensor:
