@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ..extract import ExtractConfig, open_source
+from ..extract import ExtractConfig
 from ..extract.budget import plan_ranks
 from ..extract.budget_run import chosen_point, spectra_only
 from ..extract.pipeline import _layer_generator
 from ..extract.size_text import budget_lines, curve_lines
 from ..extract.size_types import MIB
 from .progress import progress_bar
+from .text_encoders import open_model
 
 
 class _Facts:
@@ -18,14 +19,20 @@ class _Facts:
         self.budget, self.file_bytes, self.tensor_bytes = budget, 0, 0
 
 
-def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int) -> int:
-    """Pass 1 of a budgeted run (every layer decomposed at its cap); print the curve."""
-    spectra, _plan = spectra_only(open_source(base_path), open_source(tuned_path), cfg,
+def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int,
+            text_encoders: bool = False) -> int:
+    """Pass 1 of a budgeted run (every layer decomposed at its cap); print the curve.
+
+    ``text_encoders``: include a whole checkpoint's text encoders, as the extraction would."""
+    spectra, _plan = spectra_only(open_model(base_path, text_encoders),
+                                  open_model(tuned_path, text_encoders), cfg,
                                   lambda path: _layer_generator(cfg, path),
                                   progress=progress_bar("spectra"), prefetch=prefetch)
     curve = spectra.curve()
     lines = [f"dry run: {len(spectra.layers)} LoRA layers, caps rank {cfg.rank}"
-             f"{f' / conv {cfg.conv_rank}' if cfg.conv_rank else ''}, {cfg.output_dtype}; "
+             f"{f' / conv {cfg.conv_rank}' if cfg.conv_rank else ''}"
+             f"{f' / text encoders {cfg.text_encoder_rank}' if cfg.text_encoder_rank else ''}, "
+             f"{cfg.output_dtype}; "
              f"stored diffs {spectra.fixed_bytes} bytes; no file written"]
     if cfg.target_size_mb:
         plan = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes)

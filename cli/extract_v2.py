@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..extract import ExtractConfig, open_source
+from ..extract import ExtractConfig
 from ..extract.devices import AUTO, DEVICE_HELP
 from ..extract.tempfiles import write_text_atomic
 from ..memory.manager import extract_to_file_v2
 from ..memory.planner import MAX_BATCH, MAX_BLOCKS, MAX_PREFETCH, MODES, MemoryOptions
 from .progress import progress_bar
+from .text_encoders import open_model
 
 V2_KNOBS = ("vram_mode", "blocks_in_gpu", "batch_size", "prefetch_ahead", "memory_threshold",
             "memory_log")
@@ -62,10 +63,11 @@ def memory_options(a: argparse.Namespace) -> MemoryOptions:
 
 
 def run_extract_v2(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
-                   opts: MemoryOptions, report_path: str | None, overwrite: bool = False) -> int:
+                   opts: MemoryOptions, report_path: str | None, overwrite: bool = False,
+                   text_encoders: bool = False) -> int:
     """Extract with the V2 manager (as LoraExtractV2 does), write the file, print the report."""
-    base = open_source(base_path)
-    tuned = open_source(tuned_path)
+    base = open_model(base_path, text_encoders)
+    tuned = open_model(tuned_path, text_encoders)
     report, mem = extract_to_file_v2(base, tuned, cfg, opts, out, overwrite=overwrite,
                                      progress=progress_bar("extract v2"))
     if report_path:

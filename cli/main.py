@@ -20,7 +20,6 @@ from ..extract import (
     ExtractConfig,
     ExtractionInputError,
     extract_to_file,
-    open_source,
 )
 from ..extract.devices import resolve_device
 from ..extract.keys import KEY_STYLES
@@ -29,6 +28,7 @@ from .dry_run import run_dry
 from .extract_v2 import add_device_option, add_v2_options, memory_options, run_extract_v2, wants_v2
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
+from .text_encoders import add_text_encoder_options, open_model
 from .validate import add_parser as add_validate_parser
 
 log = logging.getLogger("lora_extract")
@@ -67,17 +67,18 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         output_dtype=a.dtype, bias_diff=not a.no_bias_diff,
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
         key_style=a.key_style, device=resolve_device(a.device),
-        target_size_mb=a.target_size).validate()
+        target_size_mb=a.target_size,
+        text_encoder_rank=getattr(a, "text_encoder_rank", 0)).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
                 report_path: str | None, prefetch: int, overwrite: bool = False,
-                args: argparse.Namespace | None = None) -> int:
+                text_encoders: bool = False, args: argparse.Namespace | None = None) -> int:
     if args is not None and wants_v2(args):
         return run_extract_v2(base_path, tuned_path, out, cfg, memory_options(args), report_path,
-                              overwrite)
-    base = open_source(base_path)
-    tuned = open_source(tuned_path)
+                              overwrite, text_encoders=text_encoders)
+    base = open_model(base_path, text_encoders)
+    tuned = open_model(tuned_path, text_encoders)
     report = extract_to_file(base, tuned, cfg, out, progress=progress_bar("extract"),
                              prefetch=prefetch, overwrite=overwrite)
     if report_path:
@@ -88,12 +89,13 @@ def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
 
 def cmd_extract(a: argparse.Namespace) -> int:
     if a.dry_run:
-        return run_dry(a.base, a.tuned, _config(a), a.prefetch)
+        return run_dry(a.base, a.tuned, _config(a), a.prefetch, text_encoders=not a.no_text_encoder)
     if not a.output:
         raise ExtractionInputError("no output file: pass -o OUT.safetensors (or --dry-run).")
     if os.path.exists(a.output) and not a.overwrite:
         raise ExtractionInputError(f"{a.output} already exists; pass --overwrite or pick another name.")
-    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite, a)
+    return run_extract(a.base, a.tuned, a.output, _config(a), a.report, a.prefetch, a.overwrite,
+                       text_encoders=not a.no_text_encoder, args=a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the error against file size from the spectra; write no file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_extract_options(p)
+    add_text_encoder_options(p)
     p.set_defaults(func=cmd_extract)
     p = sub.add_parser("demo", help="generate a small base/fine-tuned pair and extract it")
     p.add_argument("--dir", help="folder for the demo files (default: a new temp folder)")

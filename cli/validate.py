@@ -19,6 +19,7 @@ from ..extract import ExtractionInputError, open_source
 from ..extract.tempfiles import replaced_atomically, write_text_atomic
 from ..validation.validate import LOADER_COMPLETE, LOADERS, validate_lora
 from .progress import progress_bar
+from .text_encoders import lora_has_text_encoder, open_model
 
 log = logging.getLogger("lora_extract")
 
@@ -33,9 +34,11 @@ def cmd_validate(a: argparse.Namespace) -> int:
     for out in (a.report, a.chart):
         if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise ExtractionInputError(f"{out}: the folder does not exist; create it or pick another path.")
-    base = open_source(a.base)
-    tuned = open_source(a.tuned)
     lora = open_source(a.lora)
+    # Text encoders of whole checkpoints are compared when the LoRA has keys for them.
+    te = lora_has_text_encoder(lora.keys())
+    base = open_model(a.base, te)
+    tuned = open_model(a.tuned, te)
     report = validate_lora(base, tuned, lora, device=a.device, progress=progress_bar("validate"),
                            spectrum_layers=0 if a.chart is None else 4, loader=a.loader)
     if a.report:

@@ -20,7 +20,7 @@ import torch
 from .budget import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_curve
 from .config import ExtractConfig
 from .decompose import TruncatedSVD, exact_svd, randomized_svd
-from .keys import keys_for_param
+from .diffusers_keys import resolve_for_plan
 from .layer import finish_extraction, layer_kind, svd_plan
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
@@ -29,6 +29,7 @@ from .report import STATUS_SKIPPED, ExtractionReport, LayerReport
 from .report_curve import stored_diff_bytes
 from .size_types import CurvePoint, SizeCurve
 from .sources import WeightSource
+from .te_keys import layer_config, lora_keys_for
 
 ProgressFn = Callable[[int, int, str], None]
 InterruptFn = Callable[[], None]
@@ -38,13 +39,25 @@ def needs_svd(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> 
     """Whether ``process_pair`` stores this parameter as LoRA factors (the same test)."""
     if fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
         return False
-    _keys, role = keys_for_param(pair.path, cfg.key_style, plan.module_has_weight(pair.path))
-    return role == "weight"
+    return _storable(pair, plan, cfg) and _role(pair, cfg, plan) == "weight"
+
+
+def _role(pair: KeyPair, cfg: ExtractConfig, plan: PairPlan) -> str | None:
+    mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
+                           plan.encoders)
+    return None if mapped is None else mapped[1]
+
+
+def _storable(pair: KeyPair, plan: PairPlan, cfg: ExtractConfig) -> bool:
+    """Not left out by ``process_pair``: a loader key exists (text encoders: weights and biases
+    only) and, in the diffusers style, ComfyUI maps it."""
+    return _role(pair, cfg, plan) is not None and pair.path not in plan.comfy_unmapped
 
 
 def stores_diff(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
     """Whether ``process_pair`` stores this parameter's difference as is."""
-    return fro != 0.0 and cfg.bias_diff and not needs_svd(pair, fro, cfg, plan)
+    return (fro != 0.0 and cfg.bias_diff and _storable(pair, plan, cfg)
+            and not needs_svd(pair, fro, cfg, plan))
 
 
 def decompose_at_cap(diff: torch.Tensor, cfg: ExtractConfig,
@@ -102,7 +115,8 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
             check_interrupt()
         if needs_svd(pair, fro, cfg, plan):
             svd = fallback.call(pair.tuned_key, lambda dev, d=diff, p=pair: decompose_at_cap(
-                d if d.device == torch.device(dev) else d.to(dev), cfg, generator_for(p.path)))
+                d if d.device == torch.device(dev) else d.to(dev), layer_config(cfg, p.path),
+                generator_for(p.path)))
             out.kept[pair.tuned_key] = (svd, fro)
             out.layers.append(LayerSpectrum(pair.tuned_key, svd.S, fro * fro,
                                             rank_unit_bytes(pair.shape, itemsize),
@@ -187,6 +201,7 @@ def spectra_only(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     """Pass 1 alone (the dry run): the spectra and the pairing, nothing written."""
     cfg.validate()
     plan = plan_pair(base, tuned)
+    cfg, _notes = resolve_for_plan(cfg, plan)   # the key style decides what is stored
     fallback = OomFallback(cfg.device)
     return collect_spectra(base, tuned, cfg, plan, fallback, generator_for, progress=progress,
                            check_interrupt=check_interrupt, prefetch=prefetch,

@@ -41,6 +41,7 @@ class ExtractConfig:
     seed: int = 0                         # randomized SVD sketch; fixed for reproducible files
     oversample: int = 16                  # extra randomized sketch columns past the rank cap
     target_size_mb: float = 0.0           # 0: off; else ranks allocated to fit this many MiB
+    text_encoder_rank: int = 0            # rank (cap) for text-encoder layers; 0: same as rank
 
     def validate(self) -> ExtractConfig:
         def bad(what: str) -> ExtractionInputError:
@@ -56,6 +57,9 @@ class ExtractConfig:
         if not isinstance(self.conv_rank, int) or not 0 <= self.conv_rank <= MAX_RANK:
             raise bad(f"conv_rank {self.conv_rank!r} is out of range: use 0 (same as rank) "
                       f"or 1..{MAX_RANK}.")
+        if not isinstance(self.text_encoder_rank, int) or not 0 <= self.text_encoder_rank <= MAX_RANK:
+            raise bad(f"text_encoder_rank {self.text_encoder_rank!r} is out of range: use 0 (same "
+                      f"as rank) or 1..{MAX_RANK}.")
         if not 1 <= self.lowrank_iters <= 100:
             raise bad(f"lowrank_iters {self.lowrank_iters!r} is out of range: use 1..100.")
         if not 0.0 <= self.adaptive_param <= 1.0 or self.adaptive_param != self.adaptive_param:

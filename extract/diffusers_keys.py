@@ -173,10 +173,20 @@ def _describe(naming: Naming) -> str:
 
 def resolve_for_plan(cfg: ExtractConfig, plan: PairPlan) -> tuple[ExtractConfig, list[str]]:
     """``resolve_key_style`` for a paired input; records the naming family on the plan."""
-    paths = [kp.path for kp in plan.common]
+    from .te_keys import is_te_key, te_unmapped  # te_keys -> keys -> this module
+
+    all_paths = [kp.path for kp in plan.common]
+    # The naming is the diffusion model's; text encoders (text_encoders.<CLIP key>) have their
+    # own keys in every style.
+    paths = [p for p in all_paths if not is_te_key(p)]
+    if not paths and cfg.key_style == "diffusers":
+        raise ExtractionInputError(
+            "key_style 'diffusers' needs a diffusion model in diffusers naming; this input has "
+            "only text encoders. Use key_style auto, comfy or kohya.")
     cfg, naming, notes = resolve_key_style(cfg, paths)
     if cfg.key_style == "diffusers":
         plan.comfy_unmapped = comfy_unmapped(paths, plan.weight_paths, naming.family)
+        plan.comfy_unmapped.update(te_unmapped(all_paths, plan.weight_paths, plan.encoders))
     return cfg, notes
 
 

@@ -12,9 +12,9 @@ import torch
 
 from .difference import difference_into
 from .errors import ExtractionInputError
-from .keys import diffusion_path
 from .norms import frobenius_norm
 from .sources import WeightSource
+from .te_keys import encoders_in, left_out_reason, model_path
 
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
 SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",
@@ -27,7 +27,7 @@ class KeyPair:
 
     tuned_key: str
     base_key: str
-    path: str                     # the parameter path inside the diffusion model
+    path: str                     # diffusion-model parameter path, or text_encoders.<CLIP key>
     shape: tuple[int, ...]
 
 
@@ -44,6 +44,7 @@ class PairPlan:
     # Parameters ComfyUI's loader cannot apply in the diffusers key style, with the reason; set
     # by diffusers_keys.resolve_for_plan when it resolves the key style to diffusers.
     comfy_unmapped: dict[str, str] = field(default_factory=dict)
+    encoders: tuple[str, ...] = ()  # text encoders paired (clip_l, clip_g, t5xxl...)
 
     def module_has_weight(self, path: str) -> bool:
         """Whether ``<module>.weight`` exists next to a ``<module>.bias`` path."""
@@ -62,18 +63,25 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
     for src, keys in ((base, base_keys), (tuned, tuned_keys)):
         if not keys:
             raise ExtractionInputError(f"{src.name}: the model has no weights. Check the file.")
+    check_same_text_encoders(base, base_keys, tuned, tuned_keys)
+    # Keys a source knows must not be extracted (e.g. a CLIP weight ComfyUI leaves
+    # uninitialised), with the reason: reported, never paired.
+    skip = {**_left_out_keys(base), **_left_out_keys(tuned)}
     plan = PairPlan()
     base_by_path: dict[str, str] = {}
     for k in base_keys:
-        p = diffusion_path(k)
+        p = model_path(k)
         if p is not None:
             base_by_path[p] = k
     seen_base: set[str] = set()
     for k in tuned_keys:
-        p = diffusion_path(k)
+        p = model_path(k)
+        if k in skip:
+            plan.left_out.append((k, tuple(tuned.shape(k)), skip[k]))
+            seen_base.add(base_by_path.get(p or "", ""))
+            continue
         if p is None:
-            plan.left_out.append((k, tuple(tuned.shape(k)),
-                                  "not part of the diffusion model (text encoder / VAE)"))
+            plan.left_out.append((k, tuple(tuned.shape(k)), left_out_reason(k)))
             continue
         if k.endswith(SYNTHETIC_SUFFIXES):
             plan.left_out.append((k, tuple(tuned.shape(k)), "quantization metadata, not a weight"))
@@ -93,8 +101,8 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
     for k in base_keys:
         if k in seen_base:
             continue
-        p = diffusion_path(k)
-        reason = ("not part of the diffusion model (text encoder / VAE)" if p is None
+        p = model_path(k)
+        reason = (left_out_reason(k) if p is None
                   else "quantization metadata, not a weight" if k.endswith(SYNTHETIC_SUFFIXES)
                   else "only in the base model")
         plan.left_out.append((k, tuple(base.shape(k)), reason))
@@ -102,6 +110,7 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
         raise ExtractionInputError(
             f"{tuned.name} and {base.name} share no weight keys: they are different "
             f"architectures (e.g. {tuned_keys[0]!r} vs {base_keys[0]!r}). Pick the matching base model.")
+    plan.encoders = encoders_in(kp.path for kp in plan.common)
     plan.weight_paths = {kp.path for kp in plan.common if kp.path.endswith(".weight")}
     for kp in plan.common:
         parts = kp.path.split(".")
@@ -109,6 +118,27 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
         plan.nonleaf_modules.add("")
         plan.nonleaf_modules.update(".".join(parts[: j + 1]) for j in range(len(parts) - 2))
     return plan
+
+
+def _left_out_keys(source: WeightSource) -> dict[str, str]:
+    fn = getattr(source, "left_out_keys", None)
+    return fn() if callable(fn) else {}
+
+
+def check_same_text_encoders(base: WeightSource, base_keys: list[str], tuned: WeightSource,
+                             tuned_keys: list[str]) -> None:
+    """A text encoder in only one of the models is an input error, never a half extraction."""
+    in_base, in_tuned = encoders_in(base_keys), encoders_in(tuned_keys)
+    if in_base == in_tuned:
+        return
+    only = [(e, tuned, base) for e in in_tuned if e not in in_base] + \
+           [(e, base, tuned) for e in in_base if e not in in_tuned]
+    enc, has, lacks = only[0]
+    raise ExtractionInputError(
+        f"text encoder {enc} is in {has.name} but not in {lacks.name} (text encoders: "
+        f"{', '.join(in_tuned) or 'none'} in {tuned.name}, {', '.join(in_base) or 'none'} in "
+        f"{base.name}). Pick models with the same text encoders, or extract without them "
+        "(command line: --no-text-encoder; nodes: leave the CLIP inputs unconnected).")
 
 
 def load_difference(base: WeightSource, tuned: WeightSource, tuned_key: str, base_key: str,

@@ -13,7 +13,6 @@ import torch
 from .config import ExtractConfig
 from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
 from .errors import ExtractionInputError
-from .keys import keys_for_param
 from .layer import LayerExtraction, extract_matrix, layer_kind
 from .norms import frobenius_norm
 from .oom_fallback import OomFallback
@@ -22,6 +21,7 @@ from .prefetch import Prefetcher
 from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
 from .report_curve import curve_from_report
 from .sources import WeightSource
+from .te_keys import UNPATCHABLE_NOTE, layer_config, lora_keys_for
 from .writer import save_safetensors_atomic
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,13 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
     shape = pair.shape
     kind = layer_kind(shape)
     entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED)
-    keys, role = keys_for_param(pair.path, cfg.key_style, plan.module_has_weight(pair.path))
+    mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
+                           plan.encoders)
+    if mapped is None:
+        entry.reason = "no difference" if fro == 0.0 else UNPATCHABLE_NOTE
+        entry.seconds = time.perf_counter() - t0
+        return entry
+    keys, role = mapped
     unmapped = plan.comfy_unmapped.get(pair.path)
     if fro == 0.0:
         entry.reason = "no difference"
@@ -89,7 +95,7 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
             tensors[keys.diff] = _cast_checked(diff, cfg, pair.tuned_key)
             entry.status, entry.rel_error = STATUS_DIFF, 0.0
         else:
-            res = extraction or extract_matrix(diff, cfg, fro=fro,
+            res = extraction or extract_matrix(diff, layer_config(cfg, pair.path), fro=fro,
                                                generator=_layer_generator(cfg, pair.path))
             f = res.factors
             tensors[keys.up] = f.up

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from .size_text import budget_lines, curve_lines
 from .size_types import BudgetOutcome, SizeCurve
+from .te_keys import is_te_key
 
 STATUS_LORA = "lora"
 STATUS_DIFF = "diff"
@@ -51,6 +52,13 @@ class ExtractionSummary:
     rank_max: int | None
     file_bytes: int
     seconds: float
+    # The same counts split by part: "diffusion_model" and "text_encoders" ({lora, diff, skipped}).
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def part_of(key: str) -> str:
+    """Which part of a model a report key belongs to."""
+    return "text_encoders" if is_te_key(key) else "diffusion_model"
 
 
 @dataclass
@@ -91,7 +99,16 @@ class ExtractionReport:
             rank_max=max(ranks) if ranks else None,
             file_bytes=self.file_bytes,
             seconds=self.seconds,
+            parts=self.part_counts(),
         )
+
+    def part_counts(self) -> dict[str, dict[str, int]]:
+        """{part: {status: layers}}, diffusion model first."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.layers:
+            counts = out.setdefault(part_of(r.key), {STATUS_LORA: 0, STATUS_DIFF: 0, STATUS_SKIPPED: 0})
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: kv[0] != "diffusion_model"))
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -115,12 +132,26 @@ class ExtractionReport:
                 out[r.reason] = out.get(r.reason, 0) + 1
         return out
 
+    def _te_rank_lines(self) -> list[str]:
+        """Rank range of each part, when text encoders are in the report."""
+        lines = []
+        for part in ("diffusion_model", "text_encoders"):
+            ranks = [r.rank for r in self.layers if r.status == STATUS_LORA and r.rank is not None
+                     and part_of(r.key) == part]
+            if ranks:
+                lines.append(f"  {part.replace('_', ' ')} rank: {min(ranks)}..{max(ranks)}")
+        return lines
+
     def format_text(self, worst: int = 5) -> str:
         """A short human summary (node UI, command line)."""
         s = self.summary()
         lines = [
             f"layers: {s.layers} ({s.lora} LoRA, {s.diff} diff, {s.skipped} skipped)",
         ]
+        if "text_encoders" in s.parts:
+            lines.extend(f"  {part.replace('_', ' ')}: {c[STATUS_LORA]} LoRA, {c[STATUS_DIFF]} diff, "
+                         f"{c[STATUS_SKIPPED]} skipped" for part, c in s.parts.items())
+            lines.extend(self._te_rank_lines())
         if s.rank_min is not None:
             lines.append(f"rank: {s.rank_min}..{s.rank_max}")
         if s.mean_error is not None:

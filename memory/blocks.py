@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 
 from ..extract.keys import diffusion_path
+from ..extract.te_keys import is_te_key, te_block
 
 OTHER_BLOCK = "other"
 
@@ -28,7 +29,10 @@ _PRIORITY = {"middle": 0, "output": 1, "input": 2}
 
 def block_of(key: str) -> str:
     """``input_blocks.4.1.proj_in.weight`` -> ``input_blocks.4``; ``middle_block.1.x`` ->
-    ``middle_block``; ``final_layer.linear.weight`` -> ``other``. Model prefixes are ignored."""
+    ``middle_block``; ``final_layer.linear.weight`` -> ``other``. Model prefixes are ignored.
+    Text-encoder keys: ``text_encoders.clip_l...layers.3.*`` -> ``clip_l.3``, else ``clip_l``."""
+    if is_te_key(key):
+        return te_block(key)
     path = diffusion_path(key) or key
     head = path.split(".", 1)[0]
     if head in _MIDDLE:

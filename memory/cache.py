@@ -25,6 +25,9 @@ def source_identity(source: WeightSource) -> Hashable:
     A ComfyUI model counts as the same while it is the same patcher with the same patches
     (ComfyUI clones a patcher to change it, and bumps ``patches_uuid`` when patches change).
     """
+    parts = getattr(source, "identity_parts", None)
+    if callable(parts):  # a view or a combination of sources (text encoders): its parts decide
+        return ("parts", *(source_identity(p) for p in parts()))
     if isinstance(source, SafetensorsSource):
         st = os.stat(source.path)
         return ("file", os.path.realpath(source.path), st.st_size, st.st_mtime_ns)

@@ -21,7 +21,6 @@ from ..extract import batched
 from ..extract.budget_run import BudgetPass
 from ..extract.config import ExtractConfig
 from ..extract.diffusers_keys import resolve_for_plan
-from ..extract.keys import keys_for_param
 from ..extract.layer import LayerExtraction, extract_matrix, layer_kind
 from ..extract.oom_fallback import OOM_ERRORS, OomFallback, release_accelerator_cache
 from ..extract.pairing import KeyPair, PairPlan, plan_pair
@@ -34,6 +33,7 @@ from ..extract.pipeline import (
 )
 from ..extract.report import STATUS_SKIPPED, ExtractionReport, LayerReport
 from ..extract.sources import WeightSource
+from ..extract.te_keys import layer_config, lora_keys_for
 from ..extract.writer import save_safetensors_atomic
 from .blocks import block_of
 from .buffers import StagingPool
@@ -73,8 +73,25 @@ def _needs_svd(pair: KeyPair, layer: LoadedLayer, cfg: ExtractConfig, plan: Pair
     """
     if layer.fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
         return False
-    _keys, role = keys_for_param(pair.path, cfg.key_style, plan.module_has_weight(pair.path))
-    return role == "weight"
+    mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
+                           plan.encoders)
+    return (mapped is not None and mapped[1] == "weight"
+            and pair.path not in plan.comfy_unmapped)   # flagged, not stored: no SVD
+
+
+def _batched_by_config(chunk: list[LoadedLayer], gens: list[torch.Generator],
+                       cfg: ExtractConfig) -> list[LayerExtraction]:
+    """Batched SVDs, one call per layer config (text encoders may have their own rank)."""
+    out: list[LayerExtraction | None] = [None] * len(chunk)
+    groups: dict[ExtractConfig, list[int]] = {}
+    for i, layer in enumerate(chunk):
+        groups.setdefault(layer_config(cfg, layer.pair.path), []).append(i)
+    for c, idx in groups.items():
+        res = batched.extract_matrices([chunk[i].diff for i in idx], c,
+                                       [chunk[i].fro for i in idx], [gens[i] for i in idx])
+        for i, r in zip(idx, res, strict=True):
+            out[i] = r
+    return [r for r in out if r is not None]
 
 
 class _Run:
@@ -119,7 +136,7 @@ class _Run:
         """One layer's factors on the device its difference is on."""
         if self.finish is not None:
             return self.finish(layer)
-        return extract_matrix(layer.diff, self.cfg, fro=layer.fro,
+        return extract_matrix(layer.diff, layer_config(self.cfg, layer.pair.path), fro=layer.fro,
                               generator=_layer_generator(self.cfg, layer.pair.path))
 
     def _decompose(self, chunk: list[LoadedLayer]) -> list[LayerExtraction]:
@@ -128,13 +145,14 @@ class _Run:
         gens = [_layer_generator(self.cfg, layer.pair.path) for layer in chunk]
         if self.workers is not None and len(chunk) > 1:
             return list(self.workers.map(
-                lambda lg: extract_matrix(lg[0].diff, self.cfg, fro=lg[0].fro, generator=lg[1]),
+                lambda lg: extract_matrix(lg[0].diff, layer_config(self.cfg, lg[0].pair.path),
+                                          fro=lg[0].fro, generator=lg[1]),
                 zip(chunk, gens, strict=True)))
         if len(chunk) == 1 or not self.use_batched:
-            return [extract_matrix(layer.diff, self.cfg, fro=layer.fro, generator=g)
+            return [extract_matrix(layer.diff, layer_config(self.cfg, layer.pair.path),
+                                   fro=layer.fro, generator=g)
                     for layer, g in zip(chunk, gens, strict=True)]
-        return batched.extract_matrices([layer.diff for layer in chunk], self.cfg,
-                                        [layer.fro for layer in chunk], gens)
+        return _batched_by_config(chunk, gens, self.cfg)
 
     def _out_of_memory(self, chunk: list[LoadedLayer]) -> None:
         freed = self.cache.clear()

@@ -295,3 +295,63 @@ class ComfyModelSource:
         if patches:
             w = comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float32)
         return w if dtype is None or dtype == torch.float32 else w.to(dtype)
+
+
+# --- reading a CLIP -----------------------------------------------------------------------
+
+TEXT_ENCODERS_PREFIX = "text_encoders."
+
+# CLIP weights that ComfyUI's CLIP of a type has but never reads from that type's files, and the
+# model does not use: SD1/SDXL checkpoints do not store CLIP-L's projection (ComfyUI drops it
+# when saving them), so it stays uninitialised memory that differs between two loaded CLIPs
+# (measured on ComfyUI 0.3.64). Extracting it would store noise.
+UNLOADED_CLIP_KEYS = {
+    "SD1ClipModel": ("clip_l.transformer.text_projection.weight",),
+    "SDXLClipModel": ("clip_l.transformer.text_projection.weight",),
+}
+UNLOADED_REASON = ("not stored in {type} checkpoints and unused by the model: ComfyUI leaves it "
+                   "uninitialised when loading, so its difference is noise")
+
+
+def clip_patcher(clip, name: str):
+    """The ModelPatcher of a ComfyUI CLIP (``CLIP.patcher``, around ``cond_stage_model``)."""
+    from ..extract.errors import ExtractionInputError
+
+    patcher = getattr(clip, "patcher", None)
+    if patcher is None or not hasattr(patcher, "model_state_dict"):
+        raise ExtractionInputError(
+            f"{name}: expected a CLIP (from Load Checkpoint or Load CLIP), got "
+            f"{type(clip).__name__}. Connect a CLIP output.")
+    return patcher
+
+
+def clip_type_name(clip) -> str:
+    """The text-encoder class of a CLIP (``SD1ClipModel``, ``SDXLClipModel``...)."""
+    return type(getattr(clip, "cond_stage_model", None)).__name__
+
+
+class ComfyClipSource(ComfyModelSource):
+    """A ComfyUI CLIP as a weight source, weights computed as patched (LoRAs on the CLIP).
+
+    Keys are ``text_encoders.<key of cond_stage_model.state_dict()>``: the name the extraction
+    uses for text encoders and the generic key ComfyUI's LoRA loader maps back to that weight.
+    """
+
+    def __init__(self, clip, name: str) -> None:
+        self.patcher = clip_patcher(clip, name)
+        self.name = name
+        self.type_name = clip_type_name(clip)
+        sd = self.patcher.model_state_dict()
+        self._shapes = {TEXT_ENCODERS_PREFIX + k: tuple(v.shape) for k, v in sd.items()}
+        reason = UNLOADED_REASON.format(type=self.type_name)
+        self._left_out = {TEXT_ENCODERS_PREFIX + k: reason
+                          for k in UNLOADED_CLIP_KEYS.get(self.type_name, ()) if k in sd}
+
+    def left_out_keys(self) -> dict[str, str]:
+        """Keys not to extract, with the reason (read by the key pairing)."""
+        return dict(self._left_out)
+
+    def get(self, key: str, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+        return super().get(key[len(TEXT_ENCODERS_PREFIX):], device, dtype)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..extract.budget import MAX_TARGET_MB
 from ..extract.config import ALGORITHMS, LORA_TYPES, OUTPUT_DTYPES, ExtractConfig
 from ..extract.keys import KEY_STYLES
+from .model_inputs import MODEL_AND_CLIP_INPUTS
 
 SAVE_TO = ("output", "models/loras")
 
@@ -13,8 +14,6 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
     """The LoraExtract inputs, defaults and ranges as the KJ node documents them, plus extras."""
     return {
         "required": {
-            "finetuned_model": ("MODEL", {"tooltip": "The fine-tuned model: the LoRA will hold what it changed."}),
-            "original_model": ("MODEL", {"tooltip": "The base model the fine-tune started from."}),
             "filename_prefix": ("STRING", {
                 "default": default_prefix,
                 "tooltip": "File name prefix, relative to the output folder (sub-folders allowed, "
@@ -43,6 +42,10 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
                 "own absolute values. No extreme values, almost no added error."}),
         },
         "optional": {
+            # MODEL and CLIP pairs: either pair alone is enough (checked in model_inputs.py).
+            **MODEL_AND_CLIP_INPUTS,
+            "text_encoder_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1,
+                                          "tooltip": "Rank (cap) for text-encoder layers; 0 = same as rank."}),
             "conv_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1,
                                   "tooltip": "Rank (cap) for conv layers; 0 = same as rank."}),
             "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5,
@@ -50,9 +53,11 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
                                            "rescaled so strength 1 reproduces the difference."}),
             "key_style": (list(KEY_STYLES), {"default": "auto",
                                              "tooltip": "auto: diffusers for a diffusers-named model, else comfy. "
-                                                        "comfy: diffusion_model.* keys. kohya: lora_unet_* keys "
-                                                        "and ss_* metadata. diffusers: PEFT keys (transformer.* / "
-                                                        "unet.*, lora_A/lora_B) for diffusers-named models."}),
+                                                        "comfy: diffusion_model.* and text_encoders.* keys. "
+                                                        "kohya: lora_unet_* and lora_te_* (SDXL: lora_te1_/"
+                                                        "lora_te2_) keys and ss_* metadata. diffusers: PEFT keys "
+                                                        "(transformer.* / unet.* / text_encoder.*, lora_A/lora_B) "
+                                                        "for diffusers-named models."}),
             "save_to": (list(SAVE_TO), {"default": "output",
                                         "tooltip": "output: ComfyUI's output folder. models/loras: LoraLoader "
                                                    "lists the file at once."}),
@@ -70,12 +75,14 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
 def build_config(*, rank: int, lora_type: str, algorithm: str, lowrank_iters: int,
                  output_dtype: str, bias_diff: bool, adaptive_param: float,
                  clamp_quantile: bool, conv_rank: int, alpha: float, key_style: str,
-                 device: str, target_size_mb: float = 0.0) -> ExtractConfig:
+                 device: str, target_size_mb: float = 0.0,
+                 text_encoder_rank: int = 0) -> ExtractConfig:
     return ExtractConfig(
         rank=rank, lora_type=lora_type, algorithm=algorithm, lowrank_iters=lowrank_iters,
         output_dtype=output_dtype, bias_diff=bias_diff, adaptive_param=adaptive_param,
         clamp_quantile=0.99 if clamp_quantile else None, conv_rank=conv_rank, alpha=alpha,
-        key_style=key_style, device=device, target_size_mb=target_size_mb).validate()
+        key_style=key_style, device=device, target_size_mb=target_size_mb,
+        text_encoder_rank=text_encoder_rank).validate()
 
 
 def save_root_and_prefix(save_to: str, filename_prefix: str, output_dir: str, loras_dir: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from ..extract.report import ExtractionReport
 from . import comfy_adapter as comfy
 from .chart_output import chart_outputs
 from .extract_inputs import build_config, extraction_inputs, save_root_and_prefix
+from .model_inputs import node_sources
 from .summary_lines import extraction_key_lines, with_key_lines
 
 log = logging.getLogger(__name__)
@@ -38,18 +39,19 @@ class NodeExtraction:
 
 def run_node_extraction(finetuned_model, original_model, filename_prefix: str, name_suffix: str,
                         cfg, save_to: str, unique_id: str | None,
-                        extract_fn: Callable[..., ExtractionReport] = extract_to_file) -> NodeExtraction:
+                        extract_fn: Callable[..., ExtractionReport] = extract_to_file,
+                        finetuned_clip=None, original_clip=None) -> NodeExtraction:
     """Shared body of the extraction nodes: resolve the file name, extract, save, report, chart.
 
     ``extract_fn(base, tuned, cfg, path, progress=..., check_interrupt=...)`` writes the file and
     returns its report; V1 uses ``extract_to_file``, another engine can pass its own.
     """
+    # Inputs first: a wrong connection is reported before any file name is taken.
+    base, tuned = node_sources(finetuned_model, original_model, finetuned_clip, original_clip)
     root, prefix = save_root_and_prefix(save_to, filename_prefix, comfy.output_directory(),
                                         comfy.loras_directory())
     folder, stem = resolve_prefix(root, prefix)
     path = next_free_path(folder, stem, lambda c: f"{stem}_{name_suffix}_{c:05}_.safetensors")
-    tuned = comfy.ComfyModelSource(finetuned_model, "finetuned_model")
-    base = comfy.ComfyModelSource(original_model, "original_model")
     bar = comfy.progress_bar(max(1, len(tuned.keys())))
     device = torch.device(cfg.device)
     if device.type != "cpu":
@@ -92,18 +94,21 @@ class LoraExtract:
     def INPUT_TYPES(cls) -> dict:
         return extraction_inputs("loras/ComfyUI_extracted_lora")
 
-    def extract(self, finetuned_model, original_model, filename_prefix: str, rank: int,
-                lora_type: str, algorithm: str, lowrank_iters: int, output_dtype: str,
-                bias_diff: bool, adaptive_param: float, clamp_quantile: bool, conv_rank: int = 0,
-                alpha: float = 0.0, key_style: str = "auto", save_to: str = "output",
-                target_size_mb: float = 0.0, unique_id: str | None = None) -> dict:
+    def extract(self, filename_prefix: str, rank: int, lora_type: str, algorithm: str,
+                lowrank_iters: int, output_dtype: str, bias_diff: bool, adaptive_param: float,
+                clamp_quantile: bool, finetuned_model=None, original_model=None,
+                finetuned_clip=None, original_clip=None, text_encoder_rank: int = 0,
+                conv_rank: int = 0, alpha: float = 0.0, key_style: str = "auto",
+                save_to: str = "output", target_size_mb: float = 0.0,
+                unique_id: str | None = None) -> dict:
         cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
                            lowrank_iters=lowrank_iters, output_dtype=output_dtype,
                            bias_diff=bias_diff, adaptive_param=adaptive_param,
                            clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
                            key_style=key_style, device=str(comfy.compute_device()),
-                           target_size_mb=target_size_mb)
+                           target_size_mb=target_size_mb, text_encoder_rank=text_encoder_rank)
         res = run_node_extraction(
             finetuned_model, original_model, filename_prefix,
-            f"{cfg.name_tag()}_{output_dtype}", cfg, save_to, unique_id)
+            f"{cfg.name_tag()}_{output_dtype}", cfg, save_to, unique_id,
+            finetuned_clip=finetuned_clip, original_clip=original_clip)
         return {"ui": res.ui(), "result": (res.path, res.text, res.chart)}

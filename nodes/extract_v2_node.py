@@ -65,9 +65,10 @@ class LoraExtractV2:
     def INPUT_TYPES(cls) -> dict:
         return v2_inputs()
 
-    def extract(self, finetuned_model, original_model, filename_prefix: str, rank: int,
-                lora_type: str, algorithm: str, lowrank_iters: int, output_dtype: str,
-                bias_diff: bool, adaptive_param: float, clamp_quantile: bool,
+    def extract(self, filename_prefix: str, rank: int, lora_type: str, algorithm: str,
+                lowrank_iters: int, output_dtype: str, bias_diff: bool, adaptive_param: float,
+                clamp_quantile: bool, finetuned_model=None, original_model=None,
+                finetuned_clip=None, original_clip=None, text_encoder_rank: int = 0,
                 vram_usage_mode: str = "balanced", blocks_in_gpu: int = 10, batch_size: int = 4,
                 prefetch_ahead: int = 2, memory_threshold: float = 0.85, debug_mode: bool = False,
                 conv_rank: int = 0, alpha: float = 0.0, key_style: str = "auto",
@@ -79,7 +80,7 @@ class LoraExtractV2:
                            bias_diff=bias_diff, adaptive_param=adaptive_param,
                            clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
                            key_style=key_style, device=str(device),
-                           target_size_mb=target_size_mb)
+                           target_size_mb=target_size_mb, text_encoder_rank=text_encoder_rank)
         # The widgets always carry a value, so they are explicit knobs (the mode still sets
         # the budget; conservative stays sequential).
         opts = MemoryOptions(mode=vram_usage_mode, blocks_in_gpu=blocks_in_gpu,
@@ -99,7 +100,8 @@ class LoraExtractV2:
         suffix = (f"{cfg.name_tag()}_{output_dtype}_{vram_usage_mode}_b{blocks_in_gpu}"
                   f"_bs{batch_size}")
         res = run_node_extraction(finetuned_model, original_model, filename_prefix, suffix, cfg,
-                                  save_to, unique_id, extract_fn=extract_v2)
+                                  save_to, unique_id, extract_fn=extract_v2,
+                                  finetuned_clip=finetuned_clip, original_clip=original_clip)
         text = res.text
         if debug_mode and memory:
             debug = memory[0].format_debug()

@@ -76,12 +76,19 @@ _OPENCLIP_NAMES = {
     "mlp.c_proj.weight": "mlp.fc2",
 }
 
+_OPENCLIP_EMBEDDINGS = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding",
+    "positional_embedding": "text_model.embeddings.position_embedding",
+}
+
 
 def _openclip_to_hf(path: str) -> list[tuple[str, BaseTarget | None]]:
     """HF CLIP module names for an OpenCLIP parameter path, with the row block they read."""
     if path == "text_projection":
         # OpenCLIP applies x @ P; HF's text_projection Linear stores P transposed.
         return [("text_projection", BaseTarget("", transpose=True))]
+    if path in _OPENCLIP_EMBEDDINGS:  # same layout in both (ComfyUI's transformers_convert)
+        return [(_OPENCLIP_EMBEDDINGS[path], None)]
     m = _RESBLOCK.match(path)
     if m is None:
         return []

@@ -170,6 +170,25 @@ def extract_v2() -> tuple[list[N], list, list]:
     return nodes, links, []
 
 
+def extract_checkpoint_with_clip() -> tuple[list[N], list, list]:
+    nodes = [
+        N(1, "CheckpointLoaderSimple", (0, 0), {"ckpt_name": "tiny_sd15_clip_tuned.safetensors"},
+          "fine-tuned checkpoint", width=320),
+        N(2, "CheckpointLoaderSimple", (0, 160), {"ckpt_name": "tiny_sd15_clip_base.safetensors"},
+          "original checkpoint", width=320),
+        N(3, "LoraExtract", (380, 0), {"rank": 16, "text_encoder_rank": 8,
+                                       "save_to": "models/loras"}, width=420),
+        _note(4, (0, 320), "Extract the UNet and the text encoder of a full fine-tune (e.g. DreamBooth) "
+              "into one LoRA: wire MODEL to MODEL and CLIP to CLIP from the two checkpoints. "
+              "text_encoder_rank sets the text-encoder rank (0: same as rank). Load the file with "
+              "Load LoRA (model and clip); leave the CLIP pair unconnected to extract the UNet only, "
+              "or the MODEL pair to extract the text encoder only."),
+    ]
+    links = [(1, 0, 3, "finetuned_model"), (2, 0, 3, "original_model"),
+             (1, 1, 3, "finetuned_clip"), (2, 1, 3, "original_clip")]
+    return nodes, links, []
+
+
 def resize() -> tuple[list[N], list, list]:
     return [N(1, "LoraResize", (0, 0), {"lora_name": "my_lora.safetensors", "unet_name": BASE}, width=420),
             _note(2, (460, 0), "Resize a LoRA from the loras folder (pick it in lora_name) against the "
@@ -183,6 +202,7 @@ WORKFLOWS = {
     "extract_then_apply": (extract_then_apply, ("LoraExtract",)),
     "extract_v2_then_validate": (extract_v2, ("LoraExtractV2", "LoraValidate")),
     "resize_lora": (resize, ("LoraResize",)),
+    "extract_checkpoint_with_clip": (extract_checkpoint_with_clip, ("LoraExtract",)),
 }
 
 

@@ -211,3 +211,94 @@ def test_load_lora_complete_leaves_nothing_uncovered(server, arch: str) -> None:
         for p in saved_files:
             os.remove(p)
         os.remove(lora_file)
+
+
+# --- text encoders: SD1.5 UNet + CLIP-L (scripts/make_tiny_sd15_clip.py) ---------------------
+
+TE_RANK = 8
+
+
+@pytest.fixture(scope="module")
+def te_reference():
+    from integration.te_checks import files_present, load_reference
+
+    if not files_present(ROOT):
+        pytest.skip("tiny SD1.5 + CLIP-L models not generated (scripts/make_tiny_sd15_clip.py)")
+    return load_reference(ROOT)
+
+
+def _extract_inputs(tag: str, style: str) -> dict:
+    return {"filename_prefix": f"loras/{tag}", "rank": TE_RANK, "text_encoder_rank": TE_RANK,
+            "lora_type": "standard", "algorithm": "svd_linalg", "lowrank_iters": 7,
+            "output_dtype": "fp32", "bias_diff": True, "adaptive_param": 0.15,
+            "clamp_quantile": False, "conv_rank": TE_RANK, "alpha": 0.0, "key_style": style,
+            "save_to": "models/loras"}
+
+
+@pytest.mark.parametrize("node,style", [("LoraExtract", "comfy"), ("LoraExtractV2", "kohya")])
+def test_model_and_clip_pairs_from_checkpoints_on_real_comfyui(server, te_reference, node, style) -> None:
+    from integration.te_checks import CKPT, check_applied
+
+    tag = f"itest_te_{node}_{style}_{int(time.time() * 1000)}"
+    wf = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT.format("tuned")}},
+          "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT.format("base")}},
+          "3": {"class_type": node, "inputs": {**_extract_inputs(tag, style),
+                                               "finetuned_model": ["1", 0], "original_model": ["2", 0],
+                                               "finetuned_clip": ["1", 1], "original_clip": ["2", 1]}}}
+    if node == "LoraExtractV2":
+        wf["3"]["inputs"].update(V2_INPUTS)
+    res = server.run(wf)
+    assert res.status == "success", json.dumps(res.messages)[-3000:]
+    [lora_path] = glob.glob(os.path.join(ROOT, "models", "loras", f"{tag}_*.safetensors"))
+    try:
+        keys = load_file(lora_path).keys()
+        te_prefix = "text_encoders.clip_l." if style == "comfy" else "lora_te_text_model_encoder_layers_"
+        assert any(k.startswith(te_prefix) for k in keys)
+        counts = check_applied(server, ROOT, lora_path, tag, TE_RANK, te_reference)
+        print(f"{node} {style}: checked {counts}")
+        assert counts["clip"] > 190 and counts["unet"] > 100
+    finally:
+        os.remove(lora_path)
+
+
+@pytest.mark.parametrize("style", ["comfy", "kohya"])
+def test_command_line_checkpoint_extraction_loads_in_real_comfyui(server, te_reference, style, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from integration.te_checks import CKPT, check_applied
+
+    tag = f"itest_te_cli_{style}_{int(time.time() * 1000)}"
+    ckpts = [os.path.join(ROOT, "models", "checkpoints", CKPT.format(v)) for v in ("base", "tuned")]
+    lora_path = os.path.join(ROOT, "models", "loras", f"{tag}.safetensors")
+    cmd = [sys.executable, "-m", "lora_extract.cli", "extract", *ckpts, "-o", lora_path,
+           "--rank", str(TE_RANK), "--conv-rank", str(TE_RANK), "--dtype", "fp32", "--no-clamp",
+           "--key-style", style]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "text encoders:" in run.stdout
+    try:
+        counts = check_applied(server, ROOT, lora_path, tag, TE_RANK, te_reference)
+        assert counts["clip"] > 190 and counts["unet"] > 100
+    finally:
+        os.remove(lora_path)
+
+
+def test_clip_pair_alone_from_cliploader_on_real_comfyui(server, te_reference) -> None:
+    from integration.te_checks import CLIP, check_applied
+
+    tag = f"itest_te_clip_{int(time.time() * 1000)}"
+    wf = {str(i): {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP.format(v), "type": "stable_diffusion"}}
+          for i, v in ((1, "tuned"), (2, "base"))}
+    wf["3"] = {"class_type": "LoraExtract", "inputs": {**_extract_inputs(tag, "kohya"),
+                                                       "finetuned_clip": ["1", 0], "original_clip": ["2", 0]}}
+    res = server.run(wf)
+    assert res.status == "success", json.dumps(res.messages)[-3000:]
+    [lora_path] = glob.glob(os.path.join(ROOT, "models", "loras", f"{tag}_*.safetensors"))
+    try:
+        assert not any(k.startswith(("lora_unet_", "diffusion_model.")) for k in load_file(lora_path))
+        counts = check_applied(server, ROOT, lora_path, tag, TE_RANK, te_reference, unet=False,
+                               clip_from="cliploader")
+        assert counts["clip"] > 190
+    finally:
+        os.remove(lora_path)

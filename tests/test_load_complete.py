@@ -6,7 +6,7 @@ from __future__ import annotations
 import comfy.sd
 import pytest
 import torch
-from comfy.sd import CLIP
+from comfy.sd import CLIP, ClipTarget
 from helpers import make_toy_patcher
 from safetensors.torch import save_file
 
@@ -92,7 +92,7 @@ def test_clip_gets_its_strength_and_zero_strengths_change_nothing(setup) -> None
     patcher, _base, lora = setup
     enc = torch.nn.Module()
     enc.enc = torch.nn.Linear(3, 3, bias=False)
-    clip = CLIP(enc)
+    clip = CLIP(ClipTarget(tokenizer=None, clip=lambda: enc))
     w0 = enc.enc.weight.detach().clone()
     model, new_clip = _node().load_lora(patcher, NAME, 1.0, clip=clip, strength_clip=0.25)
     assert new_clip is not clip and model is not patcher

@@ -33,10 +33,17 @@ def _run(node_inputs: dict) -> dict:
 
 
 def test_input_definitions_match_the_documented_node() -> None:
-    req = NODE_CLASS_MAPPINGS["LoraExtract"].INPUT_TYPES()["required"]
-    assert list(req) == ["finetuned_model", "original_model", "filename_prefix", "rank", "lora_type",
+    spec = NODE_CLASS_MAPPINGS["LoraExtract"].INPUT_TYPES()
+    req = spec["required"]
+    assert list(req) == ["filename_prefix", "rank", "lora_type",
                          "algorithm", "lowrank_iters", "output_dtype", "bias_diff", "adaptive_param",
                          "clamp_quantile"]
+    # The documented MODEL pair, plus the CLIP pair: optional, since either pair alone is enough.
+    opt = spec["optional"]
+    assert list(opt)[:5] == ["finetuned_model", "original_model", "finetuned_clip", "original_clip",
+                             "text_encoder_rank"]
+    assert [opt[k][0] for k in list(opt)[:4]] == ["MODEL", "MODEL", "CLIP", "CLIP"]
+    assert opt["text_encoder_rank"][1].items() >= {"default": 0, "min": 0, "max": 4096}.items()
     assert req["rank"][1].items() >= {"default": 8, "min": 1, "max": 4096}.items()
     assert req["lora_type"][0] == ["standard", "full", "adaptive_ratio", "adaptive_quantile",
                                    "adaptive_energy", "adaptive_fro"]

@@ -28,6 +28,7 @@ from ..extract.diffusers_keys import detect_diffusers_naming, diffusers_prefix
 from ..extract.errors import ExtractionInputError
 from ..extract.keys import UP_DOWN_FORMATS
 from ..extract.sources import WeightSource
+from ..extract.te_keys import is_te_key, te_key_map
 
 DIFFUSION_PREFIX = "diffusion_model."
 KOHYA_UNET_PREFIX = "lora_unet_"
@@ -83,13 +84,17 @@ class LoraIndex:
 def comfy_key_map(model_paths: Iterable[str]) -> dict[str, str]:
     """LoRA prefix -> model parameter path, in ComfyUI's generic key map order.
 
-    ``model_paths`` are diffusion-model parameter paths (no ``diffusion_model.`` prefix). On a
-    collision (``a_b.weight`` and ``a.b.weight`` share a kohya name) the later path wins, as in
-    ComfyUI's dict.
+    ``model_paths`` are diffusion-model parameter paths (no ``diffusion_model.`` prefix), and
+    text-encoder paths ``text_encoders.<CLIP key>`` (mapped as ``model_lora_keys_clip`` does).
+    On a collision (``a_b.weight`` and ``a.b.weight`` share a kohya name) the later path wins,
+    as in ComfyUI's dict.
     """
     key_map: dict[str, str] = {}
     paths = list(model_paths)
+    key_map.update(te_key_map(paths))
     for path in paths:
+        if is_te_key(path):
+            continue
         if path.endswith(".weight"):
             module = path[: -len(".weight")]
             key_map[KOHYA_UNET_PREFIX + module.replace(".", "_")] = path
@@ -100,7 +105,7 @@ def comfy_key_map(model_paths: Iterable[str]) -> dict[str, str]:
         # A diffusers-named model: the diffusers-style keys ComfyUI maps for it (onto its own
         # converted model; here straight onto the diffusers parameter, so no q/k/v slicing).
         for path in paths:
-            if path.endswith(".weight"):
+            if path.endswith(".weight") and not is_te_key(path):
                 key_map[diffusers_prefix(path[: -len(".weight")])] = path
     return key_map
 
@@ -156,8 +161,10 @@ def index_lora(lora_keys: Iterable[str], model_paths: Iterable[str]) -> LoraInde
         if set_weight is not None:
             index.patches[target] = LoraPatch(target, KIND_SET, x, tensor=set_weight)
         if found or diff is not None or diff_b is not None or w_norm is not None or set_weight is not None:
-            styles.add("kohya" if x.startswith(KOHYA_UNET_PREFIX)
-                       else "diffusers" if x.startswith(("transformer.", "unet.")) else "comfy")
+            styles.add("kohya" if x.startswith((KOHYA_UNET_PREFIX, "lora_te"))
+                       else "diffusers" if x.startswith(("transformer.", "unet.", "text_encoder.",
+                                                          "text_encoder_2."))
+                       else "comfy")
     for k in keys:
         if k in used:
             continue

@@ -19,12 +19,12 @@ import torch
 from ..extract.decompose import randomized_svd, singular_values
 from ..extract.devices import checked_device
 from ..extract.errors import ExtractionInputError
-from ..extract.keys import diffusion_path
 from ..extract.layer import SPECTRUM_KEEP, layer_kind
 from ..extract.norms import frobenius_norm
 from ..extract.pairing import KeyPair, plan_pair
 from ..extract.prefetch import Prefetcher
 from ..extract.sources import WeightSource
+from ..extract.te_keys import model_path
 from .lora_apply import LoraIndex, PatchNotMerged, index_lora, patched_weight
 from .report import (
     STATUS_COVERED,
@@ -175,7 +175,7 @@ def validate_lora(base: WeightSource, tuned: WeightSource, lora: WeightSource, *
     if not lora_keys:
         raise ExtractionInputError(f"{lora.name}: the LoRA file has no tensors. Check the file.")
     plan = plan_pair(base, tuned)
-    model_paths = [p for p in (diffusion_path(k) for k in base.keys()) if p is not None]
+    model_paths = [p for p in (model_path(k) for k in base.keys()) if p is not None]
     index = index_lora(lora_keys, model_paths)
     report = ValidationReport(lora_name=lora.name, base_name=base.name, tuned_name=tuned.name,
                               unmatched_keys=index.unmatched, text_encoder_keys=index.text_encoder,

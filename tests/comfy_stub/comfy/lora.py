@@ -10,7 +10,8 @@ import comfy.weight_adapter as weight_adapter
 import torch
 from comfy.weight_adapter.base import pad_tensor_to_shape
 
-__all__ = ["load_lora", "model_lora_keys_unet", "calculate_weight", "pad_tensor_to_shape"]
+__all__ = ["load_lora", "model_lora_keys_unet", "model_lora_keys_clip", "calculate_weight",
+           "pad_tensor_to_shape"]
 
 
 def _bias_key(target: str) -> str:
@@ -100,6 +101,62 @@ def model_lora_keys_unet(model: torch.nn.Module, key_map: dict[str, Any] | None 
             key_map[k[: -len(".weight")]] = k
         else:
             key_map[k] = k
+    return key_map
+
+
+# The CLIP modules kohya names, and their names (ComfyUI's LORA_CLIP_MAP).
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def model_lora_keys_clip(model: torch.nn.Module, key_map: dict[str, Any] | None = None) -> dict[str, Any]:
+    """LoRA prefixes of a CLIP's ``cond_stage_model`` keys, by ComfyUI 0.3.64's rules.
+
+    Every ``<k>.weight``: ``text_encoders.<k>``. Encoder layers 0..31 of ``clip_h`` / ``clip_l``
+    (``lora_te_``, ``lora_te1_``, diffusers ``text_encoder.``) and ``clip_g`` (with CLIP-L:
+    ``lora_te2_``, ``text_encoder_2.``; alone: ``lora_te_``, ``text_encoder.``,
+    ``lora_prior_te_``); T5-XXL ``lora_te<n>_<path>`` (n = 1 + CLIP-G + CLIP-L; with CLIP-L and
+    no CLIP-G also n = 2 and 3); ``lora_te1_/lora_te2_text_projection``. Not modelled:
+    HunyuanDiT's BERT and the 0.33 additions (unprefixed composite names, single llama TEs).
+    """
+    if key_map is None:
+        key_map = {}
+    sdk = set(model.state_dict().keys())
+    for k in sdk:
+        if k.endswith(".weight"):
+            key_map["text_encoders." + k[: -len(".weight")]] = k
+    has = {e: any(k.startswith(e + ".transformer.text_model.encoder.layers.") for k in sdk)
+           for e in ("clip_h", "clip_l", "clip_g")}
+    for b in range(32):
+        for mod, kohya in LORA_CLIP_MAP.items():
+            tail = f"text_model_encoder_layers_{b}_{kohya}"
+            dotted = f"text_model.encoder.layers.{b}.{mod}"
+            for enc in ("clip_h", "clip_l"):
+                k = f"{enc}.transformer.{dotted}.weight"
+                if k in sdk:
+                    for name in (f"lora_te_{tail}", f"lora_te1_{tail}", f"text_encoder.{dotted}"):
+                        key_map[name] = k
+            k = f"clip_g.transformer.{dotted}.weight"
+            if k in sdk:
+                names = ((f"lora_te2_{tail}", f"text_encoder_2.{dotted}") if has["clip_l"] else
+                         (f"lora_te_{tail}", f"text_encoder.{dotted}", f"lora_prior_te_{tail}"))
+                for name in names:
+                    key_map[name] = k
+    t5 = "t5xxl.transformer."
+    for k in sdk:
+        if k.startswith(t5) and k.endswith(".weight"):
+            path = k[len(t5): -len(".weight")].replace(".", "_")
+            n = 1 + has["clip_g"] + has["clip_l"]
+            if has["clip_l"] and not has["clip_g"]:
+                key_map[f"lora_te2_{path}"] = k
+                n = 3
+            key_map[f"lora_te{n}_{path}"] = k
+    if "clip_g.transformer.text_projection.weight" in sdk:
+        key_map["lora_prior_te_text_projection"] = "clip_g.transformer.text_projection.weight"
+        key_map["lora_te2_text_projection"] = "clip_g.transformer.text_projection.weight"
+    if "clip_l.transformer.text_projection.weight" in sdk:
+        key_map["lora_te1_text_projection"] = "clip_l.transformer.text_projection.weight"
     return key_map
 
 
