@@ -9,14 +9,19 @@ from .budget_run import (
     InterruptFn,
     ProgressFn,
     needs_svd,
-    new_report,
 )
 from .config import ExtractConfig
 from .diffusers_keys import resolve_for_plan
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, load_difference, plan_pair
-from .pipeline import ExtractionResult, _layer_generator, finish_result, process_pair
-from .prefetch import Prefetcher
+from .pipeline import (
+    ExtractionResult,
+    _layer_generator,
+    finish_result,
+    new_report,
+    process_pair,
+    run_layers,
+)
 from .report import LayerReport
 from .sources import WeightSource
 
@@ -30,8 +35,7 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
     t0 = time.perf_counter()
     plan = plan_pair(base, tuned)
     cfg, style_notes = resolve_for_plan(cfg, plan)
-    report = new_report(cfg, plan)
-    report.notes.extend(style_notes)
+    report = new_report(cfg, plan, style_notes)
     total = len(plan.common)
     fallback = OomFallback(cfg.device)
     budget = BudgetPass(base, tuned, cfg, plan, lambda path: _layer_generator(cfg, path),
@@ -56,15 +60,8 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
         budget.spectra.release(pair.tuned_key)
         return entry
 
-    for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
-        if check_interrupt is not None:
-            check_interrupt()
-        report.add(process(pair, diff, fro))
-        del diff
-        if progress is not None:
-            progress(i + 1, total, pair.tuned_key)
-    if check_interrupt is not None:
-        check_interrupt()
+    run_layers(plan.common, load, process, report, prefetch=prefetch, progress=progress,
+               check_interrupt=check_interrupt, total=total)
     report.notes.extend(fallback.notes())
     budget.annotate(report)
     report.seconds = time.perf_counter() - t0

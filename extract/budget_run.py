@@ -21,11 +21,11 @@ from .budget import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_c
 from .config import ExtractConfig
 from .decompose import TruncatedSVD, exact_svd, randomized_svd
 from .diffusers_keys import resolve_for_plan
-from .layer import finish_extraction, layer_kind, svd_plan
+from .layer import finish_extraction, svd_plan
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
 from .prefetch import Prefetcher
-from .report import STATUS_SKIPPED, ExtractionReport, LayerReport
+from .report import ExtractionReport
 from .report_curve import stored_diff_bytes
 from .size_types import CurvePoint, SizeCurve
 from .sources import WeightSource
@@ -184,14 +184,6 @@ class BudgetPass:
         report.budget = self.rank_plan.outcome
         self.curve.chosen = chosen_point(self.rank_plan)
         report.size_curve = self.curve
-
-
-def new_report(cfg: ExtractConfig, plan: PairPlan) -> ExtractionReport:
-    report = ExtractionReport(config=cfg.to_dict())
-    for key, shape, reason in plan.left_out:
-        report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
-                               status=STATUS_SKIPPED, reason=reason))
-    return report
 
 
 def spectra_only(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,

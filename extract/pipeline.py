@@ -143,10 +143,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     t0 = time.perf_counter()
     plan = plan_pair(base, tuned)
     cfg, style_notes = resolve_for_plan(cfg, plan)
-    report = ExtractionReport(config=cfg.to_dict(), notes=style_notes)
-    for key, shape, reason in plan.left_out:
-        report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
-                               status=STATUS_SKIPPED, reason=reason))
+    report = new_report(cfg, plan, style_notes)
     tensors: dict[str, torch.Tensor] = {}
     total = len(plan.common)
 
@@ -168,7 +165,30 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
             return process_pair(pair, d, f, cfg, plan, tensors)
         return fallback.call(pair.tuned_key, work, loaded_on)
 
-    for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
+    run_layers(plan.common, load, process, report, prefetch=prefetch, progress=progress,
+               check_interrupt=check_interrupt, total=total)
+    report.notes.extend(fallback.notes())
+    report.seconds = time.perf_counter() - t0
+    return finish_result(cfg, report, tensors)
+
+
+def new_report(cfg: ExtractConfig, plan: PairPlan, notes: list[str]) -> ExtractionReport:
+    """A run's report before any layer: the config, the notes, and every key left out of the
+    pairing with its reason (nothing is dropped silently)."""
+    report = ExtractionReport(config=cfg.to_dict(), notes=list(notes))
+    for key, shape, reason in plan.left_out:
+        report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
+                               status=STATUS_SKIPPED, reason=reason))
+    return report
+
+
+def run_layers(pairs: list[KeyPair], load: Callable[[KeyPair], tuple[torch.Tensor, float]],
+               process: Callable[[KeyPair, torch.Tensor, float], LayerReport],
+               report: ExtractionReport, *, prefetch: int, progress: ProgressFn | None,
+               check_interrupt: InterruptFn | None, total: int) -> None:
+    """The V1 layer loop: read ahead, check the interrupt between layers, process each
+    difference into the report, report progress; the difference is dropped before the next."""
+    for i, (pair, (diff, fro)) in enumerate(Prefetcher(pairs, load, prefetch)):
         if check_interrupt is not None:
             check_interrupt()
         report.add(process(pair, diff, fro))
@@ -177,9 +197,6 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
             progress(i + 1, total, pair.tuned_key)
     if check_interrupt is not None:
         check_interrupt()
-    report.notes.extend(fallback.notes())
-    report.seconds = time.perf_counter() - t0
-    return finish_result(cfg, report, tensors)
 
 
 def finish_result(cfg: ExtractConfig, report: ExtractionReport,

@@ -21,7 +21,7 @@ from ..extract import batched
 from ..extract.budget_run import BudgetPass
 from ..extract.config import ExtractConfig
 from ..extract.diffusers_keys import resolve_for_plan
-from ..extract.layer import LayerExtraction, extract_matrix, layer_kind
+from ..extract.layer import LayerExtraction, extract_matrix
 from ..extract.oom_fallback import OOM_ERRORS, OomFallback, release_accelerator_cache
 from ..extract.pairing import KeyPair, PairPlan, plan_pair
 from ..extract.pipeline import (
@@ -30,8 +30,9 @@ from ..extract.pipeline import (
     ProgressFn,
     _layer_generator,
     finish_result,
+    new_report,
 )
-from ..extract.report import STATUS_SKIPPED, ExtractionReport, LayerReport
+from ..extract.report import ExtractionReport
 from ..extract.sources import WeightSource
 from ..extract.te_keys import layer_config, lora_keys_for
 from ..extract.writer import save_safetensors_atomic
@@ -292,10 +293,7 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     monitor = VramMonitor(probe or torch_probe(device), opts.memory_threshold)
     plan = plan_pair(base, tuned)
     cfg, style_notes = resolve_for_plan(cfg, plan)
-    report = ExtractionReport(config=cfg.to_dict(), notes=style_notes)
-    for key, shape, reason in plan.left_out:
-        report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
-                               status=STATUS_SKIPPED, reason=reason))
+    report = new_report(cfg, plan, style_notes)
     budget = budget_first_pass(base, tuned, cfg, plan, progress, check_interrupt)
     if budget is not None:
         progress = budget.second_pass_progress(progress)
