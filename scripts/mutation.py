@@ -58,12 +58,14 @@ CHUNKS: dict[str, tuple[list[str], list[str]]] = {
                        ["tests/test_resize_scoring.py", "tests/test_resize_pipeline.py"]),
     "nodes": (["nodes/extract_node.py", "nodes/extract_v2_node.py", "nodes/extract_inputs.py",
                "nodes/comfy_adapter.py"],
-              ["tests/test_user_options.py", "tests/test_node_extract.py", "tests/test_v2_node.py"]),
+              ["tests/test_node_signatures.py", "tests/test_user_options.py",
+               "tests/test_node_extract.py", "tests/test_v2_node.py"]),
     "validation": (["validation/report.py", "validation/validate.py"],
                    ["tests/test_validate.py", f"{UO}::test_max_error_passes_a_complete_lora",
                     f"{UO}::test_max_error_fails_on_an_uncovered_layer",
                     f"{UO}::test_max_error_fails_on_an_unmatched_key",
-                    f"{UO}::test_max_error_fails_on_an_unmergeable_patch"]),
+                    f"{UO}::test_max_error_fails_on_an_unmergeable_patch",
+                    f"{UO}::test_validate_node_sends_progress_text_to_its_node"]),
 }
 
 

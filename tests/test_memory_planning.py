@@ -106,8 +106,14 @@ def test_small_budget_shrinks_read_ahead_then_batch_and_says_so() -> None:
     # 300 MiB budget: one 100 MiB layer in compute needs 300 MiB; nothing fits beside it.
     assert plan.prefetch_ahead == 0 and plan.max_batch_bytes == largest
     assert plan.resident == [] and plan.notes
+    # The numbers the user reads: balanced uses 75% of the free 400 MiB; a layer in compute
+    # needs itself plus COMPUTE_OVERHEAD (2) copies.
+    assert plan.notes == ["budget 300 MiB: batch 4 -> 4, read-ahead 2 -> 0 batches."]
     hopeless = plan_memory(_unet_blocks(), largest, 200 * MIB, MemoryOptions(mode="balanced"))
-    assert hopeless.batch_size == 1 and "running anyway" in hopeless.notes[0]
+    assert hopeless.batch_size == 1 and hopeless.notes == [
+        "the largest layer needs 300 MiB of device memory but the budget is 150 MiB; running "
+        "anyway (layers that run out of memory are redone on the CPU).",
+        "budget 150 MiB: batch 4 -> 1, read-ahead 2 -> 0 batches."]
 
 
 def test_form_batches_respects_count_and_bytes() -> None:

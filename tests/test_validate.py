@@ -157,8 +157,13 @@ def test_wrong_key_shows_as_unmatched_like_comfyui(gen) -> None:
     assert set(rep.unmatched_keys) == expected == {
         P + "input_blocks.1.1.proj_typo" + s for s in (".lora_up.weight", ".lora_down.weight", ".alpha")}
     assert rep.text_encoder_keys == ["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"]
-    assert rep.summary().uncovered == 1
-    assert "lora key not loaded" in rep.format_text()
+    s = rep.summary()
+    assert s.uncovered == 1
+    text = rep.format_text()
+    assert "lora key not loaded" in text
+    pct = 100 * (s.changed - 1) / s.changed
+    assert (f"coverage: {s.changed - 1}/{s.changed} changed weights patched ({pct:.1f}%), "
+            "1 uncovered") in text
 
 
 def test_truncated_lora_error_is_the_optimal_truncation_error(gen) -> None:
@@ -257,3 +262,19 @@ def test_chart_spectrum_of_a_large_layer_is_the_leading_singular_values(gen) -> 
     assert got.shape == (32,)
     torch.testing.assert_close(got[:16], sigma[:16], rtol=1e-3, atol=0)
     assert leading_singular_values(mat, 32) == leading_singular_values(mat, 32)  # deterministic
+
+
+def test_spectra_are_recorded_for_the_largest_covered_layers_only(gen) -> None:
+    """The chart shows the SPECTRUM_LAYERS largest layers: those, and no smaller one, carry a
+    spectrum (a reversed size order would chart the smallest)."""
+    from lora_extract.validation.validate import SPECTRUM_LAYERS
+
+    sizes = [(8, 6), (40, 36), (12, 10), (32, 30), (16, 14), (24, 22)]
+    base = {f"{P}l{i}.weight": torch.randn(*s, generator=gen) for i, s in enumerate(sizes)}
+    tuned = {k: v + 0.1 * torch.randn(*v.shape, generator=gen) for k, v in base.items()}
+    res = extract_lora(StateDictSource(base), StateDictSource(tuned),
+                       ExtractConfig(rank=4, output_dtype="fp32", clamp_quantile=None))
+    rep = _validate(base, tuned, res.tensors)
+    with_spectrum = {r.key for r in rep.layers if r.spectrum}
+    largest = sorted(base, key=lambda k: -math.prod(base[k].shape))[:SPECTRUM_LAYERS]
+    assert SPECTRUM_LAYERS < len(sizes) and with_spectrum == set(largest)
