@@ -251,3 +251,33 @@ def test_unwritable_report_path_is_one_line(tmp_path, capsys) -> None:
     rc = main(["extract", bp, tp, "-o", str(tmp_path / "o.safetensors"), "--report", str(blocker / "r.json")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "blocker" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("field", ["rank", "conv_rank", "text_encoder_rank"])
+def test_rank_limits_are_inclusive_and_named(field: str) -> None:
+    """1 and 4096 are valid ranks (0 means "same as rank" for the optional ones); one past
+    either end is refused with the field's name and value."""
+    from lora_extract.extract import ExtractConfig, ExtractionInputError
+    from lora_extract.extract.config import MAX_RANK
+
+    lowest = 1 if field == "rank" else 0
+    for ok in (lowest, 1, MAX_RANK):
+        ExtractConfig(**{field: ok}).validate()
+    for bad in (lowest - 1, MAX_RANK + 1):
+        with pytest.raises(ExtractionInputError, match=f"{field} {bad} is out of range"):
+            ExtractConfig(**{field: bad}).validate()
+
+
+@pytest.mark.parametrize("cfg,words", [
+    ({"key_style": "peft"}, "key_style 'peft' is not one of auto, comfy, kohya, diffusers."),
+    ({"target_size_mb": 10.0, "lora_type": "full"},
+     "target_size_mb 10 cannot be combined with lora_type 'full'"),
+    ({"target_size_mb": 10.0, "lora_type": "adaptive_energy"},
+     "target_size_mb 10 cannot be combined with lora_type 'adaptive_energy'"),
+])
+def test_config_errors_name_the_option_and_value(cfg: dict, words: str) -> None:
+    from lora_extract.extract import ExtractConfig, ExtractionInputError
+
+    with pytest.raises(ExtractionInputError) as e:
+        ExtractConfig(**cfg).validate()
+    assert words in str(e.value)

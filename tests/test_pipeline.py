@@ -197,3 +197,41 @@ def test_parameters_comfyui_ignores_are_flagged(pair_dir) -> None:
     # ...and the report says how to get them applied: this pack's complete loader.
     assert all("'Load LoRA (complete)'" in r.reason for r in res.report.layers if r.key in flagged)
     assert any("'Load LoRA (complete)'" in n for n in res.report.notes)
+
+
+@pytest.mark.parametrize("key", [
+    "first_stage_model.decoder.conv_in.weight", "cond_stage_model.transformer.text_model.x.weight",
+    "conditioner.embedders.0.transformer.x.weight", "text_encoders.clip_l.transformer.x.weight",
+    "vae.decoder.conv_in.weight", "text_encoder.text_model.x.weight",
+    "text_encoder_2.text_model.x.weight", "clip_l.transformer.text_model.x.weight",
+    "clip_g.transformer.text_model.x.weight", "t5xxl.transformer.encoder.x.weight",
+    "model_ema.decay",
+])
+def test_text_encoder_vae_and_ema_keys_are_not_diffusion_model_paths(key: str) -> None:
+    """Keys of a whole checkpoint's other parts (and encoder-only files) never pair as
+    diffusion-model layers: they are extracted as text encoders or skipped with a reason."""
+    from lora_extract.extract.keys import diffusion_path
+
+    assert diffusion_path(key) is None
+    assert diffusion_path("model.diffusion_model.input_blocks.0.0.weight") == "input_blocks.0.0.weight"
+
+
+@pytest.mark.parametrize("style", ["comfy", "kohya"])
+def test_file_metadata_names_the_format_style_and_kohya_network(style: str) -> None:
+    """What trainers and UIs read from the header: our format version and key style, and in the
+    kohya style the ss_* network fields (rank, alpha, conv rank, who made it)."""
+    from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
+
+    base, tuned = make_pair(demo_layers(24), seed=4)
+    res = extract_lora(StateDictSource(base), StateDictSource(tuned),
+                       ExtractConfig(rank=6, conv_rank=3, alpha=2.0, key_style=style))
+    meta = res.metadata
+    assert meta["lora_extract.format"] == "1" and meta["lora_extract.key_style"] == style
+    assert json.loads(meta["lora_extract.config"])["rank"] == 6
+    if style == "comfy":
+        assert not any(k.startswith("ss_") for k in meta)
+        return
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == "6" and meta["ss_network_alpha"] == "2"
+    assert json.loads(meta["ss_network_args"]) == {
+        "conv_dim": "3", "conv_alpha": "2", "algo": "lora", "extracted_by": "lora_extract"}

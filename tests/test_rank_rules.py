@@ -89,3 +89,30 @@ def test_lowrank_rank_within_one_on_smooth_spectrum(lora_type: str, p: float, ge
     low = extract_matrix(a.clone(), ExtractConfig(**common, algorithm="svd_lowrank"),
                          generator=torch.Generator().manual_seed(0)).factors.rank
     assert abs(low - exact) <= 1
+
+
+@pytest.mark.parametrize("rule", ["adaptive_quantile", "adaptive_energy"])
+def test_a_target_met_exactly_counts_as_reached(rule: str) -> None:
+    """Four equal values, p = 0.5: the partial sum of two is exactly the target, so the rank
+    is 2 (the rule's >=), not 3."""
+    assert select_rank(rule, torch.ones(4), 0.5, 8, 4) == 2
+
+
+def test_layer_kinds_by_shape() -> None:
+    from lora_extract.extract.layer import layer_kind
+
+    assert [layer_kind(s) for s in [(8, 4), (8, 4, 1, 1), (8, 4, 3, 3), (8, 4, 3), (8, 4, 1, 3, 3),
+                                    (8,), ()]] == \
+        ["linear", "conv1x1", "conv", "conv1d", "conv3d", "vector", "scalar"]
+
+
+def test_randomized_path_reports_the_energy_it_leaves_out(gen: torch.Generator) -> None:
+    """On the randomized path the error before clamp and cast is ||dW||^2 minus the kept
+    energy: on a known spectrum it is the optimal truncation error (fp16 output, so the number
+    is this estimate, not the measured residual that fp32 without a clamp reports)."""
+    sigma = torch.tensor([9.0, 7.0, 5.0, 3.0] + [0.5] * 60)
+    diff = matrix_with_spectrum(160, 128, sigma, gen)
+    cfg = ExtractConfig(rank=4, algorithm="svd_lowrank", clamp_quantile=None, output_dtype="fp16")
+    res = extract_matrix(diff.clone(), cfg, generator=torch.Generator().manual_seed(0))
+    optimal = float((sigma[4:] ** 2).sum().sqrt() / (sigma ** 2).sum().sqrt())
+    assert res.rel_error_unclamped == pytest.approx(optimal, rel=2e-3)
