@@ -148,3 +148,17 @@ def test_torch_probe_counts_the_allocators_idle_cache_as_free(monkeypatch) -> No
     # The driver alone says 15/16 used (over 0.85); this process can still use 10 GiB.
     assert not VramMonitor(torch_probe("cuda:0"), 0.85).over(reading)
     assert torch_probe("cpu")() is None
+
+
+@pytest.mark.parametrize("knob,value,words", [
+    ("blocks_in_gpu", 41, "blocks_in_gpu 41 is out of range: use 0..40."),
+    ("batch_size", 0, "batch_size 0 is out of range: use 1..8."),
+    ("prefetch_ahead", 11, "prefetch_ahead 11 is out of range: use 0..10."),
+    ("memory_threshold", 0.99, "memory_threshold 0.99 is out of range: use 0.5..0.95."),
+])
+def test_v2_knobs_out_of_range_name_the_knob_value_and_range(knob: str, value, words: str) -> None:
+    from lora_extract.extract import ExtractionInputError
+
+    with pytest.raises(ExtractionInputError) as e:
+        MemoryOptions(**{knob: value}).validate()
+    assert str(e.value) == words

@@ -109,6 +109,33 @@ def test_pool_reuses_buffers_and_bounds_memory() -> None:
         pool.acquire(1)
 
 
+def test_an_oversized_layer_waits_while_reused_buffers_are_out() -> None:
+    """"Alone" means no buffer out, counting reused ones: with one reused buffer still held,
+    a layer larger than the cap waits for it (the pool's memory bound holds)."""
+    pool = StagingPool(1000)
+    a, b = pool.acquire(400), pool.acquire(500)
+    pool.release(a)
+    pool.release(b)
+    x, y = pool.acquire(400), pool.acquire(500)      # both reused
+    assert x is a and y is b
+    pool.release(x)                                  # y is still out
+    cond = pool._cond = _WaitSignal()
+    got: list[torch.Tensor] = []
+    done = threading.Event()
+
+    def big() -> None:
+        got.append(pool.acquire(5000))
+        done.set()
+    t = threading.Thread(target=big)
+    t.start()
+    while not (cond.waiting.is_set() or done.is_set()):
+        cond.waiting.wait(0.01)
+    assert cond.waiting.is_set() and not got
+    pool.release(y)
+    assert done.wait(LIVENESS_S) and got[0].numel() == 5000
+    t.join(LIVENESS_S)
+
+
 def test_pool_never_waits_on_nothing() -> None:
     pool = StagingPool(100)
     assert pool.acquire(10_000).numel() == 10_000
