@@ -43,3 +43,34 @@ def test_widget_defaults_are_the_functions_defaults(name: str) -> None:
             checked += 1
     if name in ("LoraExtract", "LoraExtractV2"):
         assert checked >= 5        # key_style, conv_rank, alpha, save_to, target_size_mb...
+
+
+def _readme_defaults() -> dict[str, str]:
+    """LoraExtract's input table in the README: name -> default as written."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    table = readme[readme.index("| input | default | meaning |"):]
+    table = table[: table.index("\n\n")]
+    out = {}
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        m = re.fullmatch(r"`(\w+)`( \(opt\.\))?", cells[0])
+        if m and cells[1]:
+            out[m.group(1)] = cells[1].split(" (")[0].strip("`")
+    return out
+
+
+def test_readme_table_states_the_node_defaults() -> None:
+    """Every default the README's LoraExtract table states is the widget's default (and the
+    widgets it lists all carry one), so the docs and a fresh node agree."""
+    declared = _declared(NODE_CLASS_MAPPINGS["LoraExtract"])
+    documented = _readme_defaults()
+    assert len(documented) >= 12
+    for name, text in documented.items():
+        spec = declared[name]
+        default = spec[1]["default"]
+        shown = str(default).lower() if isinstance(default, bool) else f"{default:g}" \
+            if isinstance(default, float) else str(default)
+        assert shown == text, (name, default, text)
