@@ -174,11 +174,11 @@ def extract_checkpoint_with_clip() -> tuple[list[N], list, list]:
     nodes = [
         N(1, "CheckpointLoaderSimple", (0, 0), {"ckpt_name": "tiny_sd15_clip_tuned.safetensors"},
           "fine-tuned checkpoint", width=320),
-        N(2, "CheckpointLoaderSimple", (0, 160), {"ckpt_name": "tiny_sd15_clip_base.safetensors"},
+        N(2, "CheckpointLoaderSimple", (0, 210), {"ckpt_name": "tiny_sd15_clip_base.safetensors"},
           "original checkpoint", width=320),
         N(3, "LoraExtract", (380, 0), {"rank": 16, "text_encoder_rank": 8,
                                        "save_to": "models/loras"}, width=420),
-        _note(4, (0, 320), "Extract the UNet and the text encoder of a full fine-tune (e.g. DreamBooth) "
+        _note(4, (0, 420), "Extract the UNet and the text encoder of a full fine-tune (e.g. DreamBooth) "
               "into one LoRA: wire MODEL to MODEL and CLIP to CLIP from the two checkpoints. "
               "text_encoder_rank sets the text-encoder rank (0: same as rank). Load the file with "
               "Load LoRA (model and clip); leave the CLIP pair unconnected to extract the UNet only, "

@@ -12,6 +12,7 @@ Do not edit the checkout while a chunk runs.
     python scripts/mutation.py extract-config      # one chunk (several: space-separated)
     python scripts/mutation.py --all               # every chunk (hours on 2 cores)
     python scripts/mutation.py --all --sample 8    # 8 random mutants per chunk (seeded)
+    python scripts/mutation.py --all --survivors   # the earlier survivors again, after new tests
     mutmut results / mutmut show ID                 # survivors of the last runs (.mutmut-cache)
 
 A summary line per chunk (killed / survived / timed out / suspicious) is appended to
@@ -87,8 +88,9 @@ def _mutants(files: list[str]) -> list[tuple[int, str]]:
             f"ON l.sourcefile = s.id WHERE s.filename IN ({marks}) ORDER BY m.id", files).fetchall()
 
 
-def run_chunk(name: str, sample: int, seed: int) -> str:
-    """Mutate the chunk's files; test every mutant, or a seeded random ``sample`` of them.
+def run_chunk(name: str, sample: int, seed: int, survivors: bool = False) -> str:
+    """Mutate the chunk's files; test every mutant, or a seeded random ``sample`` of them, or
+    (``survivors``) again the ones that survived earlier runs (after new tests).
 
     Sampling: mutmut lists the mutants first with a no-op runner (every one then reads
     'survived'); the chosen ones are reset and tested one by one with the real tests.
@@ -100,9 +102,13 @@ def run_chunk(name: str, sample: int, seed: int) -> str:
     t0 = time.time()
     base = [MUTMUT, "run", "--paths-to-mutate", ",".join(files), "--tests-dir", "tests",
             "--no-progress", "--simple-output"]
-    subprocess.run([*base, "--runner", "true"], cwd=ROOT, check=False, capture_output=True)
-    ids = [i for i, _ in _mutants(files)]
-    chosen = sorted(random.Random(seed).sample(ids, min(sample, len(ids)))) if sample else ids
+    if survivors:
+        ids = [i for i, _ in _mutants(files)]
+        chosen = [i for i, st in _mutants(files) if st == "bad_survived"]
+    else:
+        subprocess.run([*base, "--runner", "true"], cwd=ROOT, check=False, capture_output=True)
+        ids = [i for i, _ in _mutants(files)]
+        chosen = sorted(random.Random(seed).sample(ids, min(sample, len(ids)))) if sample else ids
     with _db() as db:
         # The no-op baseline took ~0 s; give each mutant's tests a 5-minute limit (10x this).
         db.execute("UPDATE MiscData SET value='30' WHERE key='baseline_time_elapsed'")
@@ -117,7 +123,7 @@ def run_chunk(name: str, sample: int, seed: int) -> str:
     # mutmut's "suspicious" is a kill that took longer than its baseline (a loaded machine).
     killed = len(outcome.get("ok_killed", [])) + len(outcome.get("ok_suspicious", []))
     line = (f"{time.strftime('%Y-%m-%d %H:%M')} {name}: {killed}/{len(chosen)} killed "
-            f"({len(ids)} mutants, {'sample' if sample else 'all'}), "
+            f"({len(ids)} mutants, {'earlier survivors' if survivors else 'sample' if sample else 'all'}), "
             f"{ {k: v for k, v in outcome.items() if k not in ('ok_killed', 'ok_suspicious')} } in {time.time() - t0:.0f} s")
     os.makedirs(os.path.join(ROOT, "benchmarks", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "out", "mutation.txt"), "a", encoding="utf-8") as f:
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--sample", type=int, default=0, help="test N random mutants per chunk (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--survivors", action="store_true",
+                   help="test again the mutants that survived earlier runs (after adding tests)")
     a = p.parse_args(argv)
     if a.list:
         for name, (files, tests) in CHUNKS.items():
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown or no chunk: {unknown}; use --list", file=sys.stderr)
         return 2
     for n in names:
-        print(run_chunk(n, a.sample, a.seed), flush=True)
+        print(run_chunk(n, a.sample, a.seed, a.survivors), flush=True)
     return 0
 
 

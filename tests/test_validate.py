@@ -278,3 +278,20 @@ def test_spectra_are_recorded_for_the_largest_covered_layers_only(gen) -> None:
     with_spectrum = {r.key for r in rep.layers if r.spectrum}
     largest = sorted(base, key=lambda k: -math.prod(base[k].shape))[:SPECTRUM_LAYERS]
     assert SPECTRUM_LAYERS < len(sizes) and with_spectrum == set(largest)
+
+
+@pytest.mark.parametrize("err,band", [(0.0, "excellent"), (0.049, "excellent"), (0.05, "good"),
+                                      (0.5, "poor"), (1.0, "poor"), (1.01, "worse than nothing"),
+                                      (math.inf, "worse than nothing"),
+                                      (math.nan, "worse than nothing")])
+def test_quality_bands_cover_every_error(err: float, band: str) -> None:
+    assert quality_band(err) == band
+
+
+def test_validation_reports_its_own_duration(gen) -> None:
+    import time
+
+    base, tuned, lora = _pair_and_lora(gen)
+    t0 = time.perf_counter()
+    rep = _validate(base, tuned, lora)
+    assert 0 < rep.seconds <= time.perf_counter() - t0
