@@ -12,7 +12,7 @@ Do not edit the checkout while a chunk runs.
     python scripts/mutation.py extract-config      # one chunk (several: space-separated)
     python scripts/mutation.py --all               # every chunk (hours on 2 cores)
     python scripts/mutation.py --all --sample 8    # 8 random mutants per chunk (seeded)
-    python scripts/mutation.py --all --survivors   # the earlier survivors again, after new tests
+    python scripts/mutation.py CHUNK --ids 12,40   # given mutants again (survivors, after new tests)
     mutmut results / mutmut show ID                 # survivors of the last runs (.mutmut-cache)
 
 A summary line per chunk (killed / survived / timed out / suspicious) is appended to
@@ -88,12 +88,13 @@ def _mutants(files: list[str]) -> list[tuple[int, str]]:
             f"ON l.sourcefile = s.id WHERE s.filename IN ({marks}) ORDER BY m.id", files).fetchall()
 
 
-def run_chunk(name: str, sample: int, seed: int, survivors: bool = False) -> str:
-    """Mutate the chunk's files; test every mutant, or a seeded random ``sample`` of them, or
-    (``survivors``) again the ones that survived earlier runs (after new tests).
+def run_chunk(name: str, sample: int, seed: int, ids_wanted: list[int] | None = None) -> str:
+    """Mutate the chunk's files; test every mutant, a seeded random ``sample`` of them, or the
+    mutants ``ids_wanted`` (e.g. earlier survivors, after new tests).
 
-    Sampling: mutmut lists the mutants first with a no-op runner (every one then reads
-    'survived'); the chosen ones are reset and tested one by one with the real tests.
+    mutmut lists the mutants first with a no-op runner (every one then reads 'survived'); the
+    ones not chosen are set back to 'untested', so a 'survived' in the cache is a real one; the
+    chosen ones are reset and tested one by one with the real tests.
     """
     import random
 
@@ -102,14 +103,17 @@ def run_chunk(name: str, sample: int, seed: int, survivors: bool = False) -> str
     t0 = time.time()
     base = [MUTMUT, "run", "--paths-to-mutate", ",".join(files), "--tests-dir", "tests",
             "--no-progress", "--simple-output"]
-    if survivors:
-        ids = [i for i, _ in _mutants(files)]
-        chosen = [i for i, st in _mutants(files) if st == "bad_survived"]
+    before = dict(_mutants(files))
+    subprocess.run([*base, "--runner", "true"], cwd=ROOT, check=False, capture_output=True)
+    ids = [i for i, _ in _mutants(files)]
+    if ids_wanted:
+        chosen = sorted(i for i in ids_wanted if i in set(ids))
     else:
-        subprocess.run([*base, "--runner", "true"], cwd=ROOT, check=False, capture_output=True)
-        ids = [i for i, _ in _mutants(files)]
         chosen = sorted(random.Random(seed).sample(ids, min(sample, len(ids)))) if sample else ids
     with _db() as db:
+        # What the no-op listing marked 'survived' was never tested: back to its earlier status.
+        db.executemany("UPDATE Mutant SET status=? WHERE id=?",
+                       [(before.get(i, "untested"), i) for i in ids if i not in chosen])
         # The no-op baseline took ~0 s; give each mutant's tests a 5-minute limit (10x this).
         db.execute("UPDATE MiscData SET value='30' WHERE key='baseline_time_elapsed'")
         db.executemany("UPDATE Mutant SET status='untested', tested_against_hash='' WHERE id=?",
@@ -123,7 +127,7 @@ def run_chunk(name: str, sample: int, seed: int, survivors: bool = False) -> str
     # mutmut's "suspicious" is a kill that took longer than its baseline (a loaded machine).
     killed = len(outcome.get("ok_killed", [])) + len(outcome.get("ok_suspicious", []))
     line = (f"{time.strftime('%Y-%m-%d %H:%M')} {name}: {killed}/{len(chosen)} killed "
-            f"({len(ids)} mutants, {'earlier survivors' if survivors else 'sample' if sample else 'all'}), "
+            f"({len(ids)} mutants, {'chosen ids' if ids_wanted else 'sample' if sample else 'all'}), "
             f"{ {k: v for k, v in outcome.items() if k not in ('ok_killed', 'ok_suspicious')} } in {time.time() - t0:.0f} s")
     os.makedirs(os.path.join(ROOT, "benchmarks", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "out", "mutation.txt"), "a", encoding="utf-8") as f:
@@ -138,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--sample", type=int, default=0, help="test N random mutants per chunk (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--survivors", action="store_true",
-                   help="test again the mutants that survived earlier runs (after adding tests)")
+    p.add_argument("--ids", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="comma-separated mutant ids to test (e.g. earlier survivors, after new tests)")
     a = p.parse_args(argv)
     if a.list:
         for name, (files, tests) in CHUNKS.items():
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown or no chunk: {unknown}; use --list", file=sys.stderr)
         return 2
     for n in names:
-        print(run_chunk(n, a.sample, a.seed, a.survivors), flush=True)
+        print(run_chunk(n, a.sample, a.seed, a.ids), flush=True)
     return 0
 
 
