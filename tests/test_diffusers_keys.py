@@ -16,6 +16,7 @@ from diffusers_flux_model import flux_pair, flux_shapes
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
 from lora_extract.extract.diffusers_keys import (
     UNMAPPED_BIAS,
+    UNMAPPED_PARAM,
     detect_diffusers_naming,
     diffusers_prefix,
 )
@@ -197,3 +198,18 @@ def test_cli_defaults_to_diffusers_keys_and_refuses_them_for_comfyui_names(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "key_style 'diffusers' needs a model in diffusers naming" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("bias_diff", [True, False])
+def test_a_weight_comfyui_cannot_map_is_flagged_not_stored(flux, bias_diff: bool) -> None:
+    """A 2-D weight outside ComfyUI's diffusers Flux map (here an extra projection) is flagged
+    and left out, with or without bias_diff: never written under a key nothing loads."""
+    base, tuned = dict(flux[0]), dict(flux[1])
+    g = torch.Generator().manual_seed(1)
+    key = "transformer_blocks.0.extra_proj.weight"
+    base[key] = torch.randn(16, 32, generator=g)
+    tuned[key] = base[key] + 0.1 * torch.randn(16, 32, generator=g)
+    res = _extract(base, tuned, bias_diff=bias_diff)
+    row = next(r for r in res.report.layers if r.key == key)
+    assert row.reason == UNMAPPED_PARAM and row.status == "skipped"
+    assert not any("extra_proj" in k for k in res.tensors)

@@ -197,6 +197,9 @@ def test_parameters_comfyui_ignores_are_flagged(pair_dir) -> None:
     # ...and the report says how to get them applied: this pack's complete loader.
     assert all("'Load LoRA (complete)'" in r.reason for r in res.report.layers if r.key in flagged)
     assert any("'Load LoRA (complete)'" in n for n in res.report.notes)
+    # The note counts exactly the flagged parameters and names one of them.
+    note = next(n for n in res.report.notes if "non-leaf" in n)
+    assert note.startswith("1 parameter difference(s) such as 'diffusion_model.blocks.0.modulation'")
 
 
 @pytest.mark.parametrize("key", [
