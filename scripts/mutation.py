@@ -52,6 +52,7 @@ CHUNKS: dict[str, tuple[list[str], list[str]]] = {
                               f"{UO}::test_resident_cache_misses_after_add_patches",
                               f"{MR}::test_pool_reuses_buffers_and_bounds_memory",
                               f"{MR}::test_pool_never_waits_on_nothing",
+                              f"{MR}::test_an_oversized_layer_waits_while_reused_buffers_are_out",
                               f"{MR}::test_resident_blocks_are_not_read_again"]),
     "memory-planner": (["memory/planner.py"],
                        ["tests/test_memory_planning.py", "tests/test_memory_runtime.py"]),
