@@ -13,24 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from .errors import ExtractionInputError
+from .key_slice import KeySlice
 from .sources import WeightSource
 from .te_keys import TE_PREFIX, encoders_in
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """Where a converted key reads from: a raw key, a row block of it, maybe transposed."""
-
-    raw: str
-    chunk: int = 0
-    chunks: int = 1
-    transpose: bool = False
-
 
 _RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 _OPENCLIP_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
@@ -43,29 +32,29 @@ _OPENCLIP_TOP = {"positional_embedding": "text_model.embeddings.position_embeddi
 _CLIP_BY_WIDTH = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 
 
-def _openclip(rest: str, raw: str, enc: str) -> list[tuple[str, _Slot]]:
+def _openclip(rest: str, raw: str, enc: str) -> list[tuple[str, KeySlice]]:
     """ComfyUI names of one OpenCLIP parameter (``comfy.utils.transformers_convert``)."""
     t = f"{enc}.transformer."
     if rest in _OPENCLIP_TOP:
-        return [(t + _OPENCLIP_TOP[rest], _Slot(raw))]
+        return [(t + _OPENCLIP_TOP[rest], KeySlice(raw))]
     if rest == "text_projection":
         # OpenCLIP multiplies x @ P; ComfyUI's Linear stores P transposed.
-        return [(t + "text_projection.weight", _Slot(raw, transpose=True))]
+        return [(t + "text_projection.weight", KeySlice(raw, transpose=True))]
     if rest == "text_projection.weight":
-        return [(t + "text_projection.weight", _Slot(raw))]
+        return [(t + "text_projection.weight", KeySlice(raw))]
     m = _RESBLOCK.match(rest)
     if m is None:
-        return [(f"{enc}.{rest}", _Slot(raw))]  # e.g. logit_scale: kept, and reported
+        return [(f"{enc}.{rest}", KeySlice(raw))]  # e.g. logit_scale: kept, and reported
     layer, sub = m.group(1), m.group(2)
     base = f"{t}text_model.encoder.layers.{layer}."
     for kind in ("weight", "bias"):
         if sub == f"attn.in_proj_{kind}":
-            return [(f"{base}self_attn.{n}_proj.{kind}", _Slot(raw, i, 3))
+            return [(f"{base}self_attn.{n}_proj.{kind}", KeySlice(raw, i, 3))
                     for i, n in enumerate(("q", "k", "v"))]
     mod, _, kind = sub.rpartition(".")
     if mod in _OPENCLIP_RENAMES:
-        return [(f"{base}{_OPENCLIP_RENAMES[mod]}.{kind}", _Slot(raw))]
-    return [(f"{enc}.{rest}", _Slot(raw))]
+        return [(f"{base}{_OPENCLIP_RENAMES[mod]}.{kind}", KeySlice(raw))]
+    return [(f"{enc}.{rest}", KeySlice(raw))]
 
 
 def _width(source: WeightSource, keys: Sequence[str], embedding_key: str) -> int | None:
@@ -77,11 +66,11 @@ def _clip_name(source: WeightSource, keys: Sequence[str], embedding_key: str, de
     return _CLIP_BY_WIDTH.get(w, default) if w is not None else default
 
 
-def _convert(source: WeightSource) -> dict[str, _Slot]:
+def _convert(source: WeightSource) -> dict[str, KeySlice]:
     """ComfyUI CLIP key -> slot, for every text-encoder key of the source (may be empty)."""
     keys = source.keys()
     keyset = set(keys)
-    out: dict[str, _Slot] = {}
+    out: dict[str, KeySlice] = {}
 
     def hf(prefix: str, enc: str, insert_text_model: bool = False) -> None:
         for k in keys:
@@ -89,7 +78,7 @@ def _convert(source: WeightSource) -> dict[str, _Slot]:
                 rest = k[len(prefix):]
                 if insert_text_model and not rest.startswith("text_model."):
                     rest = "text_model." + rest  # SD1 files saved without the text_model level
-                out.setdefault(f"{enc}.transformer.{rest}", _Slot(k))
+                out.setdefault(f"{enc}.transformer.{rest}", KeySlice(k))
 
     def oc(prefix: str, enc: str) -> None:
         for k in keys:
@@ -113,19 +102,19 @@ def _convert(source: WeightSource) -> dict[str, _Slot]:
             rest = k[len(TE_PREFIX):]
             enc = rest.split(".", 1)[0]
             if rest == f"{enc}.text_projection":   # OpenCLIP-style projection (SD3 CLIP-G)
-                out[f"{enc}.transformer.text_projection.weight"] = _Slot(k, transpose=True)
+                out[f"{enc}.transformer.text_projection.weight"] = KeySlice(k, transpose=True)
             else:
-                out.setdefault(rest, _Slot(k))
+                out.setdefault(rest, KeySlice(k))
     if not out and any(k.startswith("text_model.encoder.layers.") for k in keys):  # CLIPLoader file
         enc = _clip_name(source, keys, "text_model.embeddings.token_embedding.weight", "clip_l")
         for k in keys:
             if k.startswith("text_model.") or k == "text_projection.weight":
-                out[f"{enc}.transformer.{k}"] = _Slot(k)
+                out[f"{enc}.transformer.{k}"] = KeySlice(k)
             elif k == "logit_scale":
-                out[f"{enc}.logit_scale"] = _Slot(k)
+                out[f"{enc}.logit_scale"] = KeySlice(k)
     if not out and "shared.weight" in keyset and any(k.startswith("encoder.block.") for k in keys):
         for k in keys:                                                             # T5-XXL file
-            out[f"t5xxl.transformer.{k}"] = _Slot(k)
+            out[f"t5xxl.transformer.{k}"] = KeySlice(k)
     return out
 
 
@@ -139,7 +128,7 @@ class TextEncoderView:
         self.source = source
         self.name = source.name
         slots = _convert(source)
-        used = {s.raw for s in slots.values()}
+        used = {s.key for s in slots.values()}
         self._slots = {TE_PREFIX + k: s for k, s in slots.items()}
         self._keys = [k for k in source.keys() if k not in used] + list(self._slots)
 
@@ -154,11 +143,11 @@ class TextEncoderView:
         slot = self._slots.get(key)
         if slot is None:
             return tuple(self.source.shape(key))
-        shape = list(self.source.shape(slot.raw))
+        shape = list(self.source.shape(slot.key))
         if slot.chunks > 1:
             if shape[0] % slot.chunks:
                 raise ExtractionInputError(
-                    f"{self.name}: {slot.raw!r} has {shape[0]} rows, not a multiple of "
+                    f"{self.name}: {slot.key!r} has {shape[0]} rows, not a multiple of "
                     f"{slot.chunks} (fused q/k/v); the checkpoint is not a standard OpenCLIP encoder.")
             shape[0] //= slot.chunks
         if slot.transpose:
@@ -170,12 +159,7 @@ class TextEncoderView:
         slot = self._slots.get(key)
         if slot is None:
             return self.source.get(key, device, dtype)
-        t = self.source.get(slot.raw, device, dtype)
-        if slot.chunks > 1:
-            n = t.shape[0] // slot.chunks
-            t = t[slot.chunk * n:(slot.chunk + 1) * n]
-        if slot.transpose:
-            t = t.transpose(0, 1)
+        t = slot.take(self.source.get(slot.key, device, dtype))
         return t.contiguous() if slot.chunks > 1 or slot.transpose else t
 
     def identity_parts(self) -> list[WeightSource]:
@@ -184,7 +168,7 @@ class TextEncoderView:
     def raw_key(self, key: str) -> str:
         """The key in the underlying file that ``key`` reads (for messages and norm caches)."""
         slot = self._slots.get(key)
-        return key if slot is None else slot.raw
+        return key if slot is None else slot.key
 
 
 def with_text_encoders(source: WeightSource) -> WeightSource:

@@ -46,9 +46,7 @@ class BaseModel:
         """The target's weight as an (out, in) float32 matrix."""
         w = self.source.get(target.key, device, torch.float32)
         self.weights_read += 1
-        if target.chunks > 1:
-            rows = w.shape[0] // target.chunks
-            w = w[target.chunk * rows:(target.chunk + 1) * rows]
+        w = target.block(w)
         w = w.reshape(w.shape[0], -1)
         return w.T if target.transpose else w
 

@@ -21,19 +21,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..extract.key_slice import KeySlice
 from ..extract.keys import diffusion_path
 from ..extract.sources import WeightSource
 from .unet_names import ldm_to_diffusers
 
 
 @dataclass(frozen=True)
-class BaseTarget:
+class BaseTarget(KeySlice):
     """A base weight, or a row block of one (fused qkv), possibly transposed."""
-
-    key: str
-    chunk: int = 0
-    chunks: int = 1
-    transpose: bool = False
 
     @property
     def ident(self) -> str:
