@@ -85,20 +85,10 @@ def toy_lora():
 
 
 def module_from_state_dict(sd):
-    import torch
+    # tests/ is this script's folder, so on sys.path in the subprocess too; helpers needs torch only.
+    from helpers import module_from_state_dict as tree
 
-    root = torch.nn.Module()
-    for key, t in sd.items():
-        parent = root
-        *path, leaf = key.split(".")
-        for name in path:
-            if not hasattr(parent, name):
-                parent.add_module(name, torch.nn.Module())
-            parent = getattr(parent, name)
-        if key == "sigmas":
-            parent.register_buffer(leaf, t.clone())
-        else:
-            parent.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
+    root = tree(sd, buffers=("sigmas",))
     # What model_lora_keys_unet reads besides the state dict: no UNet config, no aliases.
     root.model_config = types.SimpleNamespace(unet_config={})
     return root

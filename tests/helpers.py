@@ -27,9 +27,11 @@ def optimal_rel_error(a: torch.Tensor, k: int) -> float:
     return math.sqrt(float((s[k:] ** 2).sum())) / math.sqrt(float((s ** 2).sum()))
 
 
-def module_from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> torch.nn.Module:
+def module_from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "",
+                           buffers: tuple[str, ...] = ()) -> torch.nn.Module:
     """A module tree whose state dict is ``sd`` (keys optionally re-prefixed), like the
-    BaseModel ComfyUI wraps around the network; parameters, no gradients."""
+    BaseModel ComfyUI wraps around the network; parameters, no gradients (the keys in
+    ``buffers``, e.g. a model's ``sigmas``, as buffers)."""
     root = torch.nn.Module()
     for key, t in sd.items():
         parent = root
@@ -38,7 +40,10 @@ def module_from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> tor
             if not hasattr(parent, name):
                 parent.add_module(name, torch.nn.Module())
             parent = getattr(parent, name)
-        parent.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
+        if key in buffers:
+            parent.register_buffer(leaf, t.clone())
+        else:
+            parent.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
     return root
 
 
