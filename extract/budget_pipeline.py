@@ -8,7 +8,6 @@ from .budget_run import (
     BudgetPass,
     InterruptFn,
     ProgressFn,
-    needs_svd,
 )
 from .config import ExtractConfig
 from .diffusers_keys import resolve_for_plan
@@ -18,6 +17,7 @@ from .pipeline import (
     ExtractionResult,
     _layer_generator,
     finish_result,
+    needs_svd,
     new_report,
     process_pair,
     run_layers,

@@ -24,39 +24,21 @@ from .diffusers_keys import resolve_for_plan
 from .layer import finish_extraction, svd_plan
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
+from .pipeline import needs_svd, stored_role
 from .prefetch import Prefetcher
 from .report import ExtractionReport
 from .report_curve import stored_diff_bytes
 from .size_types import CurvePoint, SizeCurve
 from .sources import WeightSource
-from .te_keys import layer_config, lora_keys_for
+from .te_keys import layer_config
 
 ProgressFn = Callable[[int, int, str], None]
 InterruptFn = Callable[[], None]
 
 
-def needs_svd(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
-    """Whether ``process_pair`` stores this parameter as LoRA factors (the same test)."""
-    if fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
-        return False
-    return _storable(pair, plan, cfg) and _role(pair, cfg, plan) == "weight"
-
-
-def _role(pair: KeyPair, cfg: ExtractConfig, plan: PairPlan) -> str | None:
-    mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
-                           plan.encoders)
-    return None if mapped is None else mapped[1]
-
-
-def _storable(pair: KeyPair, plan: PairPlan, cfg: ExtractConfig) -> bool:
-    """Not left out by ``process_pair``: a loader key exists (text encoders: weights and biases
-    only) and, in the diffusers style, ComfyUI maps it."""
-    return _role(pair, cfg, plan) is not None and pair.path not in plan.comfy_unmapped
-
-
 def stores_diff(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
     """Whether ``process_pair`` stores this parameter's difference as is."""
-    return (fro != 0.0 and cfg.bias_diff and _storable(pair, plan, cfg)
+    return (fro != 0.0 and cfg.bias_diff and stored_role(pair, cfg, plan) is not None
             and not needs_svd(pair, fro, cfg, plan))
 
 

@@ -66,6 +66,25 @@ def _cast_checked(t: torch.Tensor, cfg: ExtractConfig, key: str) -> torch.Tensor
     return out
 
 
+def stored_role(pair: KeyPair, cfg: ExtractConfig, plan: PairPlan) -> str | None:
+    """The role ``process_pair`` stores a changed parameter under (``weight``, ``bias`` or
+    ``param``), or None when it leaves it out: no loader key (a text encoder's
+    ``logit_scale``) or, in the diffusers style, no key ComfyUI maps. For the passes that must
+    decide as ``process_pair`` does before it runs (the V2 batches, a budget's first pass)."""
+    if pair.path in plan.comfy_unmapped:
+        return None
+    mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
+                           plan.encoders)
+    return None if mapped is None else mapped[1]
+
+
+def needs_svd(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
+    """Whether ``process_pair`` stores this parameter as LoRA factors (the same test)."""
+    if fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
+        return False
+    return stored_role(pair, cfg, plan) == "weight"
+
+
 def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConfig,
                  plan: PairPlan, tensors: dict[str, torch.Tensor],
                  extraction: LayerExtraction | None = None) -> LayerReport:

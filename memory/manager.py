@@ -30,11 +30,12 @@ from ..extract.pipeline import (
     ProgressFn,
     _layer_generator,
     finish_result,
+    needs_svd,
     new_report,
 )
 from ..extract.report import ExtractionReport
 from ..extract.sources import WeightSource
-from ..extract.te_keys import layer_config, lora_keys_for
+from ..extract.te_keys import layer_config
 from ..extract.writer import save_safetensors_atomic
 from .blocks import block_of
 from .buffers import StagingPool
@@ -64,20 +65,6 @@ FreeMemoryFn = Callable[[int, torch.device], None]
 class V2Result:
     result: ExtractionResult
     memory: MemoryRunReport
-
-
-def _needs_svd(pair: KeyPair, layer: LoadedLayer, cfg: ExtractConfig, plan: PairPlan) -> bool:
-    """Whether ``process_pair`` would decompose this layer (the same test it applies).
-
-    Safe if the two ever drift apart: a layer extracted here that process_pair stores otherwise
-    is wasted work, and one not extracted here is extracted by process_pair itself.
-    """
-    if layer.fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
-        return False
-    mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
-                           plan.encoders)
-    return (mapped is not None and mapped[1] == "weight"
-            and pair.path not in plan.comfy_unmapped)   # flagged, not stored: no SVD
 
 
 def _batched_by_config(chunk: list[LoadedLayer], gens: list[torch.Generator],
@@ -240,14 +227,14 @@ def _stream(streamer: PairStreamer, batches: list[list[KeyPair]], run: _Run, cfg
             stream_rolling(
                 loaded_batches, streamer.has_ready_batch, run.workers, max(run.limit, 1),
                 run.one,
-                lambda layer: _needs_svd(layer.pair, layer, cfg, plan), store,
+                lambda layer: needs_svd(layer.pair, layer.fro, cfg, plan), store,
                 lambda n, seconds: run.after_batch(monitor, streamer, n, seconds), check_interrupt)
         else:
             for loaded in loaded_batches:
                 if check_interrupt is not None:
                     check_interrupt()
                 tb = time.perf_counter()
-                todo = [x for x in loaded.layers if _needs_svd(x.pair, x, cfg, plan)]
+                todo = [x for x in loaded.layers if needs_svd(x.pair, x.fro, cfg, plan)]
                 extracted = dict(zip((id(x) for x in todo), run.extract(todo), strict=True))
                 for layer in loaded.layers:
                     store(layer, extracted.get(id(layer)))
