@@ -35,7 +35,7 @@ def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int,
              f"{cfg.output_dtype}; "
              f"stored diffs {spectra.fixed_bytes} bytes; no file written"]
     if cfg.target_size_mb:
-        plan = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes)
+        plan = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes, cfg.size_objective)
         curve.chosen = chosen_point(plan)
         lines.extend(budget_lines(_Facts(plan.outcome)))
     lines.extend(curve_lines(curve))

@@ -21,6 +21,7 @@ from ..extract import (
     ExtractionInputError,
     extract_to_file,
 )
+from ..extract.budget import SIZE_OBJECTIVES
 from ..extract.devices import resolve_device
 from ..extract.keys import KEY_STYLES
 from ..extract.tempfiles import write_text_atomic
@@ -57,6 +58,9 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-size", type=float, default=d.target_size_mb, metavar="MB",
                    help="allocate ranks (capped by --rank/--conv-rank) for the least error whose "
                         "tensors fit MB MiB (0: off; the safetensors header comes on top)")
+    p.add_argument("--size-objective", choices=SIZE_OBJECTIVES, default=d.size_objective,
+                   help="with --target-size: mean = the least average layer error; worst = the "
+                        "least worst-layer error (no layer left far behind)")
     add_v2_options(p)
 
 
@@ -67,7 +71,7 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         output_dtype=a.dtype, bias_diff=not a.no_bias_diff,
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
         key_style=a.key_style, device=resolve_device(a.device),
-        target_size_mb=a.target_size,
+        target_size_mb=a.target_size, size_objective=a.size_objective,
         text_encoder_rank=getattr(a, "text_encoder_rank", 0)).validate()
 
 

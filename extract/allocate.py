@@ -19,6 +19,18 @@ longest prefix of that one order whose bytes fit. Consequences, all tested
   exactly optimal. Otherwise it can miss the optimum by that one item (a small knapsack gap:
   bytes left over that a cheaper item further down the order could have used); the tests check
   the bound against an exact dynamic program.
+
+``fill=True`` (the ``worst`` size objective) goes on past the first item that does not fit:
+down the same order, every later item that still fits is kept (a group whose item did not fit
+never fits again, its items all cost the same, so each group still keeps a prefix). With
+priorities that are each item's group error before it (the current worst layer first), the
+prefix is the min-max allocation: all layers at the cheapest ranks meeting one error level, the
+lowest level whose bytes fit (the first item left out is the worst layer's next rank, which does
+not fit, and every kept item was the worst layer when taken). The fill then lowers the
+next-worst layers with the bytes left. Never over budget, each group a prefix, and the worst
+group error never rises with the budget (tested); unlike the plain cut, single groups may lose
+items when the budget grows (the fill's leftover shrinks), so per-group monotonicity is not
+promised.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ class Allocation:
     used_bytes: int            # required bytes + kept items' bytes (<= budget_bytes)
     budget_bytes: int
     kept: int                  # optional items kept in all
+    filled: int = 0            # of those, items kept by ``fill`` past the first one left out
 
 
 def greedy_order(priorities: Sequence[torch.Tensor], unit_bytes: Sequence[int],
@@ -80,12 +93,14 @@ def greedy_order(priorities: Sequence[torch.Tensor], unit_bytes: Sequence[int],
 
 
 def allocate(priorities: Sequence[torch.Tensor], unit_bytes: Sequence[int], budget_bytes: int,
-             required_bytes: int = 0, order: GreedyOrder | None = None) -> Allocation:
+             required_bytes: int = 0, order: GreedyOrder | None = None,
+             fill: bool = False) -> Allocation:
     """Keep the highest-priority items whose bytes, with ``required_bytes``, fit ``budget_bytes``.
 
     ``priorities[g]``: the priorities of group ``g``'s optional items; ``unit_bytes[g]``: what
     one of them costs. Raises :class:`BudgetTooSmall` when ``required_bytes`` alone exceed it.
     ``order``: a precomputed ``greedy_order`` of the same inputs (the size curve reuses it).
+    ``fill``: keep going past the first item that does not fit (see the module docstring).
     """
     budget = int(budget_bytes)
     if required_bytes > budget:
@@ -101,5 +116,28 @@ def allocate(priorities: Sequence[torch.Tensor], unit_bytes: Sequence[int], budg
     nxt = float(go.priority[fits]) if fits < n else -math.inf
     if fits == n:
         threshold = -math.inf
+    filled = 0
+    if fill and fits < n:
+        used, filled = _fill(go, fits, counts, used, budget, int(required_bytes))
     return Allocation(counts=[int(c) for c in counts], threshold=threshold, next_priority=nxt,
-                      used_bytes=used, budget_bytes=budget, kept=fits)
+                      used_bytes=used, budget_bytes=budget, kept=fits + filled, filled=filled)
+
+
+def _fill(go: GreedyOrder, start: int, counts: list[int], used: int, budget: int,
+          required: int) -> tuple[int, int]:
+    """Keep every item after ``start`` that still fits; updates ``counts`` in place.
+
+    Returns the bytes used and the number of items added. Each group stays a prefix without
+    bookkeeping: all items of a group cost the same and the bytes used only grow, so once an
+    item of a group does not fit, none of its later items will.
+    """
+    running = go.running_bytes.tolist()
+    groups = go.group.tolist()
+    added = 0
+    for j in range(start, len(groups)):
+        cost = running[j] - (running[j - 1] if j else required)
+        if used + cost <= budget:
+            counts[groups[j]] += 1
+            used += cost
+            added += 1
+    return used, added

@@ -11,6 +11,13 @@ A rank's price is its bytes, ``(out + in * kh * kw) * itemsize``; its priority i
 Bytes are counted exactly as the writer stores them: factors at the output dtype, one float32
 alpha per LoRA layer, and the ``.diff`` / ``.diff_b`` tensors at the output dtype. The
 safetensors header is the only thing on top.
+
+A second objective, ``worst`` (``size_objective``): the lowest worst-layer error for the bytes.
+Each next rank goes to the layer that is worst at that moment (priority: the layer's error
+before the rank, whatever it costs), cut where a rank first does not fit (the min-max
+allocation, see ``allocate.py``), then the bytes left go on down the same order to the
+next-worst layers that still fit. Measured (``benchmarks/size_target_value.py``): ``mean``
+gives the lowest mean error, ``worst`` the lowest worst decile, and no allocation gives both.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from .size_types import MIB, BudgetOutcome, CurvePoint, SizeCurve
 
 ALPHA_BYTES = 4          # alpha is stored as a float32 scalar
 CURVE_POINTS = 10
+SIZE_OBJECTIVES = ("mean", "worst")
 
 
 @dataclass
@@ -72,6 +80,15 @@ def _priorities(layers: Sequence[LayerSpectrum]) -> list[torch.Tensor]:
     return out
 
 
+def _worst_first(layers: Sequence[LayerSpectrum]) -> list[torch.Tensor]:
+    """The layer's relative squared error before each of ranks 2..cap: worst layer first."""
+    out = []
+    for layer in layers:
+        e = layer.rel_sq_errors()[:-1]
+        out.append(torch.cummin(e.clamp_min(0.0), 0).values if e.numel() else e)
+    return out
+
+
 def required_bytes(layers: Sequence[LayerSpectrum], fixed_bytes: int) -> int:
     """Rank 1 everywhere, the alphas, and the stored diffs: the smallest possible file's tensors."""
     return fixed_bytes + sum(layer.unit_bytes + ALPHA_BYTES for layer in layers)
@@ -84,12 +101,19 @@ class RankPlan:
     outcome: BudgetOutcome
 
 
-def plan_ranks(layers: Sequence[LayerSpectrum], fixed_bytes: int, budget_bytes: int) -> RankPlan:
-    """Ranks (within each cap) with the least total error whose bytes fit ``budget_bytes``."""
+def plan_ranks(layers: Sequence[LayerSpectrum], fixed_bytes: int, budget_bytes: int,
+               objective: str = "mean") -> RankPlan:
+    """Ranks (within each cap) whose bytes fit ``budget_bytes``: the least total error
+    (``mean``) or the least worst-layer error (``worst``)."""
+    if objective not in SIZE_OBJECTIVES:
+        raise ExtractionInputError(f"size_objective {objective!r} is not one of "
+                                   f"{', '.join(SIZE_OBJECTIVES)}.")
     need = required_bytes(layers, fixed_bytes)
+    worst = objective == "worst"
     try:
-        alloc = allocate(_priorities(layers), [x.unit_bytes for x in layers], budget_bytes,
-                         required_bytes=need)
+        alloc = allocate(_worst_first(layers) if worst else _priorities(layers),
+                         [x.unit_bytes for x in layers], budget_bytes, required_bytes=need,
+                         fill=worst)
     except BudgetTooSmall as e:
         raise BudgetTooSmall(
             f"target_size_mb {budget_bytes / MIB:.4g} MiB ({budget_bytes} bytes) is smaller than "
@@ -105,7 +129,8 @@ def plan_ranks(layers: Sequence[LayerSpectrum], fixed_bytes: int, budget_bytes: 
         budget_bytes=int(budget_bytes), used_bytes=alloc.used_bytes, required_bytes=need,
         threshold=alloc.threshold, next_threshold=alloc.next_priority, lora_layers=len(layers),
         predicted_rms_rel_error=math.sqrt(sum(errs) / n),
-        predicted_mean_rel_error=sum(math.sqrt(e) for e in errs) / n)
+        predicted_mean_rel_error=sum(math.sqrt(e) for e in errs) / n, objective=objective,
+        predicted_max_rel_error=math.sqrt(max(errs, default=0.0)))
     return RankPlan(ranks, alloc, outcome)
 
 

@@ -132,7 +132,7 @@ def chosen_point(rank_plan: RankPlan) -> CurvePoint:
 
 
 def allocate_ranks(cfg: ExtractConfig, spectra: Spectra) -> tuple[RankPlan, dict[str, int]]:
-    plan = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes)
+    plan = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes, cfg.size_objective)
     ranks = {x.key: r for x, r in zip(spectra.layers, plan.ranks, strict=True)}
     return plan, ranks
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .budget import check_target_size
+from .budget import SIZE_OBJECTIVES, check_target_size
 from .errors import ExtractionInputError
 from .keys import KEY_STYLES
 from .rank_rules import RANK_RULES
@@ -42,6 +42,7 @@ class ExtractConfig:
     oversample: int = 16                  # extra randomized sketch columns past the rank cap
     target_size_mb: float = 0.0           # 0: off; else ranks allocated to fit this many MiB
     text_encoder_rank: int = 0            # rank (cap) for text-encoder layers; 0: same as rank
+    size_objective: str = "mean"          # with target_size_mb: "mean" or "worst" layer error
 
     def validate(self) -> ExtractConfig:
         def bad(what: str) -> ExtractionInputError:
@@ -85,6 +86,10 @@ class ExtractConfig:
 
     def _validate_target_size(self) -> None:
         check_target_size(self.target_size_mb)
+        if self.size_objective not in SIZE_OBJECTIVES:
+            raise ExtractionInputError(
+                f"size_objective {self.size_objective!r} is not one of {', '.join(SIZE_OBJECTIVES)}: "
+                "mean (the least average layer error) or worst (the least worst-layer error).")
         if self.target_size_mb and self.lora_type != "standard":
             fix = ("store the whole difference without a budget" if self.lora_type == "full" else
                    "the budget chooses every layer's rank itself")
@@ -101,7 +106,8 @@ class ExtractConfig:
     def name_tag(self) -> str:
         """The part of output names after the prefix: ``rank_8`` or ``size_64mb``."""
         if self.target_size_mb:
-            return f"size_{self.target_size_mb:g}mb"
+            worst = "_worst" if self.size_objective == "worst" else ""
+            return f"size_{self.target_size_mb:g}mb{worst}"
         return f"rank_{self.file_tag()}"
 
     @property

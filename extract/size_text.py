@@ -21,15 +21,27 @@ def budget_lines(report: _HasBudget) -> list[str]:
     lines = [f"size budget: {b.budget_bytes / MIB:.3f} MiB ({b.budget_bytes} bytes of tensors); "
              f"used {b.used_bytes} bytes ({100 * b.used_bytes / max(1, b.budget_bytes):.2f}%), "
              f"smallest possible {b.required_bytes} bytes",
-             f"implied threshold: a rank is kept when it removes >= {b.threshold:.3e} of its "
-             f"layer's relative squared error per byte (next left out: {b.next_threshold:.3e})",
+             _threshold_line(b),
              f"predicted truncation error (before clamp/cast): mean "
-             f"{b.predicted_mean_rel_error:.4f}, rms {b.predicted_rms_rel_error:.4f} "
-             f"over {b.lora_layers} LoRA layers"]
+             f"{b.predicted_mean_rel_error:.4f}, rms {b.predicted_rms_rel_error:.4f}, "
+             f"worst layer {b.predicted_max_rel_error:.4f} over {b.lora_layers} LoRA layers"]
     if report.file_bytes:
         lines.append(f"file {report.file_bytes} bytes = tensors {report.tensor_bytes} + header "
                      f"{report.file_bytes - report.tensor_bytes} (the header is not budgeted)")
     return lines
+
+
+def _threshold_line(b: BudgetOutcome) -> str:
+    if b.objective == "worst":
+        if b.next_threshold == float("-inf"):
+            return "objective worst: every layer at its rank cap (the budget holds them all)"
+        level = max(b.next_threshold, 0.0) ** 0.5
+        return (f"objective worst: no layer above relative error {level:.4f} except at its rank "
+                f"cap (the worst layer's next rank did not fit); the bytes left went to the "
+                f"next-worst layers")
+    return (f"objective mean; implied threshold: a rank is kept when it removes >= "
+            f"{b.threshold:.3e} of its layer's relative squared error per byte (next left out: "
+            f"{b.next_threshold:.3e})")
 
 
 def curve_lines(curve: SizeCurve | None) -> list[str]:

@@ -40,8 +40,12 @@ class BudgetOutcome:
     budget_bytes: int
     used_bytes: int            # tensor bytes of the file (factors, alphas, diffs)
     required_bytes: int        # rank 1 everywhere plus the stored diffs: the least that fits
-    threshold: float           # relative squared error removed per byte by the last rank kept
+    # mean: relative squared error removed per byte by the last rank kept (before the fill);
+    # worst: the relative squared error its layer had before that rank
+    threshold: float
     next_threshold: float      # the same for the first rank left out
     lora_layers: int
     predicted_rms_rel_error: float
     predicted_mean_rel_error: float
+    objective: str = "mean"    # "mean" or "worst" (ExtractConfig.size_objective)
+    predicted_max_rel_error: float = 0.0

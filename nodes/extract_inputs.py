@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..extract.budget import MAX_TARGET_MB
+from ..extract.budget import MAX_TARGET_MB, SIZE_OBJECTIVES
 from ..extract.config import ALGORITHMS, LORA_TYPES, OUTPUT_DTYPES, ExtractConfig
 from ..extract.keys import KEY_STYLES
 from .model_inputs import MODEL_AND_CLIP_INPUTS
@@ -67,6 +67,12 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
                            "allocated across layers (rank / conv_rank are the caps) for the least "
                            "total error; lora_type must be standard. The report shows the error "
                            "against size to pick a value."}),
+            # Last, so workflows saved before it keep their widget values in place.
+            "size_objective": (list(SIZE_OBJECTIVES), {
+                "default": "mean",
+                "tooltip": "With target_size_mb only. mean: the least average layer error. "
+                           "worst: the least worst-layer error; every layer brought to one error "
+                           "level, so none is left at rank 1 while others get many."}),
         },
         "hidden": {"unique_id": "UNIQUE_ID"},
     }
@@ -75,14 +81,14 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
 def build_config(*, rank: int, lora_type: str, algorithm: str, lowrank_iters: int,
                  output_dtype: str, bias_diff: bool, adaptive_param: float,
                  clamp_quantile: bool, conv_rank: int, alpha: float, key_style: str,
-                 device: str, target_size_mb: float = 0.0,
-                 text_encoder_rank: int = 0) -> ExtractConfig:
+                 device: str, target_size_mb: float, text_encoder_rank: int,
+                 size_objective: str = "mean") -> ExtractConfig:
     return ExtractConfig(
         rank=rank, lora_type=lora_type, algorithm=algorithm, lowrank_iters=lowrank_iters,
         output_dtype=output_dtype, bias_diff=bias_diff, adaptive_param=adaptive_param,
         clamp_quantile=0.99 if clamp_quantile else None, conv_rank=conv_rank, alpha=alpha,
         key_style=key_style, device=device, target_size_mb=target_size_mb,
-        text_encoder_rank=text_encoder_rank).validate()
+        text_encoder_rank=text_encoder_rank, size_objective=size_objective).validate()
 
 
 def save_root_and_prefix(save_to: str, filename_prefix: str, output_dir: str, loras_dir: str) -> tuple[str, str]:
