@@ -64,7 +64,10 @@ CHUNKS: dict[str, tuple[list[str], list[str]]] = {
     "nodes": (["nodes/extract_node.py", "nodes/extract_v2_node.py", "nodes/extract_inputs.py",
                "nodes/comfy_adapter.py"],
               ["tests/test_node_signatures.py", "tests/test_user_options.py",
-               "tests/test_node_extract.py", "tests/test_v2_node.py"]),
+               "tests/test_node_extract.py", "tests/test_v2_node.py",
+               # comfy_adapter's weight reading, text-encoder names and Load LoRA (complete)
+               "tests/test_comfy_model_source.py", "tests/test_text_encoders.py",
+               "tests/test_load_complete.py"]),
     "validation": (["validation/report.py", "validation/validate.py"],
                    ["tests/test_validate.py", f"{UO}::test_max_error_passes_a_complete_lora",
                     f"{UO}::test_max_error_fails_on_an_uncovered_layer",
@@ -84,6 +87,8 @@ def _mutants(files: list[str]) -> list[tuple[int, str]]:
     """(id, status) of every mutant of these files in mutmut's cache."""
     marks = ",".join("?" * len(files))
     with _db() as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name='Mutant'").fetchone():
+            return []             # a fresh checkout: mutmut has not created its cache yet
         return db.execute(
             "SELECT m.id, m.status FROM Mutant m JOIN Line l ON m.line = l.id JOIN SourceFile s "
             f"ON l.sourcefile = s.id WHERE s.filename IN ({marks}) ORDER BY m.id", files).fetchall()
