@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,7 +42,7 @@ class LoraInput:
 
     members: list[tuple[LoraFile, float]]
     name: str
-    prefixes: list[str] = field(default_factory=list)
+    prefixes: list[str]
 
     @property
     def is_merge(self) -> bool:
@@ -61,9 +61,6 @@ class LoraInput:
             if m is not None:
                 return (m.up_shape[:1] + m.up_shape[2:]), m.down_shape[1:]
         raise KeyError(prefix)
-
-    def rank(self, prefix: str) -> int:
-        return sum(f.modules[prefix].rank for f, _w in self.members if prefix in f.modules)
 
     def factors(self, prefix: str, device: str | torch.device,
                 dtype: torch.dtype = torch.float32) -> LayerFactors:

@@ -23,7 +23,6 @@ METHODS: dict[str, str] = {
     "spn_lora": "spnlora",
     "subspace": "subspace",
 }
-CKPT_METHODS = frozenset({"fro_ckpt", "spn_ckpt", "subspace"})
 DEFAULT_RECIPES = "fro_ckpt=1,thr=-3.5"
 
 
@@ -42,9 +41,9 @@ def format_threshold(t: float) -> str:
 class Recipe:
     text: str
     weights: tuple[tuple[str, float], ...]   # normalised, sorted by method name, non-zero only
-    threshold: float | None = None
-    size_mib: float | None = None
-    rescale: float = 1.0
+    threshold: float | None
+    size_mib: float | None
+    rescale: float
 
     def weight(self, method: str) -> float:
         return dict(self.weights).get(method, 0.0)

@@ -143,3 +143,91 @@ def test_bad_lora_through_resize_cli_exits_2_without_output(tmp_path, capsys, ca
     assert rc == 2, err
     assert err.count("\n") == 1 and "lora.safetensors" in err
     assert os.listdir(out) == []
+
+
+# --- merge specs and score recipes: the whole message is what the user reads ---------------
+
+def _resize_cli(tmp_path, capsys, *args: str) -> tuple[int, str]:
+    from lora_extract.cli import main
+
+    ckpt = _write(tmp_path, {"model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.randn(8, 8)},
+                  name="base.safetensors")
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    rc = main(["resize", ckpt, *args, "-o", str(out)])
+    err = capsys.readouterr().err
+    assert os.listdir(out) == [] and err.count("\n") == 1, err
+    return rc, err.strip()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("  ", "empty LoRA name; give a file, or 'a:0.7,b:0.3' to merge."),
+    ("a.safetensors,,b.safetensors",
+     "merge spec 'a.safetensors,,b.safetensors': member '' has no file name; write 'a:0.7,b:0.3'."),
+    ("a.safetensors:0.5, ", "merge spec 'a.safetensors:0.5, ': member '' has no file name; write 'a:0.7,b:0.3'."),
+    ("a.safetensors:1e999", "merge spec 'a.safetensors:1e999': weight of 'a.safetensors:1e999' is not finite."),
+], ids=["empty", "empty member", "trailing comma", "infinite weight"])
+def test_bad_merge_specs_are_one_exact_error(spec: str, message: str) -> None:
+    from lora_extract.resize.merge import parse_lora_spec
+
+    with pytest.raises(ExtractionInputError) as info:
+        parse_lora_spec(spec)
+    assert str(info.value) == message
+
+
+def test_missing_merge_member_is_named_and_exits_2(tmp_path, capsys) -> None:
+    a = _write(tmp_path, _good_layer(), name="a.safetensors")
+    missing = str(tmp_path / "nope")
+    rc, err = _resize_cli(tmp_path, capsys, f"{a}:0.5,{missing}:0.5")
+    assert rc == 2 and err == f"lora-extract: error: {missing}: no such LoRA file."
+
+
+@pytest.mark.parametrize("up,down,shown", [
+    ((8, 2), (2, 6), "up [8, 2] / down [2, 6]"),      # another input width
+    ((6, 2), (2, 8), "up [6, 2] / down [2, 8]"),      # another output width
+], ids=["down differs", "up differs"])
+def test_merge_of_loras_for_different_models_names_layer_and_file(tmp_path, capsys, up, down, shown) -> None:
+    a = _write(tmp_path, _good_layer(), name="a.safetensors")
+    b = _write(tmp_path, {f"{P}.lora_up.weight": torch.randn(up), f"{P}.lora_down.weight": torch.randn(down),
+                          f"{P}.alpha": torch.tensor(2.0)}, name="b.safetensors")
+    from lora_extract.resize.merge import open_lora_input
+
+    with pytest.raises(ExtractionInputError) as info:
+        open_lora_input(f"{a}:0.5,{b}:0.5").factors(P, "cpu")
+    assert str(info.value) == (f"layer {P!r}: b.safetensors has {shown}, which does not match the other "
+                               "merged LoRAs. Merge LoRAs made for the same model.")
+
+
+RECIPE_HELP = ("Write e.g. 'fro_ckpt=1,thr=-3.5' or 'spn_ckpt=0.8,params=0.2,size=32'; methods: "
+               "fro_ckpt, fro_lora, params, spn_ckpt, spn_lora, subspace; selection: thr= or size=; "
+               "optional rescale=.")
+
+
+@pytest.mark.parametrize("recipe,why", [
+    ("", "it is empty"),
+    ("fro_ckpt=abc,thr=-1", "fro_ckpt='abc' is not a number"),
+    ("fro_ckpt,thr=inf", "thr='inf' is not finite"),
+    ("fro_ckpt,fro_ckpt=2,thr=1", "fro_ckpt is given twice"),
+    ("fro_ckpt=-1,spn_lora,thr=1", "weight fro_ckpt=-1 is negative"),
+    ("fro_ckpt,size=", "size needs a value (size=...)"),
+    ("fro_ckpt,size=0", "size=0 must be a positive number of MiB"),
+    ("fro_ckpt,thr=1,rescale=-2", "rescale=-2 must be positive"),
+    ("fro_ckpt,thr=1,frolora=1", "unknown key 'frolora'"),
+    ("fro_ckpt=0,thr=1", "no scoring method with a positive weight"),
+    ("spn_lora", "give exactly one of thr= and size="),
+])
+def test_bad_score_recipes_are_one_exact_error(recipe: str, why: str) -> None:
+    with pytest.raises(ExtractionInputError) as info:
+        recipe_mod.parse_recipes(f"spn_lora,thr=-1:{recipe}")
+    assert str(info.value) == f"score recipe {recipe!r}: {why}. {RECIPE_HELP}"
+
+
+def test_bad_score_recipe_on_the_command_line_is_one_line(tmp_path, capsys) -> None:
+    lora = _write(tmp_path, _good_layer(), name="lora.safetensors")
+    rc, err = _resize_cli(tmp_path, capsys, lora, "-r", "fro_ckpt=1,thr=-3.5:")
+    assert rc == 2 and err == f"lora-extract: error: score recipe '': it is empty. {RECIPE_HELP}"
+
+
+@pytest.mark.parametrize("blank", ["", "  ", "\n"])
+def test_blank_score_recipes_mean_the_default_recipe(blank: str) -> None:
+    assert [r.text for r in recipe_mod.parse_recipes(blank)] == ["fro_ckpt=1,thr=-3.5"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
 
@@ -80,3 +81,85 @@ def test_quantized_tensor_subclass_is_dequantized() -> None:
     out = _dequantize(q)
     assert type(out) is torch.Tensor and out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor([[0.25, -0.5], [0.75, 1.0]]))
+
+
+def test_a_weight_swapped_by_a_hook_is_read_from_the_hook_backup() -> None:
+    # ComfyUI's weight hooks replace a weight in place and keep (original, device) in hook_backup.
+    patcher = ModelPatcher(Net(torch.randn(4, 4) * 0.1), torch.device("cpu"), torch.device("cpu"))
+    key = "diffusion_model.norm.weight"
+    original = torch.linspace(0.5, 2.0, 4)
+    patcher.hook_backup[key] = (original, torch.device("cpu"))
+    with torch.no_grad():
+        patcher.model.diffusion_model.norm.weight.fill_(7.0)           # the hooked weight
+    torch.testing.assert_close(ComfyModelSource(patcher, "m").get(key), original, rtol=0, atol=0)
+
+
+def test_weights_come_in_float32_unless_another_dtype_is_asked_for() -> None:
+    patcher = ModelPatcher(Net(torch.randn(4, 4) * 0.1), torch.device("cpu"), torch.device("cpu"))
+    tuned = patcher.clone()
+    tuned.add_patches({"diffusion_model.norm.weight": (torch.full((4,), 1e-3),)})
+    src, key = ComfyModelSource(tuned, "m"), "diffusion_model.norm.weight"
+    full = src.get(key)
+    assert full.dtype == torch.float32 and src.get(key, dtype=torch.float32).dtype == torch.float32
+    half = src.get(key, dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, full.half())
+
+
+def test_nan_in_a_connected_model_or_clip_names_its_input() -> None:
+    from te_helpers import SD1ClipModel, make_clip
+
+    from lora_extract.extract.errors import ExtractionInputError
+    from lora_extract.extract.pairing import load_difference
+    from lora_extract.nodes.comfy_adapter import ComfyClipSource
+
+    patcher = ModelPatcher(Net(torch.randn(4, 4) * 0.1), torch.device("cpu"), torch.device("cpu"))
+    tuned = patcher.clone()
+    tuned.add_patches({"diffusion_model.norm.weight": (torch.full((4,), float("nan")),)})
+    key = "diffusion_model.norm.weight"
+    with pytest.raises(ExtractionInputError) as e:
+        load_difference(ComfyModelSource(patcher, "original_model"), ComfyModelSource(tuned, "finetuned_model"),
+                        key, key)
+    assert str(e.value).startswith(f"key {key!r} in finetuned_model contains NaN or Inf values")
+    base_clip = make_clip(SD1ClipModel, seed=3)
+    bad_clip = base_clip.clone()
+    clip_key = next(iter(base_clip.patcher.model_state_dict()))
+    bad_clip.add_patches({clip_key: (torch.full_like(base_clip.patcher.model_state_dict()[clip_key],
+                                                      float("inf")),)})
+    te_key = "text_encoders." + clip_key
+    with pytest.raises(ExtractionInputError) as e:
+        load_difference(ComfyClipSource(base_clip, "original_clip"), ComfyClipSource(bad_clip, "finetuned_clip"),
+                        te_key, te_key)
+    assert str(e.value).startswith(f"key {te_key!r} in finetuned_clip contains NaN or Inf values")
+
+
+class _NoPatcher:
+    patcher = None
+
+
+class _NotAPatcher:
+    patcher = object()
+
+
+@pytest.mark.parametrize("obj", [_NoPatcher(), _NotAPatcher()], ids=["no patcher", "not a patcher"])
+def test_something_else_on_a_clip_input_is_one_clear_error(obj) -> None:
+    from lora_extract.extract.errors import ExtractionInputError
+    from lora_extract.nodes.comfy_adapter import ComfyClipSource
+
+    with pytest.raises(ExtractionInputError) as e:
+        ComfyClipSource(obj, "finetuned_clip")
+    assert str(e.value) == (f"finetuned_clip: expected a CLIP (from Load Checkpoint or Load CLIP), got "
+                            f"{type(obj).__name__}. Connect a CLIP output.")
+
+
+@pytest.mark.parametrize("family", ["SD1ClipModel", "SDXLClipModel"])
+def test_clip_l_projection_is_left_out_of_sd1_and_sdxl_clips_with_the_reason(family: str) -> None:
+    import te_helpers
+
+    from lora_extract.nodes.comfy_adapter import ComfyClipSource
+
+    src = ComfyClipSource(te_helpers.make_clip(getattr(te_helpers, family), seed=1), "finetuned_clip")
+    assert src.left_out_keys() == {
+        "text_encoders.clip_l.transformer.text_projection.weight":
+            f"not stored in {family} checkpoints and unused by the model: ComfyUI leaves it uninitialised "
+            "when loading, so its difference is noise"}
+    assert "text_encoders.clip_l.transformer.text_projection.weight" in src.keys()

@@ -108,3 +108,76 @@ def test_unknown_lora_name_is_a_clear_error(setup) -> None:
     patcher, _base, _lora = setup
     with pytest.raises(ExtractionInputError, match=r"lora_name 'nope.safetensors' is not in the loras folder"):
         _node().load_lora(patcher, "nope.safetensors", 1.0)
+
+
+# --- which parameters ComfyUI's load skips (the module that owns each patched key) -----------
+
+def test_only_parameters_of_modules_with_sub_modules_are_reported() -> None:
+    from lora_extract.nodes.comfy_adapter import nonleaf_patch_keys
+
+    model = make_toy_patcher(seed=3).model
+    keys = [(P + "lin.weight", 0),           # an offset patch key: not a plain key, ignored
+            P + "gone.weight", P + "gone.bias",   # no such module (twice: the answer is cached)
+            P + "lin.weight", P + "lin.bias", P + "blocks.0.weight", P + "norm.weight",  # leaves
+            P + "pos_embed",                 # sits on diffusion_model, which has sub-modules
+            P + "conv.weight"]
+    assert nonleaf_patch_keys(model, keys) == [P + "pos_embed"]
+    assert nonleaf_patch_keys(model, [P + "pos_embed", P + "lin.weight", P + "pos_embed"]) == [
+        P + "pos_embed", P + "pos_embed"]
+
+
+def _mark_comfy_ops(module: torch.nn.Module) -> None:
+    """Leaf modules marked like ComfyUI's ``comfy.ops`` layers: what allows a partial load."""
+    for m in module.modules():
+        if any(True for _ in m.parameters(recurse=False)) and not any(True for _ in m.children()):
+            m.comfy_cast_weights = False
+
+
+def test_partly_loaded_model_gets_the_skipped_parameter_too(setup) -> None:
+    # A lowvram load: the largest leaf modules are patched, the others keep a LowVramPatch;
+    # the parameter on diffusion_model (not a leaf) is patched by the node's load callback.
+    import comfy.model_management as mm
+
+    patcher, base, lora = setup
+    _mark_comfy_ops(patcher.model)
+    model, _ = _node().load_lora(patcher, NAME, 0.5)
+    sizes = sorted((mm.module_size(m) for m in model.model.modules() if hasattr(m, "comfy_cast_weights")),
+                   reverse=True)
+    model.partially_load(torch.device("cpu"), extra_memory=sizes[0] + 1)
+    assert model.model.model_lowvram
+    lin = model.model.diffusion_model.lin
+    assert lin.weight_function and torch.equal(lin.weight.detach(), base[P + "lin.weight"])  # applied when run
+    torch.testing.assert_close(model.model.state_dict()[P + "pos_embed"],
+                               base[P + "pos_embed"] + 0.5 * lora[P + "pos_embed.diff"], rtol=0, atol=1e-6)
+    model.unpatch_model()
+    assert torch.equal(patcher.model.state_dict()[P + "pos_embed"], base[P + "pos_embed"])
+
+
+def test_a_skipped_parameter_already_patched_is_not_patched_again_but_the_others_are(setup) -> None:
+    from comfy.model_patcher import ModelPatcher
+
+    from lora_extract.nodes.comfy_adapter import load_lora_complete
+
+    patcher, _base, _lora = setup
+    patcher.model.diffusion_model.modulation = torch.nn.Parameter(torch.zeros(2, 6))  # a 2nd non-leaf
+    patcher = ModelPatcher(patcher.model, torch.device("cpu"), torch.device("cpu"))
+    diffs = {P + "pos_embed.diff": torch.ones(1, 4, 6), P + "modulation.diff": torch.ones(2, 6)}
+    model, _clip, extra = load_lora_complete(patcher, None, diffs, 1.0, 0.0)
+    assert extra == [P + "pos_embed", P + "modulation"]
+    before = model.model.diffusion_model.pos_embed.detach().clone()
+    model.patch_weight_to_device(P + "pos_embed")        # patched already (e.g. by an earlier load)
+    model.patch_model(torch.device("cpu"))
+    torch.testing.assert_close(model.model.diffusion_model.pos_embed.detach(), before + 1, rtol=0, atol=0)
+    torch.testing.assert_close(model.model.diffusion_model.modulation.detach(), torch.ones(2, 6), rtol=0, atol=0)
+
+
+def test_skipped_keys_are_reported_with_a_clip_connected(setup) -> None:
+    from lora_extract.nodes.comfy_adapter import load_lora_complete
+
+    patcher, _base, lora = setup
+    enc = torch.nn.Module()
+    enc.enc = torch.nn.Linear(3, 3, bias=False)
+    clip = CLIP(ClipTarget(tokenizer=None, clip=lambda: enc))
+    _model, new_clip, extra = load_lora_complete(patcher, clip, lora, 1.0, 1.0)
+    assert new_clip is not None and new_clip is not clip
+    assert extra == [P + "pos_embed"]      # the model's; the CLIP has none

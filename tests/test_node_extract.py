@@ -116,6 +116,16 @@ def test_save_to_models_loras(comfy_dirs, models) -> None:
     assert os.path.basename(path) in folder_paths.get_filename_list("loras")
 
 
+def test_each_save_to_choice_lands_in_its_folder(comfy_dirs, models) -> None:
+    # The choices as the widget offers them: each one the user can pick goes where it says.
+    _base, _tuned, patcher, tuned_patcher = models
+    choices = NODE_CLASS_MAPPINGS["LoraExtract"].INPUT_TYPES()["optional"]["save_to"][0]
+    folders = {c: os.path.dirname(_run(dict(finetuned_model=tuned_patcher, original_model=patcher,
+                                             save_to=c))["result"][0]) for c in choices}
+    assert folders == {"output": os.path.join(folder_paths.get_output_directory(), "loras"),
+                       "models/loras": folder_paths.get_folder_paths("loras")[0]}
+
+
 @pytest.mark.parametrize("prefix", ["../escape", "/abs/path", "loras/../../x", "a\x00b"])
 def test_prefix_outside_output_is_refused(comfy_dirs, models, prefix: str) -> None:
     base, tuned, patcher, tuned_patcher = models

@@ -166,6 +166,19 @@ def test_norms_cache_reused_and_invalidated(sdxl_files, tmp_path) -> None:
     assert line.new_rank < old.new_rank   # fro_ckpt grew 1000x: fewer dimensions pass
 
 
+def test_only_the_base_statistics_a_recipe_needs_are_computed(sdxl_files, tmp_path) -> None:
+    # Spectral norms (the slow part) only for spn_ckpt, base weights only for subspace.
+    base_path, _b, lora_path, _l = sdxl_files
+    fro = _resize(base_path, lora_path, "fro_ckpt,thr=-3", tmp_path / "o1")
+    assert (fro.norms_computed, fro.norms_cached) == (5, 0)
+    spn = _resize(base_path, lora_path, "spn_ckpt,thr=-3", tmp_path / "o2")
+    assert (spn.norms_computed, spn.norms_cached) == (5, 0)
+    base = BaseModel.open(base_path)
+    sub = resize_lora(base, open_lora_input(lora_path), parse_recipes("subspace,thr=-3"), str(tmp_path / "o3"),
+                      ResizeOptions(output_dtype="fp32"))
+    assert (sub.norms_computed, sub.norms_cached, base.weights_read) == (0, 5, 5)
+
+
 def test_peft_file_without_alpha_and_merge_of_formats(tmp_path, gen) -> None:
     base_path, _ = make_base(str(tmp_path), gen)
     up, down = lora_pair(32, (32,), spectrum(4, 0.2), gen)
@@ -227,3 +240,115 @@ def test_cli_bad_recipe_exits_2_without_files(sdxl_files, tmp_path, capsys) -> N
     err = capsys.readouterr().err
     assert "exactly one of thr= and size=" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("spec,members", [
+    ("a.safetensors", [("a.safetensors", 1.0)]),
+    (" a : 0.7 , b:-0.3 ", [("a", 0.7), ("b", -0.3)]),
+    ("a:.5,b:+2,c:1e-2,d:3.", [("a", 0.5), ("b", 2.0), ("c", 0.01), ("d", 3.0)]),
+    ("C:\\loras\\x.safetensors", [("C:\\loras\\x.safetensors", 1.0)]),   # a drive letter, no weight
+    ("v1:2.safetensors:0.5", [("v1:2.safetensors", 0.5)]),                # ':' inside a name
+])
+def test_merge_spec_members_and_weights(spec: str, members: list[tuple[str, float]]) -> None:
+    from lora_extract.resize.merge import parse_lora_spec
+
+    assert [(m.path, m.weight) for m in parse_lora_spec(spec)] == members
+
+
+@pytest.mark.parametrize("method,short", [
+    ("fro_ckpt", "frockpt"), ("fro_lora", "frolora"), ("params", "params"),
+    ("spn_ckpt", "spnckpt"), ("spn_lora", "spnlora"), ("subspace", "subspace"),
+])
+def test_every_method_has_its_short_name_in_output_file_names(method: str, short: str) -> None:
+    from lora_extract.resize.output import output_file_name
+    from lora_extract.resize.recipe import parse_recipe
+
+    assert output_file_name("x", parse_recipe(f"{method},thr=-1"), -1.0) == f"x_{short}1.00_th-1.00.safetensors"
+    mixed = parse_recipe(f"{method}=3,spn_lora,size=0.004,rescale=0.8" if method != "spn_lora"
+                         else "spn_lora,size=0.004,rescale=0.8")
+    parts = sorted([(method, f"{short}0.75"), ("spn_lora", "spnlora0.25")])  # in method-name order
+    expected = "_".join(p for _m, p in parts) if method != "spn_lora" else "spnlora1.00"
+    assert output_file_name("x", mixed, -math.inf) == f"x_{expected}_scale0.8_size0.004_th-inf.safetensors"
+    assert output_file_name("x", mixed, math.inf).endswith("_thinf.safetensors")
+    # a method weighted 0 is not part of the recipe
+    zero = parse_recipe(f"spn_lora,{method}=0,thr=-1" if method != "spn_lora" else "spn_lora,fro_ckpt=0,thr=-1")
+    assert output_file_name("x", zero, -1.0) == "x_spnlora1.00_th-1.00.safetensors"
+    assert not zero.needs_spectral and not zero.needs_subspace
+
+
+def _member(tmp_path, gen, name: str, r: int, alpha: float | None, extra: dict | None = None):
+    prefix = "lora_unet_" + ATTN1.replace(".", "_")
+    sd: dict[str, torch.Tensor] = {}
+    up, down = lora_pair(32, (32,), spectrum(r, 0.3), gen, alpha or None)
+    kohya_layer(sd, prefix, up, down, alpha)
+    save_file({**sd, **(extra or {})}, str(tmp_path / f"{name}.safetensors"))
+    scale = 1.0 if alpha is None else alpha / r
+    return prefix, scale * up.double() @ down.double()
+
+
+def test_single_weighted_lora_is_a_merge_and_weight_one_is_not(tmp_path, gen) -> None:
+    base_path, _ = make_base(str(tmp_path), gen)
+    prefix, delta = _member(tmp_path, gen, "a", 4, 2.0)
+    _member(tmp_path, gen, "b", 2, 2.0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    paths = [_resize(base_path, spec, "spn_lora,thr=-20", tmp_path / f"o{i}").outcomes[0].output_path
+             for i, spec in enumerate([str(a), f"{a}:0.5", f"{a},{b}"])]
+    assert [os.path.basename(p) for p in paths] == [
+        "a_spnlora1.00_th-20.00.safetensors", "a0.5_spnlora1.00_th-20.00.safetensors",
+        "a1+b1_spnlora1.00_th-20.00.safetensors"]
+    plain, half, both = paths
+    with safe_open(plain, "pt") as f:
+        assert "lora_resize.merge" not in f.metadata()
+    with safe_open(half, "pt") as f:
+        assert json.loads(f.metadata()["lora_resize.merge"]) == [["a.safetensors", 0.5]]
+    with safe_open(both, "pt") as f:
+        assert json.loads(f.metadata()["lora_resize.merge"]) == [["a.safetensors", 1.0], ["b.safetensors", 1.0]]
+    out = load_file(half)
+    k = out[prefix + ".lora_down.weight"].shape[0]
+    got = out[prefix + ".alpha"].item() / k * out[prefix + ".lora_up.weight"].double() @ out[prefix + ".lora_down.weight"].double()
+    torch.testing.assert_close(got, 0.5 * delta, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_alpha_is_the_rank_weighted_geometric_mean_of_the_members_scales(tmp_path, gen) -> None:
+    from lora_extract.resize.merge import open_lora_input as open_input
+
+    _member(tmp_path, gen, "a", 4, 2.0)      # alpha / rank = 0.5
+    _member(tmp_path, gen, "b", 8, 8.0)      # 1.0
+    _member(tmp_path, gen, "z", 2, 0.0)      # alpha 0: a LoRA that changes nothing
+    prefix = "lora_unet_" + ATTN1.replace(".", "_")
+    merged = open_input(f"{tmp_path / 'a'}:1,{tmp_path / 'b'}:0.333").factors(prefix, "cpu")
+    assert merged.scale == 1.0 and merged.up.shape == (32, 12) and merged.down.shape == (12, 32)
+    assert merged.output_scale == pytest.approx(0.5 ** (4 / 12), rel=1e-12)
+    # a zero scale has no logarithm: the output alpha is then the rank (scale 1)
+    with_zero = open_input(f"{tmp_path / 'a'}:1,{tmp_path / 'z'}:1").factors(prefix, "cpu")
+    assert with_zero.output_scale == 1.0 and float(with_zero.up[:, 4:].abs().max()) == 0.0
+    assert open_input(f"{tmp_path / 'a'}:1,{tmp_path / 'b'}:0.333").name == "a1+b0.33"
+
+
+def test_merge_of_locon_conv_layers_is_the_weighted_sum(tmp_path, gen) -> None:
+    base_path, _ = make_base(str(tmp_path), gen)
+    prefix = "lora_unet_" + CONV.replace(".", "_")
+    deltas = []
+    for name, r, alpha in (("a", 3, 3.0), ("b", 2, 1.0)):
+        up, down = lora_pair(16, (16, 3, 3), spectrum(r, 0.3), gen, alpha)   # up [16, r, 1, 1]
+        sd: dict[str, torch.Tensor] = {}
+        kohya_layer(sd, prefix, up, down, alpha)
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        deltas.append(alpha / r * up.flatten(1).double() @ down.flatten(1).double())
+    report = _resize(base_path, f"{tmp_path / 'a'}:0.5,{tmp_path / 'b'}:2", "spn_lora,thr=-20", tmp_path / "o")
+    out = load_file(report.outcomes[0].output_path)
+    up, down = out[prefix + ".lora_up.weight"], out[prefix + ".lora_down.weight"]
+    assert up.shape == (16, 5, 1, 1) and down.shape == (5, 16, 3, 3)
+    merged = out[prefix + ".alpha"].item() / 5 * up.flatten(1).double() @ down.flatten(1).double()
+    torch.testing.assert_close(merged, 0.5 * deltas[0] + 2 * deltas[1], atol=1e-6, rtol=1e-5)
+
+
+def test_merged_full_weight_patches_come_from_the_first_file_with_its_weight(tmp_path, gen) -> None:
+    base_path, _ = make_base(str(tmp_path), gen)
+    bias = "lora_unet_" + CONV.replace(".", "_") + ".diff_b"
+    _member(tmp_path, gen, "a", 4, 2.0, {bias: torch.ones(16)})
+    _member(tmp_path, gen, "b", 4, 2.0, {bias: torch.full((16,), 5.0)})
+    report = _resize(base_path, f"{tmp_path / 'a'}:0.5,{tmp_path / 'b'}:2", "spn_lora,thr=-20", tmp_path / "o")
+    assert report.passthrough == [bias]
+    out = load_file(report.outcomes[0].output_path)
+    torch.testing.assert_close(out[bias], torch.full((16,), 0.5), rtol=0, atol=0)

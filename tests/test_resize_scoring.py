@@ -13,6 +13,7 @@ from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.extract.rank_rules import select_rank
 from lora_extract.resize.base_model import spectral_norm
 from lora_extract.resize.decompose import (
+    DecomposedLayer,
     decompose_layer,
     dense_svd_of_product,
     subspace_scales,
@@ -191,3 +192,105 @@ def test_recipe_errors_are_clear(text, needle) -> None:
         parse_recipe(text)
     msg = str(e.value)
     assert needle in msg and repr(text) in msg and "fro_ckpt=1,thr=-3.5" in msg
+
+
+def _exact_layer(sigma: list[float], out: int = 6, inn: int = 4, **base) -> DecomposedLayer:
+    """A decomposed layer with exactly these singular values (no SVD rounding), ``out + in``
+    parameters per dimension, and the given base statistics."""
+    s = torch.tensor(sigma, dtype=torch.float64)
+    k = s.numel()
+    return DecomposedLayer(prefix=f"l{out}x{inn}", U=torch.zeros(out, k, dtype=torch.float64), S=s,
+                           Vh=torch.zeros(k, inn, dtype=torch.float64), down_tail=(inn,), up_tail=(),
+                           output_scale=1.0, source_rank=k, **base)
+
+
+def test_all_six_methods_together_sum_their_weighted_references() -> None:
+    # Every reference a distinct power of ten, every weight distinct: a method whose term is
+    # dropped, replaced or of the wrong sign changes the scores.
+    layer = _exact_layer([100.0, 10.0, 1.0], out=6, inn=4, base_spn=1000.0, base_fro=10.0,
+                         subspace=torch.tensor([10.0, 1.0, 0.1], dtype=torch.float64))
+    recipe = parse_recipe("fro_ckpt=1,fro_lora=2,params=3,spn_ckpt=4,spn_lora=5,subspace=5,thr=0")
+    refs = {"fro_ckpt": 1.0, "fro_lora": math.log10(math.sqrt(10101.0)), "params": 1.0, "spn_ckpt": 3.0,
+            "spn_lora": 2.0}
+    offset = sum(w * refs[m] for m, w in zip(refs, (1, 2, 3, 4, 5), strict=True)) / 20
+    expected = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64) - offset \
+        - 5 / 20 * torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(layer_scores(layer, recipe), expected, rtol=0, atol=1e-12)
+
+
+def test_zero_references_and_zero_singular_values_floor_at_1e_minus_30() -> None:
+    # A zero base weight (e.g. a zero-initialised layer): its dimensions score 30 above log10(sigma)
+    zero_base = _exact_layer([1.0, 0.01], base_fro=0.0, base_spn=0.0,
+                             subspace=torch.zeros(2, dtype=torch.float64))
+    for method in ("fro_ckpt", "spn_ckpt", "subspace"):
+        torch.testing.assert_close(layer_scores(zero_base, parse_recipe(f"{method},thr=0")),
+                                   torch.tensor([30.0, 28.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    # a never-trained (all-zero) LoRA layer scores log10(1e-30) against a real base: never kept
+    untrained = _exact_layer([0.0, 0.0], base_fro=100.0)
+    scores = layer_scores(untrained, parse_recipe("fro_ckpt,thr=0"))
+    torch.testing.assert_close(scores, torch.tensor([-32.0, -32.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert int(select([untrained], parse_recipe("fro_ckpt,thr=-20"), 2).masks[0].sum()) == 0
+
+
+@pytest.mark.parametrize("method", ["fro_ckpt", "fro_lora", "params", "spn_ckpt", "spn_lora", "subspace"])
+def test_an_empty_spectrum_scores_nothing_with_every_method(method: str) -> None:
+    layer = _exact_layer([], base_fro=1.0, base_spn=1.0, subspace=torch.zeros(0, dtype=torch.float64))
+    scores = layer_scores(layer, parse_recipe(f"{method},thr=0"))
+    assert scores.dtype == torch.float64 and scores.shape == (0,)
+    sel = select([layer], parse_recipe(f"{method},thr=-3"), 2)
+    assert sel.kept_bytes == 0 and sel.quantiles == [] and sel.masks[0].shape == (0,)
+
+
+def test_nothing_to_score_keeps_nothing_without_error() -> None:
+    # A LoRA whose layers all went unresized (only copied tensors): no dimension to select.
+    by_thr = select([], parse_recipe("spn_lora,thr=-2.5"), 2)
+    assert (by_thr.threshold, by_thr.masks, by_thr.scores, by_thr.kept_bytes, by_thr.quantiles) == (
+        -2.5, [], [], 0, [])
+    by_size = select([], parse_recipe("spn_lora,size=1"), 2, fixed_bytes=1000)
+    assert (by_size.threshold, by_size.masks, by_size.kept_bytes, by_size.quantiles) == (-math.inf, [], 0, [])
+
+
+def test_size_below_the_copied_tensors_names_the_best_dimension_cost() -> None:
+    # budget int(0.001 MiB) = 1048 bytes < 2000 bytes of copied tensors. The message gives the
+    # cost of the best-scoring dimension: 12 + 8 parameters at 2 bytes (not the empty layer).
+    layers = [_exact_layer([], out=3, inn=3, base_fro=1.0),
+              _exact_layer([1.0], out=6, inn=4, base_fro=1.0),
+              _exact_layer([5.0], out=12, inn=8, base_fro=1.0)]
+    with pytest.raises(ExtractionInputError) as e:
+        select(layers, parse_recipe("fro_ckpt,size=0.001"), 2, fixed_bytes=2000)
+    assert str(e.value) == (
+        "score recipe 'fro_ckpt,size=0.001': size=0.001 MiB is smaller than a single dimension "
+        "(40 bytes) plus the copied tensors (2000 bytes). Give a larger size.")
+    with pytest.raises(ExtractionInputError) as e:
+        select([], parse_recipe("fro_ckpt,size=0.001"), 2, fixed_bytes=2000)
+    assert "a single dimension (0 bytes) plus the copied tensors (2000 bytes)" in str(e.value)
+
+
+def test_a_size_too_small_for_a_one_dimension_lora_is_an_error() -> None:
+    layer = _exact_layer([1.0], out=40, inn=24)   # one dimension: 128 bytes in fp16 = 2^-13 MiB
+    assert int(select([layer], parse_recipe(f"spn_lora,size={2 ** -13}"), 2).masks[0].sum()) == 1
+    with pytest.raises(ExtractionInputError) as e:
+        select([layer], parse_recipe(f"spn_lora,size={2 ** -14}"), 2)        # 64 bytes
+    assert str(e.value) == (
+        f"score recipe 'spn_lora,size={2 ** -14}': size={2 ** -14} MiB is smaller than a single dimension "
+        "(128 bytes) plus the copied tensors (0 bytes). Give a larger size.")
+
+
+def test_a_size_that_exactly_fits_k_dimensions_keeps_k() -> None:
+    # 2^-10 MiB = 1024 bytes; one dimension of a 40 + 24 layer in fp16 is 128 bytes: exactly 8 fit.
+    layer = _exact_layer([10.0 ** -i for i in range(10)], out=40, inn=24)
+    sel = select([layer], parse_recipe(f"spn_lora,size={2 ** -10}"), 2)
+    assert int(sel.masks[0].sum()) == 8 and sel.kept_bytes == 1024
+    assert sel.threshold == pytest.approx(-7.0, abs=1e-12)
+    # the same budget with 128 bytes of copied tensors: one dimension fewer
+    sel = select([layer], parse_recipe(f"spn_lora,size={2 ** -10}"), 2, fixed_bytes=128)
+    assert int(sel.masks[0].sum()) == 7
+
+
+def test_a_base_statistic_the_pipeline_did_not_compute_is_a_programming_error() -> None:
+    layer = _exact_layer([1.0, 0.1], out=6, inn=4)     # no base norms, no subspace scales
+    assert layer_scores(layer, parse_recipe("spn_lora,thr=0")).shape == (2,)   # needs none
+    for method in ("spn_ckpt", "fro_ckpt", "subspace"):
+        with pytest.raises(RuntimeError) as e:
+            layer_scores(layer, parse_recipe(f"{method},thr=0"))
+        assert str(e.value) == f"{method} needs a base statistic that was not computed for l6x4"

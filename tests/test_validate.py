@@ -203,6 +203,40 @@ def test_patch_comfyui_would_not_merge_is_reported(gen) -> None:
     assert rep.summary().not_merged == 1
 
 
+def test_patch_that_grows_the_weight_is_not_merged_and_the_note_gives_both_shapes(gen) -> None:
+    # reshape_weight pads the weight to a larger shape: ComfyUI could not load such a model.
+    # proj_in (16, 12) was changed by the fine-tune, skip (6, 6) was not.
+    base, tuned, lora = _pair_and_lora(gen)
+    for prefix, out, inn in (("input_blocks.1.1.proj_in", 16, 14), ("output_blocks.0.0.skip", 6, 7)):
+        lora[P + prefix + ".lora_up.weight"] = torch.randn(out, 2, generator=gen)
+        lora[P + prefix + ".lora_down.weight"] = torch.randn(2, inn, generator=gen)
+        lora[P + prefix + ".reshape_weight"] = torch.tensor([out, inn])
+        lora.pop(P + prefix + ".alpha", None)
+    rep = _validate(base, tuned, lora)
+    rows = {r.path: r for r in rep.layers}
+    changed, unchanged = rows["input_blocks.1.1.proj_in.weight"], rows["output_blocks.0.0.skip.weight"]
+    assert (changed.status, changed.rel_error, changed.note) == (
+        "not_merged", 1.0, "patched shape [16, 14] != model shape [16, 12]")
+    # no difference to miss: no error for that row (never 1.0, never 0)
+    assert (unchanged.status, unchanged.rel_error, unchanged.note) == (
+        "not_merged", None, "patched shape [6, 7] != model shape [6, 6]")
+    assert rep.summary().not_merged == 2
+
+
+def test_unmerged_patches_on_unchanged_weights_have_no_error(gen) -> None:
+    base, tuned, lora = _pair_and_lora(gen)
+    tuned[P + "pos_embed"] = base[P + "pos_embed"].clone()           # LoraLoader skips this patch
+    lora[P + "output_blocks.0.0.skip.diff"] = torch.zeros(6, 7)      # wrong shape: not merged
+    rep = _validate(base, tuned, lora, loader="comfyui")
+    rows = {r.path: r for r in rep.layers}
+    assert (rows["pos_embed"].status, rows["pos_embed"].rel_error) == ("not_merged", None)
+    skip = rows["output_blocks.0.0.skip.weight"]
+    assert (skip.status, skip.rel_error) == ("not_merged", None)
+    assert skip.note == ("diffusion_model.output_blocks.0.0.skip.diff: shape [6, 7] does not match the "
+                         "weight output_blocks.0.0.skip.weight [6, 6]")
+    assert rep.summary().not_merged == 2
+
+
 def test_tucker_mid_and_reshape_follow_comfyui(gen) -> None:
     base = {P + "c.weight": torch.randn(8, 4, 3, 3, generator=gen),
             P + "d.weight": torch.randn(5, 6, generator=gen)}
