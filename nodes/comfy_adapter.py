@@ -7,12 +7,9 @@ the command line or the core tests) never imports ComfyUI.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
-
-log = logging.getLogger(__name__)
 
 DIFFUSION_PREFIX = "diffusion_model."
 

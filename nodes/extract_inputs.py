@@ -82,7 +82,7 @@ def build_config(*, rank: int, lora_type: str, algorithm: str, lowrank_iters: in
                  output_dtype: str, bias_diff: bool, adaptive_param: float,
                  clamp_quantile: bool, conv_rank: int, alpha: float, key_style: str,
                  device: str, target_size_mb: float, text_encoder_rank: int,
-                 size_objective: str = "mean") -> ExtractConfig:
+                 size_objective: str) -> ExtractConfig:
     return ExtractConfig(
         rank=rank, lora_type=lora_type, algorithm=algorithm, lowrank_iters=lowrank_iters,
         output_dtype=output_dtype, bias_diff=bias_diff, adaptive_param=adaptive_param,

@@ -82,7 +82,8 @@ class LoraResize:
                     "tooltip": "Recipes separated by ':'. Methods spn_ckpt, fro_ckpt, spn_lora, fro_lora, "
                                "subspace, params (weights normalised to 1), then thr=X (keep score >= X) or "
                                "size=MiB, optional rescale=Z. E.g. fro_ckpt=1,thr=-3.5:spn_ckpt=1,size=32"}),
-                "output_dtype": (list(OUTPUT_DTYPES), {"default": "fp16"}),
+                "output_dtype": (list(OUTPUT_DTYPES), {"default": "fp16",
+                                                       "tooltip": "Data type of the saved LoRA."}),
                 "device": (list(DEVICES), {"default": "default",
                                            "tooltip": "default: ComfyUI's compute device. cpu: keep the GPU free."}),
                 "verbose": ("BOOLEAN", {"default": False, "tooltip": "Per-layer ranks and errors in the report."}),
@@ -95,7 +96,9 @@ class LoraResize:
                     "default": NONE, "tooltip": "Or a base diffusion model file."}),
                 "merge": ("STRING", {"default": "", "tooltip": "Weighted merge resized instead of lora_name, "
                                                                "e.g. 'style.safetensors:0.7,char.safetensors:0.3'."}),
-                "save_to": (list(SAVE_TO), {"default": "output"}),
+                "save_to": (list(SAVE_TO), {"default": "output",
+                                            "tooltip": "output: ComfyUI's output folder. models/loras: "
+                                                       "LoraLoader lists the file at once."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

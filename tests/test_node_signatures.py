@@ -84,8 +84,8 @@ def test_readme_table_states_the_node_defaults() -> None:
 
 # --- what the user reads and can set in ComfyUI ---------------------------------------------
 
-# Inputs with no tooltip yet (LoraResize's two list widgets): a gap, listed so that a new one fails.
-NO_TOOLTIP = {("LoraResize", "output_dtype"), ("LoraResize", "save_to")}
+# Inputs with no tooltip: none; a new one fails.
+NO_TOOLTIP: set[tuple[str, str]] = set()
 
 
 def _visible(cls) -> dict[str, tuple]:
