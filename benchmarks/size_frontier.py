@@ -42,29 +42,27 @@ def frontier(errors: Sequence[torch.Tensor], unit_bytes: Sequence[int], spare_by
 
 
 def _solve(errors, cost, cap_b, n, k, lam, tau) -> list[int]:
+    """One exact multiple-choice knapsack: best[b] = least objective in at most b units."""
     inf = float("inf")
     best = torch.full((cap_b + 1,), inf, dtype=torch.float64)
     best[0] = 0.0
     choices = []
     for e, c in zip(errors, cost, strict=True):
         f = e / n + lam * (e - tau).clamp_min(0) / k
-        new = torch.full_like(best, inf)
-        arg = torch.zeros(cap_b + 1, dtype=torch.int64)
-        for r in range(e.numel()):
-            step = (r + 1) * c
-            if step > cap_b:
-                break
-            cand = torch.full_like(best, inf)
-            cand[step:] = best[: cap_b + 1 - step] + f[r]
-            better = cand < new
-            new[better] = cand[better]
-            arg[better] = r + 1
-        choices.append(arg)
-        best = new
+        ranks = min(e.numel(), cap_b // c)
+        if ranks < 1:
+            raise ValueError("the budget does not hold rank 1 of every layer")
+        steps = [(r + 1) * c for r in range(ranks)]
+        padded = torch.cat([torch.full((steps[-1],), inf, dtype=torch.float64), best])
+        # Row r: the best objective with this layer at rank r + 1, for every byte count.
+        table = torch.stack([padded[steps[-1] - s: steps[-1] - s + cap_b + 1] for s in steps])
+        table += f[:ranks, None]
+        best, arg = table.min(0)
+        choices.append(arg + 1)
     b = int(torch.argmin(best))
-    ranks = []
+    out = []
     for i in range(n - 1, -1, -1):
         r = int(choices[i][b])
-        ranks.append(r)
+        out.append(r)
         b -= r * cost[i]
-    return ranks[::-1]
+    return out[::-1]

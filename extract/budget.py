@@ -17,7 +17,8 @@ Each next rank goes to the layer that is worst at that moment (priority: the lay
 before the rank, whatever it costs), cut where a rank first does not fit (the min-max
 allocation, see ``allocate.py``), then the bytes left go on down the same order to the
 next-worst layers that still fit. Measured (``benchmarks/size_target_value.py``): ``mean``
-gives the lowest mean error, ``worst`` the lowest worst decile, and no allocation gives both.
+gives the lowest mean error, ``worst`` the lowest worst decile, and on the benchmark pairs no
+rank combination on the exact frontier (``benchmarks/size_frontier.py``) gives both.
 """
 
 from __future__ import annotations
