@@ -37,7 +37,8 @@ UO, MR = "tests/test_user_options.py", "tests/test_memory_runtime.py"
 # name: (files to mutate, fast tests that cover them)
 CHUNKS: dict[str, tuple[list[str], list[str]]] = {
     "extract-config": (["extract/config.py", "extract/keys.py"],
-                       ["tests/test_user_options.py", "tests/test_pipeline.py", "tests/test_bad_input.py"]),
+                       ["tests/test_user_options.py", "tests/test_pipeline.py", "tests/test_bad_input.py",
+                        "tests/test_config_errors.py"]),
     "extract-layer": (["extract/layer.py", "extract/rank_rules.py"],
                       ["tests/test_layer_extraction.py", "tests/test_rank_rules.py", "tests/test_clamp.py",
                        f"{UO}::test_lowrank_iters_buys_accuracy"]),
