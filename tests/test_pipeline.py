@@ -199,7 +199,10 @@ def test_parameters_comfyui_ignores_are_flagged(pair_dir) -> None:
     assert any("'Load LoRA (complete)'" in n for n in res.report.notes)
     # The note counts exactly the flagged parameters and names one of them.
     note = next(n for n in res.report.notes if "non-leaf" in n)
-    assert note.startswith("1 parameter difference(s) such as 'diffusion_model.blocks.0.modulation'")
+    assert note == ("1 parameter difference(s) such as 'diffusion_model.blocks.0.modulation' are "
+                    "stored, but ComfyUI's LoRA loader ignores parameters of non-leaf modules; load "
+                    "the LoRA with this pack's 'Load LoRA (complete)' node to apply them (other "
+                    "loaders apply them too).")
 
 
 @pytest.mark.parametrize("key", [
