@@ -69,7 +69,7 @@ CHUNKS: dict[str, tuple[list[str], list[str]]] = {
                "tests/test_node_extract.py", "tests/test_v2_node.py",
                # comfy_adapter's weight reading, text-encoder names and Load LoRA (complete)
                "tests/test_comfy_model_source.py", "tests/test_text_encoders.py",
-               "tests/test_load_complete.py"]),
+               "tests/test_load_complete.py", "tests/test_validate_node_cli.py"]),
     "validation": (["validation/report.py", "validation/validate.py"],
                    ["tests/test_validate.py", f"{UO}::test_max_error_passes_a_complete_lora",
                     f"{UO}::test_max_error_fails_on_an_uncovered_layer",

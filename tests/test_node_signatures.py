@@ -233,3 +233,11 @@ def test_each_widget_sends_the_type_the_function_takes(name: str) -> None:
             assert params[key].annotation is inspect.Parameter.empty, key
         else:
             assert params[key].annotation == WIDGET_TYPES[kind], (key, kind)
+
+
+@pytest.mark.parametrize("name", ["LoraExtract", "LoraExtractV2"])
+def test_extraction_nodes_output_path_report_and_a_chart_image(name: str) -> None:
+    # The chart output must be an IMAGE, or ComfyUI refuses a link to Preview/Save Image.
+    cls = NODE_CLASS_MAPPINGS[name]
+    assert cls.RETURN_TYPES == ("STRING", "STRING", "IMAGE")
+    assert cls.RETURN_NAMES == ("lora_path", "report", "chart")
