@@ -82,12 +82,12 @@ def _priorities(layers: Sequence[LayerSpectrum]) -> list[torch.Tensor]:
 
 
 def _worst_first(layers: Sequence[LayerSpectrum]) -> list[torch.Tensor]:
-    """The layer's relative squared error before each of ranks 2..cap: worst layer first."""
-    out = []
-    for layer in layers:
-        e = layer.rel_sq_errors()[:-1]
-        out.append(torch.cummin(e.clamp_min(0.0), 0).values if e.numel() else e)
-    return out
+    """The layer's relative squared error before each of ranks 2..cap: worst layer first.
+
+    Already non-increasing in the rank (a running sum of squares, clamped at 0), so each
+    layer's kept items are a prefix without the guard ``_priorities`` needs for its ratios.
+    """
+    return [layer.rel_sq_errors()[:-1] for layer in layers]
 
 
 def required_bytes(layers: Sequence[LayerSpectrum], fixed_bytes: int) -> int:
