@@ -16,7 +16,7 @@ from test_resize_fixtures import BASE_SHAPES, UNET, kohya_layer, lora_pair, make
 from lora_extract.cli import main
 from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
-from lora_extract.resize.norm_cache import cache_paths
+from lora_extract.resize.norm_cache import CACHE_SUFFIX, cache_path, default_cache_dir
 
 ATTN1 = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 ATTN2 = "input_blocks.4.1.transformer_blocks.0.attn2.to_k"
@@ -146,7 +146,10 @@ def test_norms_cache_reused_and_invalidated(sdxl_files, tmp_path) -> None:
     recipes = "spn_ckpt,thr=-3:fro_ckpt,thr=-3"
     first = _resize(base_path, lora_path, recipes, tmp_path / "o1")
     assert first.norms_computed == 5 and first.norms_cached == 0
-    assert first.cache_path == cache_paths(base_path)[0] and os.path.isfile(first.cache_path)
+    assert first.cache_path == cache_path(base_path) and os.path.isfile(first.cache_path)
+    # in the user's cache folder, never beside the model
+    assert os.path.dirname(first.cache_path) == default_cache_dir() != os.path.dirname(base_path)
+    assert not [n for n in os.listdir(os.path.dirname(base_path)) if n.endswith(CACHE_SUFFIX)]
     base = BaseModel.open(base_path)
     second = resize_lora(base, open_lora_input(lora_path), parse_recipes(recipes), str(tmp_path / "o2"),
                          ResizeOptions(output_dtype="fp32"))
