@@ -48,13 +48,13 @@ optional rescale=Z. The report prints score quantiles to pick thr from.
 """
 
 
-def _missing_recipe(loras: list[str]) -> ExtractionInputError:
-    first = loras[0].split(",")[0].rsplit(":", 1)[0]
-    size = os.path.getsize(first) / MIB if os.path.isfile(first) else None
-    half = (f" -r 'fro_ckpt=1,size={max(size / 2, 0.01):.3g}' (half of "
-            f"{os.path.basename(first)}'s {size:.3g} MiB) or") if size else ""
+def _missing_recipe(loras) -> ExtractionInputError:
+    """No ``-r``: examples, one sized at half the first LoRA's file."""
+    first = loras[0]
+    size = sum(os.path.getsize(f.path) for f, _w in first.members) / MIB
     return ExtractionInputError(
-        "no score recipe: pass -r, e.g." + half + " -r 'fro_ckpt=1,thr=-2.5' (the report's score "
+        f"no score recipe: pass -r, e.g. -r 'fro_ckpt=1,size={max(size / 2, 0.01):.3g}' (half "
+        f"of {first.name}'s {size:.3g} MiB) or -r 'fro_ckpt=1,thr=-2.5' (the report's score "
         "quantiles help pick thr). There is no default: what to cut depends on whether you want a "
         "size or a quality level. See 'lora-extract resize --help' for more recipes.")
 
@@ -84,12 +84,13 @@ def cmd_resize(a: argparse.Namespace) -> int:
         level = logging.INFO if a.resize_verbose == 1 else logging.DEBUG
         root = logging.getLogger()
         root.setLevel(min(level, root.getEffectiveLevel()))
-    if not a.score_recipes or not a.score_recipes.strip():
-        raise _missing_recipe(a.loras)
-    recipes = parse_recipes(a.score_recipes)   # bad recipes fail before any file is read
+    given = bool(a.score_recipes and a.score_recipes.strip())
+    recipes = parse_recipes(a.score_recipes) if given else []  # bad recipes: before any read
     opts = ResizeOptions(output_dtype=DTYPES[a.output_dtype], device=a.device,
                          overwrite=a.overwrite).validate()
     loras = [open_lora_input(spec) for spec in a.loras]
+    if not given:
+        raise _missing_recipe(loras)
     _check_inputs_and_outputs(a, loras, recipes)
     source = open_source(a.checkpoint)
     refuse_lora_as_model(source, a.checkpoint, "base model (CHECKPOINT comes first, then the "

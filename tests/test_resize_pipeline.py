@@ -231,9 +231,16 @@ def test_cli_resize(sdxl_files, tmp_path, capsys) -> None:
     assert names == ["my_lora_frockpt1.00_th-3.50.safetensors", "my_lora_spnlora1.00_th-0.70.safetensors"]
     assert load_file(str(out / names[0]))["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"].dtype == torch.float32
     assert "rle_ckpt:" in capsys.readouterr().out
-    # rerun: existing files are never replaced, the new ones get a suffix
-    assert main(["resize", base_path, lora_path, "-o", str(out), "-r", "spn_lora=1,thr=-0.7"]) == 0
-    assert "my_lora_spnlora1.00_th-0.70_2.safetensors" in os.listdir(out)
+    # rerun: an existing file is never replaced without --overwrite (nor renamed quietly)
+    capsys.readouterr()
+    before = (out / names[1]).read_bytes()
+    assert main(["resize", base_path, lora_path, "-o", str(out), "-r", "spn_lora=1,thr=-0.7"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / names[1]} already exists; pass --overwrite" in err and err.count("\n") == 1
+    assert sorted(os.listdir(out)) == names and (out / names[1]).read_bytes() == before
+    assert main(["resize", base_path, lora_path, "-o", str(out), "-r", "spn_lora=1,thr=-0.7",
+                 "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == names and (out / names[1]).read_bytes() != before
 
 
 def test_cli_bad_recipe_exits_2_without_files(sdxl_files, tmp_path, capsys) -> None:
