@@ -21,8 +21,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
 )
 
 # Field (and node input) -> flag. Names with an underscore are unambiguous anywhere in a
-# message; plain words (rank, alpha, ...) only where a message starts with the field and its
-# value ("rank 0 is out of range"), so "rank 1 in each layer" keeps its meaning.
+# message; plain words (rank, alpha, ...) only where a message starts with the field, its
+# value and a verdict ("rank 0 is out of range"), so "rank 1 in each layer" keeps its meaning.
 FIELD_FLAGS: dict[str, str] = {
     "target_size_mb": "--target-size",
     "size_objective": "--size-objective",
@@ -45,6 +45,8 @@ _LEADING_WORDS: dict[str, str] = {
     "rank": "--rank", "alpha": "--alpha", "algorithm": "--algorithm", "device": "--device",
 }
 
+_LEADING = re.compile(rf"^({'|'.join(_LEADING_WORDS)}) \S+ (is|must)\b")
+
 
 def with_flag_names(message: str) -> str:
     """``message`` with every config field it names replaced by the command-line flag."""
@@ -52,7 +54,7 @@ def with_flag_names(message: str) -> str:
         message = re.sub(pattern, flag_text, message)
     for field_name, flag in FIELD_FLAGS.items():
         message = re.sub(rf"(?<![\w-]){re.escape(field_name)}\b", flag, message)
-    first = message.split(" ", 1)[0]
-    if first in _LEADING_WORDS:
-        message = _LEADING_WORDS[first] + message[len(first):]
+    m = _LEADING.match(message)
+    if m:
+        message = _LEADING_WORDS[m.group(1)] + message[len(m.group(1)):]
     return message
