@@ -8,6 +8,7 @@ so the command line writes the same file as the node for the same settings.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..extract import ExtractConfig
 from ..extract.devices import AUTO, DEVICE_HELP
@@ -71,6 +72,7 @@ def run_extract_v2(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig
     report, mem = extract_to_file_v2(base, tuned, cfg, opts, out, overwrite=overwrite,
                                      progress=progress_bar("extract v2"))
     if report_path:
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
         write_text_atomic(report_path, report.to_json())
     print(report.format_text())
     if opts.debug:

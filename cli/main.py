@@ -101,6 +101,7 @@ def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
     report = extract_to_file(base, tuned, cfg, out, progress=progress_bar("extract"),
                              prefetch=prefetch, overwrite=overwrite)
     if report_path:
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
         write_text_atomic(report_path, report.to_json())
     print(report.format_text())
     return 0

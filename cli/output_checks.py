@@ -3,8 +3,9 @@
 * never replace an existing file without ``--overwrite``;
 * never write onto one of the command's own inputs, even with ``--overwrite`` (``-o`` naming the
   base model would replace it with the LoRA);
-* a path that is a folder, a missing folder, or a folder we cannot write into is refused at
-  once, not after the whole extraction;
+* a path that is a folder, a parent that is a file, or a folder we cannot write into is
+  refused at once, not after the whole extraction. Missing folders are fine: they are created
+  when the file is written (not before, so a failed or cancelled run leaves nothing behind);
 * two outputs of one command never share a path.
 """
 
@@ -33,9 +34,17 @@ def _check_not_input(path: str, flag: str, inputs: Iterable[tuple[str, str]]) ->
 
 
 def _check_folder(folder: str, what: str) -> None:
+    """``folder`` can be written into, or created: its nearest existing ancestor is a writable
+    folder."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
     if not os.path.isdir(folder):
         raise ExtractionInputError(
-            f"{what}: the folder {folder} does not exist; create it or pick another path.")
+            f"{what}: {folder} is a file, not a folder; pick another path.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ExtractionInputError(
             f"{what}: the folder {folder} is not writable; pick another folder.")
@@ -60,14 +69,11 @@ def check_output_file(path: str, flag: str, *, overwrite: bool,
 
 
 def check_output_folder(folder: str, flag: str) -> None:
-    """An output folder: created later if missing, but its parent must exist and be writable,
-    and the path must not be a file."""
-    if os.path.exists(folder):
-        if not os.path.isdir(folder):
-            raise ExtractionInputError(f"{flag} {folder} is a file, not a folder; give a folder.")
-        _check_folder(folder, f"{flag} {folder}")
-        return
-    _check_folder(os.path.dirname(os.path.abspath(folder)), f"{flag} {folder}")
+    """An output folder: created later if missing; it must not be a file, and it (or the
+    ancestor it will be created in) must be writable."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ExtractionInputError(f"{flag} {folder} is a file, not a folder; give a folder.")
+    _check_folder(folder, f"{flag} {folder}")
 
 
 def check_distinct(outputs: Sequence[tuple[str, str | None]]) -> None:

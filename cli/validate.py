@@ -45,6 +45,9 @@ def cmd_validate(a: argparse.Namespace) -> int:
     tuned = open_model(a.tuned, te, "fine-tuned model")
     report = validate_lora(base, tuned, lora, device=a.device, progress=progress_bar("validate"),
                            spectrum_layers=0 if a.chart is None else 4, loader=a.loader)
+    for path in (a.report, a.chart):
+        if path:   # checked before the work; created only now, so a failed run leaves nothing
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if a.report:
         write_text_atomic(a.report, report.to_json())
     if a.chart:

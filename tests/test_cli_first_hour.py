@@ -130,9 +130,10 @@ def test_output_path_problems_are_found_before_any_work(small_pair, tmp_path, ca
     base, tuned = small_pair
     _no_work(monkeypatch)
     (tmp_path / "folder").mkdir()
+    (tmp_path / "x.safetensors").write_bytes(b"mine")
     cases = [
         (["-o", str(tmp_path / "folder"), "--overwrite"], "is a folder; give a file name"),
-        (["-o", str(tmp_path / "nope" / "o.safetensors")], "does not exist; create it"),
+        (["-o", str(tmp_path / "x.safetensors" / "o.safetensors")], "is a file, not a folder"),
         (["-o", str(tmp_path / "o.safetensors"), "--report", str(tmp_path / "o.safetensors")],
          "-o and --report both name"),
         (["-o", str(tmp_path / "o.safetensors"), "--report", base], "is the base model"),
@@ -140,8 +141,8 @@ def test_output_path_problems_are_found_before_any_work(small_pair, tmp_path, ca
     for args, needle in cases:
         assert main(["extract", base, tuned, *args]) == 2
         assert needle in _err(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["folder", "models", "x.safetensors"]
     existing = tmp_path / "x.safetensors"
-    existing.write_bytes(b"mine")
     assert main(["extract", base, tuned, "-o", str(existing)]) == 2
     assert "already exists; pass --overwrite" in _err(capsys)
     assert existing.read_bytes() == b"mine"
