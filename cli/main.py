@@ -118,9 +118,10 @@ def _check_outputs(a: argparse.Namespace) -> None:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    if a.dry_run and a.output:
-        raise ExtractionInputError("-o and --dry-run do not go together: a dry run writes no "
-                                   "LoRA file. Drop one of them.")
+    if a.dry_run and (a.output or a.report):
+        flag = "-o" if a.output else "--report"
+        raise ExtractionInputError(f"{flag} and --dry-run do not go together: a dry run writes "
+                                   "no file. Drop one of them.")
     if not a.dry_run and not a.output:
         raise ExtractionInputError("no output file: pass -o OUT.safetensors (or --dry-run).")
     cfg = _config(a)
