@@ -26,7 +26,7 @@ import torch
 
 from lora_extract.extract.writer import save_safetensors_atomic
 from lora_extract.resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
-from lora_extract.resize.norm_cache import cache_paths
+from lora_extract.resize.norm_cache import cache_path
 
 RECIPES = "fro_ckpt=1,thr=-3.5:spn_ckpt=0.8,params=0.2,size={size}:spn_lora=1,thr=-1.2"
 UNET = "model.diffusion_model."
@@ -119,9 +119,8 @@ def main() -> None:
         base_path, lora_path, lora_bytes = write_files(folder, a.scale, a.rank)
         gen_s = time.perf_counter() - t0
         recipes = RECIPES.format(size=round(lora_bytes / (1 << 20) / 4, 1))
-        for p in cache_paths(base_path):
-            if os.path.exists(p):
-                os.unlink(p)
+        if os.path.exists(cache_path(base_path)):
+            os.unlink(cache_path(base_path))
         cold, r_cold = run(base_path, lora_path, recipes, os.path.join(folder, "o1"), dense=False)
         warm, r_warm = run(base_path, lora_path, recipes, os.path.join(folder, "o2"), dense=False)
         dense, r_dense = run(base_path, lora_path, recipes, os.path.join(folder, "o3"), dense=True)

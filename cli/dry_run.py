@@ -24,8 +24,8 @@ def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int,
     """Pass 1 of a budgeted run (every layer decomposed at its cap); print the curve.
 
     ``text_encoders``: include a whole checkpoint's text encoders, as the extraction would."""
-    spectra, _plan = spectra_only(open_model(base_path, text_encoders),
-                                  open_model(tuned_path, text_encoders), cfg,
+    spectra, _plan = spectra_only(open_model(base_path, text_encoders, "base model"),
+                                  open_model(tuned_path, text_encoders, "fine-tuned model"), cfg,
                                   lambda path: _layer_generator(cfg, path),
                                   progress=progress_bar("spectra"), prefetch=prefetch)
     curve = spectra.curve()
@@ -38,7 +38,7 @@ def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int,
         plan = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes, cfg.size_objective)
         curve.chosen = chosen_point(plan)
         lines.extend(budget_lines(_Facts(plan.outcome)))
-    lines.extend(curve_lines(curve))
+    lines.extend(curve_lines(curve, "<- what --target-size would give (not written)"))
     top = curve.points[-1].tensor_bytes if curve.points else 0
     lines.append(f"(pick a size between {curve.points[0].tensor_bytes / MIB:.3f} and "
                  f"{top / MIB:.3f} MiB and pass it as --target-size)" if curve.points else

@@ -8,6 +8,7 @@ so the command line writes the same file as the node for the same settings.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..extract import ExtractConfig
 from ..extract.devices import AUTO, DEVICE_HELP
@@ -33,15 +34,15 @@ def add_v2_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vram-mode", choices=tuple(MODES), default=None,
                    help="share of free VRAM the run may use: conservative ~50%% (sequential), "
                         "balanced ~75%% (default with --v2), aggressive ~90%%, maximum ~95%%")
-    g.add_argument("--blocks-in-gpu", type=int, default=None,
+    g.add_argument("--blocks-in-gpu", type=int, default=None, metavar="N",
                    help=f"model blocks kept on the GPU (0..{MAX_BLOCKS}; default: the mode's)")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help=f"layers per batch; same-shaped ones share one batched SVD on a GPU "
                         f"(1..{MAX_BATCH}; default: the mode's)")
-    g.add_argument("--prefetch-ahead", type=int, default=None,
+    g.add_argument("--prefetch-ahead", type=int, default=None, metavar="N",
                    help=f"batches read and moved in the background (0..{MAX_PREFETCH}; "
                         "default: the mode's)")
-    g.add_argument("--memory-threshold", type=float, default=None,
+    g.add_argument("--memory-threshold", type=float, default=None, metavar="SHARE",
                    help="used-VRAM share above which kept blocks are offloaded and batches "
                         "halved (0.5..0.95, default 0.85)")
     g.add_argument("--memory-log", action="store_true",
@@ -66,11 +67,12 @@ def run_extract_v2(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig
                    opts: MemoryOptions, report_path: str | None, overwrite: bool = False,
                    text_encoders: bool = False) -> int:
     """Extract with the V2 manager (as LoraExtractV2 does), write the file, print the report."""
-    base = open_model(base_path, text_encoders)
-    tuned = open_model(tuned_path, text_encoders)
+    base = open_model(base_path, text_encoders, "base model")
+    tuned = open_model(tuned_path, text_encoders, "fine-tuned model")
     report, mem = extract_to_file_v2(base, tuned, cfg, opts, out, overwrite=overwrite,
                                      progress=progress_bar("extract v2"))
     if report_path:
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
         write_text_atomic(report_path, report.to_json())
     print(report.format_text())
     if opts.debug:

@@ -90,6 +90,16 @@ def _worst_first(layers: Sequence[LayerSpectrum]) -> list[torch.Tensor]:
     return [layer.rel_sq_errors()[:-1] for layer in layers]
 
 
+def too_small_error(budget_bytes: int, need: int, lora_layers: int) -> BudgetTooSmall:
+    """The one wording of a budget below the smallest possible file. It names the node's
+    inputs; the command line shows its flags instead (``cli/flag_names.py``)."""
+    return BudgetTooSmall(
+        f"target_size_mb {budget_bytes / MIB:.4g} MiB ({budget_bytes} bytes) is smaller than the "
+        f"smallest possible file: rank 1 in each of the {lora_layers} LoRA layers plus the "
+        f"stored diffs take {need} bytes; use target_size_mb >= "
+        f"{math.ceil(need / MIB * 1000) / 1000:g} (or turn bias_diff off).", need)
+
+
 def required_bytes(layers: Sequence[LayerSpectrum], fixed_bytes: int) -> int:
     """Rank 1 everywhere, the alphas, and the stored diffs: the smallest possible file's tensors."""
     return fixed_bytes + sum(layer.unit_bytes + ALPHA_BYTES for layer in layers)
@@ -116,12 +126,7 @@ def plan_ranks(layers: Sequence[LayerSpectrum], fixed_bytes: int, budget_bytes: 
                          [x.unit_bytes for x in layers], budget_bytes, required_bytes=need,
                          fill=worst)
     except BudgetTooSmall as e:
-        raise BudgetTooSmall(
-            f"target_size_mb {budget_bytes / MIB:.4g} MiB ({budget_bytes} bytes) is smaller than "
-            "the smallest possible "
-            f"file: rank 1 in each of the {len(layers)} LoRA layers plus the stored diffs take "
-            f"{need} bytes; use target_size_mb >= {math.ceil(need / MIB * 1000) / 1000:g} "
-            f"(or turn bias_diff off).", need) from e
+        raise too_small_error(budget_bytes, need, len(layers)) from e
     ranks = [1 + c for c in alloc.counts]
     errs = [float(x.rel_sq_errors()[r - 1]) if x.sigma.numel() else 0.0
             for x, r in zip(layers, ranks, strict=True)]
@@ -131,7 +136,8 @@ def plan_ranks(layers: Sequence[LayerSpectrum], fixed_bytes: int, budget_bytes: 
         threshold=alloc.threshold, next_threshold=alloc.next_priority, lora_layers=len(layers),
         predicted_rms_rel_error=math.sqrt(sum(errs) / n),
         predicted_mean_rel_error=sum(math.sqrt(e) for e in errs) / n, objective=objective,
-        predicted_max_rel_error=math.sqrt(max(errs, default=0.0)))
+        predicted_max_rel_error=math.sqrt(max(errs, default=0.0)),
+        at_caps=all(r >= x.cap for x, r in zip(layers, ranks, strict=True)))
     return RankPlan(ranks, alloc, outcome)
 
 

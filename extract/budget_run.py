@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .budget import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_curve
+from .budget_check import check_budget_fits
 from .config import ExtractConfig
 from .decompose import TruncatedSVD, exact_svd, randomized_svd
 from .diffusers_keys import resolve_for_plan
@@ -92,6 +93,8 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
         return fallback.call(pair.tuned_key, lambda dev: load_difference(
             base, tuned, pair.tuned_key, pair.base_key, dev))
 
+    # A budget below the smallest possible file is refused now, not after every SVD.
+    check_budget_fits(cfg, plan, load)
     for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
         if check_interrupt is not None:
             check_interrupt()

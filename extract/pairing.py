@@ -98,8 +98,11 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
                 f"key {k!r} has shape {list(ts)} in {tuned.name} but {list(bs)} in {base.name}: "
                 "the models are not the same architecture. Pick the matching base model.")
         plan.common.append(KeyPair(k, bk, p, ts))
+    # A key under the same name in both models (a VAE weight) is reported once, from the
+    # fine-tuned model, not once per model.
+    reported = {k for k, _shape, _reason in plan.left_out}
     for k in base_keys:
-        if k in seen_base:
+        if k in seen_base or k in reported:
             continue
         p = model_path(k)
         reason = (left_out_reason(k) if p is None

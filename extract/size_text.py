@@ -21,7 +21,7 @@ def budget_lines(report: _HasBudget) -> list[str]:
     lines = [f"size budget: {b.budget_bytes / MIB:.3f} MiB ({b.budget_bytes} bytes of tensors); "
              f"used {b.used_bytes} bytes ({100 * b.used_bytes / max(1, b.budget_bytes):.2f}%), "
              f"smallest possible {b.required_bytes} bytes",
-             _threshold_line(b),
+             *_cap_lines(b),
              f"predicted truncation error (before clamp/cast): mean "
              f"{b.predicted_mean_rel_error:.4f}, rms {b.predicted_rms_rel_error:.4f}, "
              f"worst layer {b.predicted_max_rel_error:.4f} over {b.lora_layers} LoRA layers"]
@@ -29,6 +29,16 @@ def budget_lines(report: _HasBudget) -> list[str]:
         lines.append(f"file {report.file_bytes} bytes = tensors {report.tensor_bytes} + header "
                      f"{report.file_bytes - report.tensor_bytes} (the header is not budgeted)")
     return lines
+
+
+def _cap_lines(b: BudgetOutcome) -> list[str]:
+    """The implied threshold, or (every layer at its cap) that the caps set the size."""
+    if not b.at_caps:
+        return [_threshold_line(b)]
+    return [f"every layer is at its rank cap: the caps, not the size budget, limited this file "
+            f"to {b.used_bytes / MIB:.3f} of {b.budget_bytes / MIB:.3f} MiB. For a larger, more "
+            "exact file raise the rank cap (command line: --rank, --conv-rank, "
+            "--text-encoder-rank; nodes: rank, conv_rank, text_encoder_rank)."]
 
 
 def _threshold_line(b: BudgetOutcome) -> str:
@@ -44,8 +54,8 @@ def _threshold_line(b: BudgetOutcome) -> str:
             f"{b.next_threshold:.3e})")
 
 
-def curve_lines(curve: SizeCurve | None) -> list[str]:
-    """The error-against-size table (about 10 rows), the chosen point marked."""
+def curve_lines(curve: SizeCurve | None, chosen_label: str = "<- this file") -> list[str]:
+    """The error-against-size table (about 10 rows), the chosen point marked ``chosen_label``."""
     if curve is None or not curve.points:
         return []
     lines = ["error against size (truncated SVD; sizes without the header):",
@@ -56,7 +66,7 @@ def curve_lines(curve: SizeCurve | None) -> list[str]:
     if curve.chosen is not None:
         c = curve.chosen
         lines.append(f"  {c.tensor_bytes / MIB:8.3f}   {c.mean_rel_error:8.4f}   "
-                     f"{c.rms_rel_error:8.4f}   {c.rank_min}..{c.rank_max}   <- this file")
+                     f"{c.rms_rel_error:8.4f}   {c.rank_min}..{c.rank_max}   {chosen_label}")
     if curve.partial_note:
         lines.append(f"  ({curve.partial_note})")
     return lines

@@ -49,3 +49,5 @@ class BudgetOutcome:
     predicted_mean_rel_error: float
     objective: str = "mean"    # "mean" or "worst" (ExtractConfig.size_objective)
     predicted_max_rel_error: float = 0.0
+    # Every layer got its rank cap: the caps, not the budget, set the size (bytes were left).
+    at_caps: bool = False

@@ -204,6 +204,15 @@ def _size_text(n: int) -> str:
     return f"{n} bytes"
 
 
+def give_default_permissions(path: str) -> None:
+    """The mode an ordinary ``open`` would give (0666 less the umask), not mkstemp's 0600.
+
+    Read once per call: the umask can only be read by setting it, so it is set straight back."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def replaced_atomically(path: str, suffix: str = ".part", public: bool = True) -> Iterator[int]:
     """Write ``path`` through a temporary file: yields its fd; on success it replaces ``path``.
@@ -218,9 +227,7 @@ def replaced_atomically(path: str, suffix: str = ".part", public: bool = True) -
     try:
         yield fd
         if public:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

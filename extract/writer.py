@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from .errors import ExtractionInputError
-from .tempfiles import create_temp_file
+from .tempfiles import create_temp_file, give_default_permissions
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -83,6 +83,8 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str,
             _write_safetensors(f, tensors, metadata or {})
             f.flush()
             os.fsync(f.fileno())
+        # The permissions of any file the user creates, like the reports written beside it.
+        give_default_permissions(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:

@@ -7,6 +7,7 @@ the command line or the core tests) never imports ComfyUI.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,13 @@ def temp_directory() -> str:
     import folder_paths
 
     return folder_paths.get_temp_directory()
+
+
+def cache_directory() -> str:
+    """The pack's cache folder inside ComfyUI's user folder (kept across restarts, unlike temp)."""
+    import folder_paths
+
+    return os.path.join(folder_paths.get_user_directory(), "lora-extract", "cache")
 
 
 def lora_file_names() -> list[str]:

@@ -49,7 +49,7 @@ def _base_model(model, ckpt_name: str, unet_name: str) -> BaseModel:
             f"both ckpt_name {ckpt_name!r} and unet_name {unet_name!r} are set; choose one base model.")
     if files:
         input_name, folder, name = files[0]
-        return BaseModel.open(listed_file(input_name, name, folder))
+        return BaseModel.open(listed_file(input_name, name, folder), comfy.cache_directory())
     if model is not None:
         # Weights as patched, read one at a time; norms are cached for this run only.
         return BaseModel(comfy.ComfyModelSource(model, "model"))
@@ -91,7 +91,7 @@ class LoraResize:
             "optional": {
                 "model": ("MODEL", {"tooltip": "Base model, if no checkpoint file is chosen (UNet layers only)."}),
                 "ckpt_name": ([NONE, *comfy.model_file_names("checkpoints")], {
-                    "default": NONE, "tooltip": "Base checkpoint file (text encoders included); norms are cached next to it."}),
+                    "default": NONE, "tooltip": "Base checkpoint file (text encoders included); its norms are cached in ComfyUI's user folder."}),
                 "unet_name": ([NONE, *comfy.model_file_names("diffusion_models")], {
                     "default": NONE, "tooltip": "Or a base diffusion model file."}),
                 "merge": ("STRING", {"default": "", "tooltip": "Weighted merge resized instead of lora_name, "
@@ -108,7 +108,7 @@ class LoraResize:
                save_to: str = "output", unique_id: str | None = None) -> dict:
         recipes = parse_recipes(score_recipes)
         dev = str(comfy.compute_device()) if device == "default" else "cpu"
-        opts = ResizeOptions(output_dtype=output_dtype, device=dev).validate()
+        opts = ResizeOptions(output_dtype=output_dtype, device=dev, rename_existing=True).validate()
         lora = _lora_input(lora_name, merge)
         base = _base_model(model, ckpt_name, unet_name)
         folder = (comfy.loras_directory() if save_to == "models/loras"

@@ -27,17 +27,19 @@ def spectral_norm(w: torch.Tensor) -> float:
 class BaseModel:
     """A base checkpoint (or any weight source) with its LoRA key map and norms cache."""
 
-    def __init__(self, source: WeightSource, path: str | None = None) -> None:
+    def __init__(self, source: WeightSource, path: str | None = None,
+                 cache_dir: str | None = None) -> None:
         self.source = source
         self.path = path
         self.name = os.path.basename(path) if path else source.name
         self.key_map: KeyMap = build_key_map(source)
-        self.cache = NormCache(path)
+        self.cache = NormCache(path, cache_dir)
         self.weights_read = 0
 
     @classmethod
-    def open(cls, path: str) -> BaseModel:
-        return cls(open_source(path), path)
+    def open(cls, path: str, cache_dir: str | None = None) -> BaseModel:
+        """``cache_dir``: where its norms are cached (default: ``default_cache_dir()``)."""
+        return cls(open_source(path), path, cache_dir)
 
     def matrix_shape(self, target: BaseTarget) -> tuple[int, int]:
         return target.matrix_shape(self.key_map.shapes[target.key])

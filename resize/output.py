@@ -74,6 +74,21 @@ def output_file_name(lora_name: str, recipe: Recipe, threshold: float) -> str:
     return f"{stem}_{recipe.details()}_th{format_threshold(threshold)}.safetensors"
 
 
+def check_not_an_input(path: str, inputs: list[str | None]) -> None:
+    """Never write onto the base model or a LoRA being resized, whatever ``overwrite`` says."""
+    for inp in inputs:
+        if not inp or not os.path.exists(path):
+            continue
+        try:
+            same = os.path.samefile(path, inp)
+        except OSError:
+            same = os.path.realpath(path) == os.path.realpath(inp)
+        if same:
+            raise ExtractionInputError(
+                f"the output {path} would replace an input of this resize ({inp}); choose "
+                "another output folder.")
+
+
 def free_output_path(folder: str, file_name: str, overwrite: bool) -> str:
     """``folder/file_name``; when taken (and not ``overwrite``), the first free ``..._N`` variant."""
     path = os.path.join(folder, file_name)

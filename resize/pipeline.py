@@ -25,7 +25,7 @@ from .base_model import BaseModel
 from .decompose import DecomposedLayer, decompose_layer, subspace_scales
 from .key_map import MappedLayer, map_prefixes
 from .merge import LoraInput
-from .output import free_output_path, layer_tensors, output_file_name, output_metadata
+from .output import check_not_an_input, free_output_path, layer_tensors, output_file_name, output_metadata
 from .recipe import Recipe
 from .report import LayerResize, RecipeOutcome, ResizeReport
 from .scoring import select
@@ -43,7 +43,8 @@ ZERO_SIGMA = 1e-6
 class ResizeOptions:
     output_dtype: str = "fp16"
     device: str = "cpu"
-    overwrite: bool = False
+    overwrite: bool = False      # replace an output file of the same name
+    rename_existing: bool = False  # or write the first free ``_2``, ``_3`` name (the node)
     dense_svd: bool = False      # the slow reference path (benchmarks)
 
     def validate(self) -> ResizeOptions:
@@ -156,7 +157,12 @@ def apply_recipe(layers: list[DecomposedLayer], recipe: Recipe, lora: LoraInput,
     meta = output_metadata(lora.metadata, recipe, sel.threshold, ranks, lora_name=lora.name,
                            base_name=base.name, output_dtype=opts.output_dtype, merge=merge)
     path = free_output_path(output_folder, output_file_name(lora.name, recipe, sel.threshold),
-                            opts.overwrite)
+                            opts.overwrite or not opts.rename_existing)
+    check_not_an_input(path, [base.path, *(f.path for f, _w in lora.members)])
+    if os.path.lexists(path) and not opts.overwrite:
+        raise ExtractionInputError(
+            f"{path} already exists; replace it (command line: --overwrite) or choose another "
+            "output folder. Nothing was written.")
     size = save_safetensors_atomic(tensors, path, meta, overwrite=opts.overwrite)
     outcome = RecipeOutcome(recipe=recipe.text, threshold=sel.threshold, output_path=path,
                             file_bytes=size, kept_bytes=sel.kept_bytes + fixed_bytes,

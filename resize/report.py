@@ -43,6 +43,19 @@ class RecipeOutcome:
                 f"{self.file_bytes / (1 << 20):.2f} MiB -> {self.output_path}")
 
 
+    def nothing_reduced_hint(self) -> str:
+        """Why a recipe kept every dimension, and what would make it cut."""
+        if math.isinf(self.threshold):
+            return ("nothing was reduced: the whole LoRA fits in the recipe's size; give a "
+                    "smaller size=MiB.")
+        median = dict(self.quantiles).get(0.5)
+        example = f"thr={median:.2f} (the median score: keeps about half)" if median is not None \
+            else "a higher thr="
+        return (f"nothing was reduced: every dimension scored at or above the threshold "
+                f"{self.threshold:.3f}. Raise it, e.g. {example}, or give a target size "
+                "(size=MiB).")
+
+
 @dataclass
 class ResizeReport:
     lora: str
@@ -86,6 +99,8 @@ class ResizeReport:
             lines.append(f"full-weight patches copied unchanged: {len(self.passthrough)}")
         for o in self.outcomes:
             lines.append(o.summary_line())
+            if o.rank_after == o.rank_before and o.layers:
+                lines.append("  " + o.nothing_reduced_hint())
             if o.quantiles:
                 lines.append(f"  score quantiles: {o.quantile_text()}")
             if per_layer:

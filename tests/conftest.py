@@ -18,6 +18,12 @@ if TESTS not in sys.path:
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch) -> None:
+    """Caches (resize's base-model norms) go to a fresh folder, never the user's real one."""
+    monkeypatch.setenv("LORA_EXTRACT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

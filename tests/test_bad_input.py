@@ -177,11 +177,11 @@ def test_identical_models_say_so_and_write_nothing(good, tmp_path, capsys) -> No
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--conv-rank", "4097"], "conv_rank 4097 is out of range"),
+    (["--conv-rank", "4097"], "--conv-rank 4097 is out of range"),
     (["--rank", "-1"], "rank -1 is out of range"),
-    (["--adaptive-param", "-0.01", "--lora-type", "adaptive_ratio"], "adaptive_param -0.01"),
-    (["--adaptive-param", "nan"], "adaptive_param nan"),
-    (["--lowrank-iters", "0"], "lowrank_iters 0"),
+    (["--adaptive-param", "-0.01", "--lora-type", "adaptive_ratio"], "--adaptive-param -0.01"),
+    (["--adaptive-param", "nan"], "--adaptive-param nan"),
+    (["--lowrank-iters", "0"], "--lowrank-iters 0"),
     (["--alpha", "-1"], "alpha -1.0 must be >= 0"),
 ])
 def test_more_bad_options_exit_2_before_reading(good, tmp_path, capsys, args: list[str], words: str) -> None:
@@ -232,7 +232,7 @@ def test_only_unstored_differences_are_not_called_identical(tmp_path, capsys) ->
     bp, tp = _pair_files(tmp_path, base, tuned)
     err = _run_cli(bp, tp, tmp_path / "out", capsys, "--no-bias-diff")
     assert "identical" not in err
-    assert "1 parameter(s) differ" in err and "qkv.bias" in err and "turn bias_diff on" in err
+    assert "1 parameter(s) differ" in err and "qkv.bias" in err and "leave out --no-bias-diff" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

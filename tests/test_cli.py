@@ -35,10 +35,10 @@ def test_extract_writes_file_and_report(pair, tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--rank", "0"], "rank 0 is out of range"),
-    (["--rank", "5000"], "rank 5000 is out of range"),
-    (["--adaptive-param", "1.5"], "adaptive_param 1.5"),
-    (["--clamp-quantile", "0"], "clamp_quantile"),
+    (["--rank", "0"], "--rank 0 is out of range"),
+    (["--rank", "5000"], "--rank 5000 is out of range"),
+    (["--adaptive-param", "1.5"], "--adaptive-param 1.5"),
+    (["--clamp-quantile", "0"], "--clamp-quantile 0"),
 ])
 def test_bad_options_exit_2_without_file(pair, tmp_path, capsys, args, needle: str) -> None:
     out = tmp_path / "o.safetensors"

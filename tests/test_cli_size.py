@@ -22,7 +22,9 @@ def test_dry_run_prints_the_curve_and_writes_nothing(pair, tmp_path, capsys) -> 
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("  ")]
     assert "error against size" in out and "no file written" in out
-    assert "<- this file" in out and "size budget: 0.010 MiB" in out
+    # nothing is written, so no row claims to be "this file"
+    assert "<- this file" not in out and "<- what --target-size would give (not written)" in out
+    assert "size budget: 0.010 MiB" in out
     assert 5 <= sum(1 for r in rows if r.strip()[0].isdigit()) <= 11
     assert sorted(os.listdir(os.path.dirname(pair[0]))) == before
 
@@ -40,10 +42,10 @@ def test_target_size_writes_a_file_within_the_budget(pair, tmp_path, capsys) -> 
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--target-size", "-1"], "target_size_mb -1.0 is not a size"),
-    (["--target-size", "nan"], "target_size_mb nan is not a size"),
+    (["--target-size", "-1"], "--target-size -1.0 is not a size"),
+    (["--target-size", "nan"], "--target-size nan is not a size"),
     (["--target-size", "1e9"], "is not a size"),
-    (["--target-size", "4", "--lora-type", "full"], "lora_type 'full'"),
+    (["--target-size", "4", "--lora-type", "full"], "--lora-type 'full'"),
     (["--target-size", "0.0001"], "smaller than the smallest possible file"),
 ])
 def test_bad_budgets_exit_2_without_file(pair, tmp_path, capsys, args, needle) -> None:

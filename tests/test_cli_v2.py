@@ -119,9 +119,9 @@ def test_mps_is_refused_where_torch_has_none(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--batch-size", "9"], "batch_size 9 is out of range"),
-    (["--blocks-in-gpu", "41"], "blocks_in_gpu 41 is out of range"),
-    (["--memory-threshold", "0.99"], "memory_threshold 0.99 is out of range"),
+    (["--batch-size", "9"], "--batch-size 9 is out of range"),
+    (["--blocks-in-gpu", "41"], "--blocks-in-gpu 41 is out of range"),
+    (["--memory-threshold", "0.99"], "--memory-threshold 0.99 is out of range"),
 ])
 def test_bad_v2_knobs_exit_2_without_file(bf16_pair, tmp_path, capsys, args, needle) -> None:
     out = tmp_path / "o.safetensors"

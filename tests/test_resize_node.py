@@ -61,8 +61,10 @@ def test_node_resizes_against_a_checkpoint_file(comfy_dirs) -> None:
     lora = load_file(paths[0])
     assert lora[PREFIX + ".lora_down.weight"].shape == (2, 32)   # 0.3^i >= 0.1 for i = 0, 1
     assert "dim:   8->2" in res["result"][1]
-    # base norms are cached next to the checkpoint
-    assert os.path.isfile(tmp_path / "models" / "checkpoints" / "sdxl_base.safetensors.lora_norms.json")
+    # base norms are cached in ComfyUI's user folder, never next to the checkpoint
+    cached = os.listdir(tmp_path / "user" / "lora-extract" / "cache")
+    assert len(cached) == 1 and cached[0].startswith("sdxl_base.safetensors.")
+    assert os.listdir(tmp_path / "models" / "checkpoints") == ["sdxl_base.safetensors"]
 
 
 def _scaled_delta(sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:

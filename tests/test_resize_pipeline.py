@@ -16,7 +16,7 @@ from test_resize_fixtures import BASE_SHAPES, UNET, kohya_layer, lora_pair, make
 from lora_extract.cli import main
 from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
-from lora_extract.resize.norm_cache import cache_paths
+from lora_extract.resize.norm_cache import CACHE_SUFFIX, cache_path, default_cache_dir
 
 ATTN1 = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 ATTN2 = "input_blocks.4.1.transformer_blocks.0.attn2.to_k"
@@ -146,7 +146,10 @@ def test_norms_cache_reused_and_invalidated(sdxl_files, tmp_path) -> None:
     recipes = "spn_ckpt,thr=-3:fro_ckpt,thr=-3"
     first = _resize(base_path, lora_path, recipes, tmp_path / "o1")
     assert first.norms_computed == 5 and first.norms_cached == 0
-    assert first.cache_path == cache_paths(base_path)[0] and os.path.isfile(first.cache_path)
+    assert first.cache_path == cache_path(base_path) and os.path.isfile(first.cache_path)
+    # in the user's cache folder, never beside the model
+    assert os.path.dirname(first.cache_path) == default_cache_dir() != os.path.dirname(base_path)
+    assert not [n for n in os.listdir(os.path.dirname(base_path)) if n.endswith(CACHE_SUFFIX)]
     base = BaseModel.open(base_path)
     second = resize_lora(base, open_lora_input(lora_path), parse_recipes(recipes), str(tmp_path / "o2"),
                          ResizeOptions(output_dtype="fp32"))
@@ -228,9 +231,16 @@ def test_cli_resize(sdxl_files, tmp_path, capsys) -> None:
     assert names == ["my_lora_frockpt1.00_th-3.50.safetensors", "my_lora_spnlora1.00_th-0.70.safetensors"]
     assert load_file(str(out / names[0]))["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"].dtype == torch.float32
     assert "rle_ckpt:" in capsys.readouterr().out
-    # rerun: existing files are never replaced, the new ones get a suffix
-    assert main(["resize", base_path, lora_path, "-o", str(out), "-r", "spn_lora=1,thr=-0.7"]) == 0
-    assert "my_lora_spnlora1.00_th-0.70_2.safetensors" in os.listdir(out)
+    # rerun: an existing file is never replaced without --overwrite (nor renamed quietly)
+    capsys.readouterr()
+    before = (out / names[1]).read_bytes()
+    assert main(["resize", base_path, lora_path, "-o", str(out), "-r", "spn_lora=1,thr=-0.7"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / names[1]} already exists; pass --overwrite" in err and err.count("\n") == 1
+    assert sorted(os.listdir(out)) == names and (out / names[1]).read_bytes() == before
+    assert main(["resize", base_path, lora_path, "-o", str(out), "-r", "spn_lora=1,thr=-0.7",
+                 "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == names and (out / names[1]).read_bytes() != before
 
 
 def test_cli_bad_recipe_exits_2_without_files(sdxl_files, tmp_path, capsys) -> None:

@@ -170,7 +170,8 @@ def test_resize_maps_the_text_encoder_layers_to_the_checkpoint(tmp_path, capsys)
     assert main(["extract", base, tuned, "-o", str(out), "--rank", "3"]) == 0
     folder = tmp_path / "resized"
     folder.mkdir()
-    assert main(["resize", base, str(out), "-o", str(folder), "-d", "cpu", "-vv"]) == 0
+    assert main(["resize", base, str(out), "-o", str(folder), "-d", "cpu", "-vv",
+                 "-r", "fro_ckpt=1,thr=-3.5"]) == 0
     text = capsys.readouterr().out
     lora = load_file(str(out))
     n_lora = sum(k.endswith("lora_down.weight") for k in lora)

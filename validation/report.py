@@ -23,6 +23,13 @@ QUALITY_BANDS: tuple[tuple[str, float], ...] = (
 )
 
 
+# A LoRA of the opposite sign (base and fine-tuned swapped, when extracting or validating) adds
+# its difference instead of cancelling it: ||d + L|| / ||d|| = sqrt(1 + 3c) for a truncated SVD L
+# keeping the share c of the difference's energy, so 200% for a faithful LoRA and above 158% once
+# it keeps half the energy. An unrelated patch of the same norm gives ~141%, below this band.
+SWAPPED_BAND = (1.6, 2.05)
+
+
 def quality_band(rel_error: float) -> str:
     """The band name of a relative error (< 5% excellent ... > 100% worse than nothing)."""
     for name, upper in QUALITY_BANDS:
@@ -87,6 +94,13 @@ class ValidationReport:
         rows = [r for r in self.changed() if r.rel_error is not None]
         return sorted(rows, key=lambda r: (-(r.rel_error or 0.0), r.path))[:n]
 
+    def looks_swapped(self) -> bool:
+        """Most covered layers sit near 200% error: the LoRA has the opposite sign."""
+        errs = [r.rel_error for r in self.changed()
+                if r.status == STATUS_COVERED and r.rel_error is not None]
+        lo, hi = SWAPPED_BAND
+        return bool(errs) and 2 * sum(lo <= e <= hi for e in errs) > len(errs)
+
     def summary(self) -> ValidationSummary:
         changed = self.changed()
         covered = [r for r in changed if r.status == STATUS_COVERED]
@@ -145,6 +159,10 @@ class ValidationReport:
             lines.append(f"whole model error: {100 * s.overall_error:.2f}%  success rate "
                          f"(< 50%): {100 * (s.success_rate or 0.0):.1f}%")
         lines.append("quality: " + ", ".join(f"{n} {c}" for n, c in s.bands.items()))
+        if self.looks_swapped():
+            lines.append("WARNING most layers are near 200% error: the LoRA adds the opposite of "
+                         "TUNED - BASE. Base and fine-tuned look swapped, here or when the LoRA "
+                         "was extracted: give the base model first, then the fine-tuned one.")
         if s.unmatched_keys:
             lines.append(f"WARNING {s.unmatched_keys} LoRA keys match no model weight "
                          "(ComfyUI: 'lora key not loaded'):")
