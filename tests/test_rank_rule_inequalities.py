@@ -1,4 +1,4 @@
-"""Each adaptive rule's own inequality holds at the rank it picks (issue 14).
+"""Each adaptive rule's own inequality holds at the rank it picks.
 
 On spectra with many values, checked in float64 against the definition (README, rank rules):
 - adaptive_energy: kept energy >= p of the total, and one rank fewer < p;
