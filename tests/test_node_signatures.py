@@ -183,8 +183,8 @@ def test_extraction_node_descriptions_and_outputs() -> None:
     assert "between a fine-tuned and an original model as a LoRA file (SVD per layer), with a " \
            "per-layer report of ranks and errors." in v1.DESCRIPTION
     assert "(identical ranks and factors), streaming layers to the GPU in batches with background " \
-           "read-ahead and keeping model blocks resident between runs. See the README's measured " \
-           "performance table." in v2.DESCRIPTION
+           "read-ahead and keeping model blocks resident between runs. Measured speed: " \
+           "docs/performance.md in the pack." in v2.DESCRIPTION
     chart = ("Chart: rank and relative error per layer by block, and the spectra of the largest "
              "layers with the cut marked.")
     assert v1.OUTPUT_TOOLTIPS == ("Full path of the saved LoRA file.", "Per-layer extraction summary.", chart)
