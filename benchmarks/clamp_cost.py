@@ -8,7 +8,7 @@ For every weight matrix of each pair it computes one exact SVD, builds the balan
 output dtype, and measures ``||dW - up @ down||_F / ||dW||_F`` (float64 accumulation) divided by
 the optimal error ``sqrt(sum_{i>k} sigma_i^2) / ||dW||_F`` (Eckart-Young). It prints the median
 and worst ratio per method, per pair and rank. The bound for the default clamp is median <= 1.05
-and worst <= 1.2 (issue 14).
+and worst <= 1.2.
 
 Pairs:
 - ``mix``: ``bench_pairs.SDXL_DIT_MIX`` (SDXL and DiT shapes; slowly decaying spectrum plus
@@ -17,7 +17,7 @@ Pairs:
 - ``mix-lownoise``: the same shapes with a faster decay and little noise, so that the optimal
   error at rank 32 is small and any clamp error shows;
 - ``tiny_*``: the real-architecture ComfyUI test models (``--tiny``, default
-  ``/root/comfyui/models/diffusion_models``) when present: base + seeded low-rank delta
+  ``~/comfyui/models/diffusion_models``, made by ``scripts/comfyui/setup_comfyui.sh models``) when present: base + seeded low-rank delta
   (rank 4-16) + small dense noise, in fp16.
 
 The candidates, each with quantile q (default 0.99), on the balanced factors:
@@ -54,7 +54,7 @@ from lora_extract.extract.decompose import exact_svd
 from lora_extract.extract.norms import frobenius_norm
 
 ClampFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-DEFAULT_TINY = "/root/comfyui/models/diffusion_models"
+DEFAULT_TINY = os.path.expanduser("~/comfyui/models/diffusion_models")
 
 
 def _clip_rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

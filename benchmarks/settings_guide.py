@@ -1,4 +1,4 @@
-"""Numbers for the README's "Which settings?" guide: file size and error of each rank rule, and
+"""Numbers for the "Which settings?" guide (docs/settings.md): file size and error of each rank rule, and
 exact against randomized SVD, on one generated pair, in one run.
 
     python benchmarks/settings_guide.py [--scale 0.25] [--json out.json]

@@ -3,7 +3,7 @@
 A batched LAPACK/cuSOLVER call on ``[B, m, n]`` replaces B separate launches. On a GPU that is
 where batching pays (small and medium layers leave most of the device idle one at a time); on a
 CPU MKL already uses every core for one matrix, so batching gains nothing there (measured
-0.92-1.15x, see ../shared/notes/svd-on-cpu.md) and callers keep it off.
+0.92-1.15x on DiT-sized layers) and callers keep it off.
 
 Every step mirrors the per-layer path in ``layer.py`` / ``decompose.py`` (same orientation,
 same per-layer seeded sketch, same rank rules, clamp and scaling through

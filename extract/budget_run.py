@@ -6,7 +6,7 @@ LoRA in fp32, e.g. 92 MiB at rank 32 on the 2 GB benchmark pair) with the layer'
 allocator then picks every layer's rank from the spectra. Pass 2 reads each difference again,
 only to truncate the kept factors to the chosen rank and measure the stored factors' error
 exactly (clamp and dtype cast included): no second SVD. Measured on the benchmarks: see the
-README ("Extraction to a file size").
+docs/size-target.md.
 """
 
 from __future__ import annotations

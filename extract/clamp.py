@@ -5,9 +5,9 @@ Clipping every entry of both factors at one q quantile of all of them (KJ's rule
 balanced factors: the leading rank components, which carry most of the energy, have the largest
 entries and lose the most, and the factor with fewer entries (``down`` of a tall layer) sits
 above the pooled quantile almost entirely. That doubled the error of a typical LoRA (median
-2.28x the optimal error, worst layer 9.4x, issue 14). So each rank component's vector is
+2.28x the optimal error, worst layer 9.4x). So each rank component's vector is
 measured against itself: the clamp is set by the q quantile of its own absolute entries, and
-only entries beyond ``OUTLIER_FACTOR`` times that are clipped; see the README (clamp section)
+only entries beyond ``OUTLIER_FACTOR`` times that are clipped; see docs/output-format.md ("The clamp")
 and ``benchmarks/clamp_cost.py`` for what each variant costs.
 
 ``torch.quantile`` refuses inputs above 2**24 elements; the order statistics here come from

@@ -1,7 +1,7 @@
 """Reusable host buffers for reading ahead, with a byte cap that bounds host memory.
 
 Freshly allocated large tensors cost page faults on every layer (a 512 MB tensor fills at
-~10 GB/s, an existing one at 44-68 GB/s; ../shared/notes/svd-on-cpu.md), so the streamer
+~10 GB/s, an existing one at 44-68 GB/s on a 2-core CPU), so the streamer
 builds differences (CPU) or stages raw weights for the copy to the GPU (pinned memory) in
 buffers taken from this pool and given back when the layer is done. ``acquire`` blocks while
 other buffers are out and the cap would be passed: that is what bounds the read-ahead.

@@ -50,7 +50,7 @@ class LoraExtractV2:
 
     DESCRIPTION = ("Extracts a LoRA like LoRA Extract (identical ranks and factors), streaming "
                    "layers to the GPU in batches with background read-ahead and keeping model "
-                   "blocks resident between runs. See the README's measured performance table.")
+                   "blocks resident between runs. Measured speed: docs/performance.md in the pack.")
     CATEGORY = "LoRA extraction"
     FUNCTION = "extract"
     OUTPUT_NODE = True

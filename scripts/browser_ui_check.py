@@ -7,7 +7,7 @@ what a user sees: console errors, missing nodes, summary boxes, node overlaps, p
 
 Needs playwright (pip) and a system Chromium (``apt-get install chromium``); playwright's own
 browser download is never used. Writes ``<out>/report.json`` (read by tests/test_browser_ui.py)
-and screenshots; with ``--images`` also the README pictures (the extract-then-validate graph after
+and screenshots; with ``--images`` also the documentation pictures (the extract-then-validate graph after
 a run, and the chart at full size), cropped and reduced to a small palette.
 Exit status: 0 when every check passed, 1 otherwise (the report says which), 5 on setup errors.
 """
@@ -244,7 +244,7 @@ def main() -> int:
     ap.add_argument("workflows", nargs="+")
     ap.add_argument("--server", default="http://127.0.0.1:8188")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--images", help="also write the README pictures (small PNGs) here")
+    ap.add_argument("--images", help="also write the documentation pictures (small PNGs) here")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per workflow")
     ap.add_argument("--chromium")
     a = ap.parse_args()

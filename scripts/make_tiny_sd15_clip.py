@@ -12,7 +12,7 @@ Writes (fp16, generated, never committed; about 250 MB per CLIP, 340 MB per chec
 - ``clip/tiny_clip_l_{base,tuned}.safetensors``: the CLIP-L alone, in the HF layout
   ``CLIPLoader`` (type ``stable_diffusion``) reads.
 
-The UNet is the 2-level SD1.5 configuration of ``shared/comfyui/make_tiny_models.py`` (detected
+The UNet is the 2-level SD1.5 configuration of ``scripts/comfyui/make_tiny_models.py`` (detected
 by ComfyUI as SD15); the CLIP-L has the real shapes (12 layers, 768 wide, 49408 tokens).
 Tuned = base + a seeded low-rank delta (rank 4-8, decaying spectrum) + 3% dense noise on every
 matrix, and small noise on every vector, in both the UNet and the CLIP; so an extraction at

@@ -17,7 +17,7 @@ Do not edit the checkout while a chunk runs.
 
 A summary line per chunk (killed / survived / timed out / suspicious) is appended to
 ``benchmarks/out/mutation.txt``. Survivors are either killed by a new test or listed as
-equivalent, with the reason, in the README's testing section.
+equivalent, with the reason, in CONTRIBUTING.md ("Mutation testing").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-""""Error added by clamp + dtype cast" reads exactly 0 when neither applies (issue 14).
+""""Error added by clamp + dtype cast" reads exactly 0 when neither applies.
 
 fp32 output and no clamp store the truncated SVD's own factors: nothing is added, on every
 route (V1 and V2, exact and randomized SVD, per layer and batched).

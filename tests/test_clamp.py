@@ -1,6 +1,6 @@
-"""The clamp as the README describes it, checked on the stored file against an independent SVD.
+"""The clamp as docs/output-format.md describes it, checked on the stored file against an independent SVD.
 
-README: each rank component is clamped on its own. Column i of ``up`` is clipped to
+The docs: each rank component is clamped on its own. Column i of ``up`` is clipped to
 ``[-t, t]`` with t = 2 x the 0.99 quantile of the absolute entries of that column of the
 balanced factor (``sqrt(S)`` on both sides, before the clamp); row i of ``down`` likewise with
 its own quantile. Entries inside the limit are stored unchanged.
@@ -20,8 +20,8 @@ from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_to_file_v2
 from lora_extract.memory.planner import MemoryOptions
 
-Q = 0.99          # the README's quantile
-FACTOR = 2.0      # the README's "2 x the quantile"
+Q = 0.99          # the documented quantile
+FACTOR = 2.0      # the documented "2 x the quantile"
 RANK = 6
 KEY = "diffusion_model.blocks.0.ff.weight"
 
@@ -114,7 +114,7 @@ def test_clamp_bites_both_factors_and_the_report_counts_it(tmp_path) -> None:
 @pytest.mark.parametrize("route", ["v1", "v2"])
 def test_clamp_leaves_outlier_free_factors_alone(route: str, tmp_path) -> None:
     # Gaussian-like singular vectors have no entry at 2x their 0.99 quantile: the default clamp
-    # stores the truncated SVD itself, and adds exactly no error (what the README promises).
+    # stores the truncated SVD itself, and adds exactly no error (what the docs promise).
     diff = _difference_with_outliers(600, 300, seed=3, spikes=False)
     stored_up, stored_down, report = _extract(diff, tmp_path, route)
     plain_up, plain_down, _ = _extract(diff, tmp_path, route + "-noclamp", clamp=None)

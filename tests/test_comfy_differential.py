@@ -4,11 +4,11 @@
 LoRA loading, patched weights, loading a model, the pack's model reader, device and interrupt
 handling, the progress hook, and the LoraExtract node itself) once here against the stub and
 once in a subprocess with ComfyUI's Python (``$COMFY_VENV/bin/python``, default
-/root/comfyvenv) against ``$COMFYUI_ROOT``'s real ``comfy`` package, in-process with no server.
+~/comfyvenv, where ``scripts/comfyui/setup_comfyui.sh`` puts it) against ``$COMFYUI_ROOT``'s real ``comfy`` package, in-process with no server.
 This test compares the two, and checks ``tests/comfy_keymap.py`` and the keys the pack writes
 against ComfyUI's key maps of real (tiny) SD1.5 and SD3 models.
 
-    COMFYUI_ROOT=/root/comfyui python -m pytest tests/test_comfy_differential.py
+    COMFYUI_ROOT=~/comfyui python -m pytest tests/test_comfy_differential.py
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lora_extract.extract.keys import keys_for_param
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
-COMFY_PYTHON = os.path.join(os.environ.get("COMFY_VENV", "/root/comfyvenv"), "bin", "python")
+COMFY_PYTHON = os.path.join(os.environ.get("COMFY_VENV", os.path.expanduser("~/comfyvenv")), "bin", "python")
 
 pytestmark = pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to compare the stub with a real ComfyUI")
 

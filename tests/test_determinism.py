@@ -5,7 +5,7 @@ decomposition runs with: V1 decomposes one layer at a time on every core, V2's C
 decomposes several layers side by side with one thread each (``memory/manager.py``), and MKL's
 QR and long matrix products split their sums differently with another thread count. So with one
 intra-op thread the files are byte-identical in every mode; with more, V2 stays byte-identical
-from run to run and within the README's bound of V1 (README, "Determinism").
+from run to run and within the bound of V1 that docs/nodes.md ("Determinism") describes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_to_file_v2
 from lora_extract.memory.planner import MODES, MemoryOptions
 
-# README, "Determinism": the largest relative difference (Frobenius, per tensor) between a V1
+# docs/nodes.md, "Determinism": the largest relative difference (Frobenius, per tensor) between a V1
 # and a V2 file on a multi-core CPU.
 V1_V2_CPU_BOUND = 1e-4
 

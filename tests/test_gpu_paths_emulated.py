@@ -2,7 +2,7 @@
 
 ``tests/emulated_cuda.py`` marks tensors moved to the device and raises CUDA's own error when a
 device tensor meets a CPU tensor, so a misplaced tensor fails here as it fails on a GPU (the
-crash of issue 14 did: ``stored.float() - diff`` in ``process_pair``). Results must match a CPU
+first GPU run crashed on: ``stored.float() - diff`` in ``process_pair``). Results must match a CPU
 run, and what is written must be plain CPU tensors.
 """
 

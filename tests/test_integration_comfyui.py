@@ -2,7 +2,8 @@
 
 Runs when ``COMFYUI_ROOT`` points at a ComfyUI checkout whose server (``COMFY_URL``, default
 http://127.0.0.1:8188) runs with this pack and the tiny model pairs of
-``shared/comfyui/make_tiny_models.py`` in ``models/diffusion_models``; skipped otherwise.
+``scripts/comfyui/make_tiny_models.py`` in ``models/diffusion_models`` (``scripts/comfyui/setup_comfyui.sh
+all`` sets this up); skipped otherwise.
 Checks: no "lora key not loaded" in the server log, and every tensor the fine-tune changed is
 patched by the LoRA to the error our report states (bar parameters ComfyUI's loader never
 patches, which our report must flag).

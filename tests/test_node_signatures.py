@@ -52,11 +52,11 @@ def test_widget_defaults_are_the_functions_defaults(name: str) -> None:
 
 
 def _readme_defaults() -> dict[str, str]:
-    """LoraExtract's input table in the README: name -> default as written."""
+    """LoraExtract's input table in docs/nodes.md: name -> default as written."""
     import os
     import re
 
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "nodes.md")).read()
     table = readme[readme.index("| input | default | meaning |"):]
     table = table[: table.index("\n\n")]
     out = {}
@@ -69,7 +69,7 @@ def _readme_defaults() -> dict[str, str]:
 
 
 def test_readme_table_states_the_node_defaults() -> None:
-    """Every default the README's LoraExtract table states is the widget's default (and the
+    """Every default docs/nodes.md's LoraExtract table states is the widget's default (and the
     widgets it lists all carry one), so the docs and a fresh node agree."""
     declared = _declared(NODE_CLASS_MAPPINGS["LoraExtract"])
     documented = _readme_defaults()
@@ -183,8 +183,8 @@ def test_extraction_node_descriptions_and_outputs() -> None:
     assert "between a fine-tuned and an original model as a LoRA file (SVD per layer), with a " \
            "per-layer report of ranks and errors." in v1.DESCRIPTION
     assert "(identical ranks and factors), streaming layers to the GPU in batches with background " \
-           "read-ahead and keeping model blocks resident between runs. See the README's measured " \
-           "performance table." in v2.DESCRIPTION
+           "read-ahead and keeping model blocks resident between runs. Measured speed: " \
+           "docs/performance.md in the pack." in v2.DESCRIPTION
     chart = ("Chart: rank and relative error per layer by block, and the spectra of the largest "
              "layers with the cut marked.")
     assert v1.OUTPUT_TOOLTIPS == ("Full path of the saved LoRA file.", "Per-layer extraction summary.", chart)

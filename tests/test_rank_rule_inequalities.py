@@ -1,6 +1,6 @@
-"""Each adaptive rule's own inequality holds at the rank it picks (issue 14).
+"""Each adaptive rule's own inequality holds at the rank it picks.
 
-On spectra with many values, checked in float64 against the definition (README, rank rules):
+On spectra with many values, checked in float64 against the definition (docs/nodes.md, rank rules):
 - adaptive_energy: kept energy >= p of the total, and one rank fewer < p;
 - adaptive_fro: sqrt(kept energy) >= p ||dW||_F, and one rank fewer < p ||dW||_F;
 - adaptive_quantile: sum of the kept sigma >= p of the nuclear norm, one fewer < p;

@@ -3,8 +3,8 @@ metadata, the randomized SVD's accuracy, the validate exit status, V2's memory b
 cache, ComfyUI's memory request and the node's live status text.
 
 Each test checks the output itself (the file, the exit status, the ComfyUI call), never only
-the report; each was checked to fail when the line it guards is broken (see the README's
-testing section).
+the report; each was checked to fail when the line it guards is broken (see CONTRIBUTING.md,
+"Stub fidelity").
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command, inside the device tool's limits (one command at
-# most 600 s; 15 minutes of device time per session, machine start included). From the pack
-# checkout's root, with .carry-comfy/ filled here first (bash ../shared/comfyui/gpu/prep_comfy_carry.sh):
+# Everything that needs a GPU, in one command of under 10 minutes (TOTAL_S). From the pack
+# checkout's root on the GPU machine; for the comfy part, .carry-comfy/ filled first with
+# tests/gpu/comfy/prep_comfy_carry.sh (see CONTRIBUTING.md, "On a GPU"):
 #
-#     device tool:  run  carry=[".carry-comfy"]  command="bash tests/gpu/run_on_device.sh"  timeout_s=600
+#     bash tests/gpu/run_on_device.sh
 #     plumbing check on a CPU machine (same parts, small sizes, nothing needs CUDA):
 #         DEVICE=cpu MODELS_DIR=~/comfyui/models/diffusion_models bash tests/gpu/run_on_device.sh
 #
@@ -11,13 +11,13 @@
 # one fails:
 #   info      nvidia-smi, torch and CUDA versions
 #   tests     pytest tests/gpu (CUDA V1 == CPU V1, V2 == V1 in every mode, resident cache, streams)
-#   comfy     the nodes inside the real ComfyUI runtime (.carry-comfy/harness/comfy_device_run.sh:
+#   comfy     the nodes inside the real ComfyUI runtime (tests/gpu/comfy/comfy_device_run.sh:
 #             ComfyUI's loaders, LoraExtract and LoraExtractV2, LoraLoaderModelOnly, per-tensor
 #             comparison, V1 vs V2 files) on 4 tiny real architectures
 #   peers     benchmarks/gpu_peers.py: full SVD per layer (ComfyUI LoraSave / KJ svd_linalg), KJ's
 #             default svd_lowrank(q=rank, niter=7), ours svd_lowrank and svd_linalg, one run
-#   v2speed   benchmarks/v2_speed.py: V1 vs V2 per VRAM mode (the README's GPU rows)
-# Output in $OUT (device tool) or ./gpu-out: one log per part, gpu_tests.xml (junit),
+#   v2speed   benchmarks/v2_speed.py: V1 vs V2 per VRAM mode
+# Output in $OUT or ./gpu-out: one log per part, gpu_tests.xml (junit),
 # gpu_peers.json, comfy_*.log/json, summary.json (per part: status, rc, seconds, log, last
 # lines) and on stdout one line per part and a final "RUN_ON_DEVICE SUMMARY ..." line.
 # Exit status: 0 when every part passed, 1 otherwise.
@@ -85,9 +85,9 @@ part_tests() {
 }
 
 part_comfy() {
-  local h=$ROOT/.carry-comfy/harness/comfy_device_run.sh
-  if [[ ! -f $h ]]; then
-    echo "no $h: fill .carry-comfy/ first (bash ../shared/comfyui/gpu/prep_comfy_carry.sh) and carry it"
+  local h=$ROOT/tests/gpu/comfy/comfy_device_run.sh
+  if [[ ! -d $ROOT/.carry-comfy/comfyui ]]; then
+    echo "no .carry-comfy/comfyui: fill it first (bash tests/gpu/comfy/prep_comfy_carry.sh, on a machine with a ComfyUI checkout)"
     return 2
   fi
   # The harness's own caps (model generation, harness) stay under this part's limit.
