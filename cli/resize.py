@@ -26,7 +26,6 @@ from ..resize import (
     parse_recipes,
     resize_lora,
 )
-from ..resize.norm_cache import default_cache_dir
 from ..resize.output import output_file_name
 from .help_format import DefaultsHelpFormatter
 from .output_checks import check_output_folder, same_file
@@ -122,8 +121,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="-v: thresholds and score quantiles; -vv: every layer")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output files of the same name (never an input)")
-    p.add_argument("--cache-dir", default=default_cache_dir(), metavar="FOLDER",
-                   help="where base-model norms are cached ($LORA_EXTRACT_CACHE_DIR, else "
-                        "$XDG_CACHE_HOME/lora-extract)")
+    # No default value here: it depends on the environment, and --help (and the generated
+    # reference) must read the same on every machine; BaseModel resolves it at run time.
+    p.add_argument("--cache-dir", default=None, metavar="FOLDER",
+                   help="where base-model norms are cached (default: $LORA_EXTRACT_CACHE_DIR, "
+                        "else $XDG_CACHE_HOME/lora-extract, else ~/.cache/lora-extract)")
     p.set_defaults(func=cmd_resize)
     return p
