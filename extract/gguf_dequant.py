@@ -178,7 +178,7 @@ def rounding_steps(raw: np.ndarray, type_name: str, block_size: int,
     """
     if type_name not in NOISE_TYPES:
         return None
-    blocks = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8)).reshape(-1, type_size)
+    blocks = torch.from_numpy(np.array(raw, copy=True).view(np.uint8)).reshape(-1, type_size)
     if type_name in _LEGACY_STEP:
         d = _f16(blocks[:, :2]).abs()
         return d.expand(-1, block_size).reshape(-1)
