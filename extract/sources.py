@@ -264,12 +264,16 @@ def load_pickle_checkpoint(path: str) -> StateDictSource:
     return StateDictSource(tensors, name=os.path.basename(path))
 
 
-def open_source(path: str | os.PathLike[str]) -> SafetensorsSource | StateDictSource:
+def open_source(path: str | os.PathLike[str]) -> WeightSource:
     """Open a model file by its extension; a missing file is a clear input error."""
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise ExtractionInputError(f"{p}: no such file.")
     lower = p.lower()
+    if lower.endswith(".gguf"):
+        from .gguf_source import GGUFSource  # needs the optional ``gguf`` package
+
+        return GGUFSource(p)
     if lower.endswith((".ckpt", ".pt", ".pth", ".bin")):
         return load_pickle_checkpoint(p)
     return SafetensorsSource(p)

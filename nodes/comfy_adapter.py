@@ -7,10 +7,13 @@ the command line or the core tests) never imports ComfyUI.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 DIFFUSION_PREFIX = "diffusion_model."
 
@@ -255,10 +258,107 @@ def _stored_weight(patcher, key: str) -> tuple[torch.Tensor, Callable | None]:
 
 
 def _dequantize(weight: torch.Tensor) -> torch.Tensor:
+    if is_gguf_weight(weight):
+        return gguf_dequantize(weight)
     # Quantized tensor subclasses (newer ComfyUI) know how to give back a float tensor.
     if type(weight) not in (torch.Tensor, torch.nn.Parameter) and callable(getattr(weight, "dequantize", None)):
         return weight.dequantize()
     return weight
+
+
+# --- ComfyUI-GGUF weights -------------------------------------------------------------------
+# ComfyUI-GGUF's loaders hold each weight as a ``GGMLTensor``: a torch.Tensor subclass whose
+# data are the GGUF block bytes (a [512, 512] Q8_0 weight is [512, 544] uint8) and which carries
+# ``tensor_type`` (a gguf.GGMLQuantizationType) and ``tensor_shape`` (the real shape; its
+# ``.shape`` answers that). Its patcher keeps LoRA patches of quantized weights beside the codes
+# (``weight.patches``) instead of patching them in place, so the codes are always the original
+# weight; the patcher's ``patches`` hold the same list, which ``ComfyModelSource`` applies.
+
+def is_gguf_weight(weight: object) -> bool:
+    return isinstance(weight, torch.Tensor) and hasattr(weight, "tensor_type") \
+        and hasattr(weight, "tensor_shape")
+
+
+def _gguf_type_name(weight: torch.Tensor) -> str:
+    t = weight.tensor_type
+    return "F32" if t is None else str(getattr(t, "name", t))
+
+
+def _comfyui_gguf_dequantize_function(weight: torch.Tensor) -> Callable | None:
+    """ComfyUI-GGUF's own ``dequant.dequantize_tensor``, found through the weight's class."""
+    import sys
+
+    package = type(weight).__module__.rpartition(".")[0]
+    module = sys.modules.get(f"{package}.dequant") if package else None
+    fn = getattr(module, "dequantize_tensor", None)
+    return fn if callable(fn) else None
+
+
+def gguf_dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """A GGMLTensor as the plain float32 tensor ComfyUI-GGUF dequantizes it to.
+
+    Through ComfyUI-GGUF's own ``dequantize_tensor`` with ``dequant_dtype=float32`` (its
+    "dequant_dtype: float32" setting): the block arithmetic in float32, the same values as the
+    ``gguf`` package's reference. Its default computes in float16 for quantized types, a
+    rounding of 2^-11 relative per element that the small difference of two models need not
+    carry. Without ComfyUI-GGUF's module (a tensor built elsewhere): our own dequantizer, equal
+    bit for bit to the reference.
+    """
+    fn = _comfyui_gguf_dequantize_function(weight)
+    if fn is not None:
+        w = fn(weight, dtype=torch.float32, dequant_dtype=torch.float32)
+    else:
+        from ..extract.gguf_dequant import dequantize_bytes
+
+        name = _gguf_type_name(weight)
+        if name in ("F32", "F16", "F64"):
+            w = weight.to(torch.float32)
+        else:
+            block_size, type_size = _gguf_block_sizes(weight)
+            w = dequantize_bytes(weight.as_subclass(torch.Tensor).detach(), name, block_size,
+                                 type_size)
+    w = w.as_subclass(torch.Tensor) if isinstance(w, torch.Tensor) else w
+    return w.reshape(tuple(weight.tensor_shape))
+
+
+def _gguf_block_sizes(weight: torch.Tensor) -> tuple[int, int]:
+    from ..extract.gguf_source import import_gguf
+
+    gguf = import_gguf()
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[_gguf_type_name(weight)]]
+    return int(block_size), int(type_size)
+
+
+def gguf_weight_noise(weight: torch.Tensor) -> float | None:
+    """Estimated Frobenius norm of the rounding error of a quantized GGMLTensor (None: float)."""
+    from ..extract.gguf_dequant import noise_norm, rounding_steps
+
+    name = _gguf_type_name(weight)
+    if name in ("F32", "F16", "F64", "BF16"):
+        return None
+    block_size, type_size = _gguf_block_sizes(weight)
+    codes = weight.as_subclass(torch.Tensor).detach().to("cpu").contiguous().view(torch.uint8)
+    steps = rounding_steps(codes.numpy(), name, block_size, type_size)
+    return None if steps is None else noise_norm(steps)
+
+
+def _weight_shape(patcher, key: str, stored: torch.Tensor) -> tuple[int, ...] | None:
+    """The real shape of ``key``; ``None`` for a state-dict entry that is no weight.
+
+    ComfyUI-GGUF's layers write a placeholder state dict (``meta`` tensors of the byte shape,
+    plus a ``<layer>.temp.weight`` sized for its memory estimate): the shape comes from the
+    weight itself, and the placeholder with no weight behind it is not a key of the model.
+    """
+    if stored.device.type != "meta":
+        return tuple(stored.shape)
+    import comfy.model_patcher
+
+    try:
+        weight = comfy.model_patcher.get_key_weight(patcher.model, key)[0]
+    except AttributeError:
+        logger.debug("%s: placeholder state-dict entry without a weight, not a model key", key)
+        return None
+    return tuple(getattr(weight, "tensor_shape", weight.shape))
 
 
 class ComfyModelSource:
@@ -274,7 +374,8 @@ class ComfyModelSource:
         self.patcher = patcher
         self.name = name
         sd = patcher.model_state_dict(filter_prefix=DIFFUSION_PREFIX)
-        self._shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        shapes = {k: _weight_shape(patcher, k, v) for k, v in sd.items()}
+        self._shapes = {k: s for k, s in shapes.items() if s is not None}
 
     def keys(self) -> list[str]:
         return list(self._shapes)
@@ -300,6 +401,24 @@ class ComfyModelSource:
         if patches:
             w = comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float32)
         return w if dtype is None or dtype == torch.float32 else w.to(dtype)
+
+    # --- format reporting (GGUF weights; other stored weights report their dtype) -------------
+
+    def format_of(self, key: str) -> str:
+        weight, _ = _stored_weight(self.patcher, key)
+        if is_gguf_weight(weight):
+            return f"GGUF {_gguf_type_name(weight)}"
+        return str(weight.dtype).removeprefix("torch.")
+
+    def quantization_noise(self, key: str) -> float | None:
+        weight, _ = _stored_weight(self.patcher, key)
+        return gguf_weight_noise(weight) if is_gguf_weight(weight) else None
+
+    def describe(self) -> str:
+        from collections import Counter
+
+        counts = Counter(self.format_of(k) for k in self._shapes)
+        return f"{self.name}: MODEL ({', '.join(f'{f} x {n}' for f, n in counts.most_common())})"
 
 
 # --- reading a CLIP -----------------------------------------------------------------------
@@ -359,4 +478,10 @@ class ComfyClipSource(ComfyModelSource):
     def get(self, key: str, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = None) -> torch.Tensor:
         return super().get(key[len(TEXT_ENCODERS_PREFIX):], device, dtype)
+
+    def format_of(self, key: str) -> str:
+        return super().format_of(key[len(TEXT_ENCODERS_PREFIX):])
+
+    def quantization_noise(self, key: str) -> float | None:
+        return super().quantization_noise(key[len(TEXT_ENCODERS_PREFIX):])
 
