@@ -27,6 +27,7 @@ from ..extract.keys import KEY_STYLES
 from ..extract.tempfiles import write_text_atomic
 from .dry_run import run_dry
 from .extract_v2 import add_device_option, add_v2_options, memory_options, run_extract_v2, wants_v2
+from .merge import add_parser as add_merge_parser
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
 from .text_encoders import add_text_encoder_options, open_model
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     add_validate_parser(sub)
     add_resize_parser(sub)
+    add_merge_parser(sub)
     return parser
 
 

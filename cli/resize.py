@@ -47,15 +47,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="base model checkpoint (.safetensors)")
     p.add_argument("loras", nargs="+", metavar="LORA", help="LoRA file, or a merge 'a:0.7,b:0.3'")
+    add_common_options(p)
+    p.add_argument("-v", "--verbose", dest="resize_verbose", action="count", default=0,
+                   help="-v: thresholds and score quantiles; -vv: every layer")
+    p.set_defaults(func=cmd_resize)
+    return p
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """Output folder, dtype, device, recipes and --overwrite (shared with ``merge``)."""
     p.add_argument("-o", "--output_folder", "--output-folder", dest="output_folder", required=True)
     p.add_argument("-t", "--output_dtype", "--output-dtype", dest="output_dtype",
                    choices=tuple(DTYPES), default="16", help="16 (fp16), 32 (fp32) or bf16")
     p.add_argument("-d", "--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("-r", "--score_recipes", "--score-recipes", dest="score_recipes",
-                   default=DEFAULT_RECIPES, help="recipes separated by ':', e.g. 'fro_ckpt=1,thr=-3.5'")
-    p.add_argument("-v", "--verbose", dest="resize_verbose", action="count", default=0,
-                   help="-v: thresholds and score quantiles; -vv: every layer")
+                   default=DEFAULT_RECIPES, help="recipes separated by ':', e.g. 'fro_ckpt=1,thr=-3.5' "
+                                                 "or 'rank=32'")
     p.add_argument("--overwrite", action="store_true", help="replace output files of the same name")
-    p.set_defaults(func=cmd_resize)
-    return p
 

@@ -90,7 +90,8 @@ def _lokr(m: DenseModule, get: GetTensor) -> tuple[torch.Tensor, float]:
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
     scale = m.alpha / dim if (m.alpha is not None and dim is not None) else 1.0
-    return torch.kron(w1, w2), scale
+    # contiguous: torch.kron fails on the strided result of the CP einsum
+    return torch.kron(w1.contiguous(), w2.contiguous()), scale
 
 
 def _loha(m: DenseModule, get: GetTensor) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,49 @@
+"""``lora-extract merge CHECKPOINT LORA:W LORA:W... -o FOLDER -r RECIPES``: several LoRAs into one.
+
+The resize engine with several inputs: the weighted LoRAs (LoKr, LoHa, DoRA and full-difference
+files too, any key style) are summed layer by layer and the sum is cut by the recipes (``rank=32``,
+``size=64``, ``fro_ckpt=1,thr=-3.5``...); one file per recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..extract.errors import ExtractionInputError
+from ..resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
+from .progress import progress_bar
+from .resize import DTYPES, add_common_options
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    if len(a.loras) < 2:
+        raise ExtractionInputError(
+            "merge needs at least two LoRAs (LORA:WEIGHT ...); to convert or resize one, use resize.")
+    recipes = parse_recipes(a.score_recipes)   # bad recipes fail before any file is read
+    opts = ResizeOptions(output_dtype=DTYPES[a.output_dtype], device=a.device,
+                         overwrite=a.overwrite).validate()
+    lora = open_lora_input(",".join(a.loras), block_weights=a.block_weights)
+    if a.name:
+        lora.name = a.name
+    base = BaseModel.open(a.checkpoint)
+    report = resize_lora(base, lora, recipes, a.output_folder, opts,
+                         progress=progress_bar(f"merge {lora.name}"))
+    print(report.format_text(per_layer=a.merge_verbose >= 1))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``merge`` subcommand on ``lora-extract``'s subparsers."""
+    p = subparsers.add_parser("merge", help="merge weighted LoRAs into one at a rank, size or threshold",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="base model checkpoint (.safetensors)")
+    p.add_argument("loras", nargs="+", metavar="LORA[:WEIGHT]", help="two or more LoRA files, weight default 1")
+    add_common_options(p)
+    p.add_argument("--block-weights", "--block_weights", dest="block_weights", default="",
+                   help="per-block weights '[N:]PATTERN=W; ...' (glob or re:REGEX over layer names; "
+                        "N: only the N-th LoRA)")
+    p.add_argument("--name", default="", help="output file name stem (default: the members and weights)")
+    p.add_argument("-v", "--verbose", dest="merge_verbose", action="count", default=0,
+                   help="-v: every layer's rank and error")
+    p.set_defaults(func=cmd_merge)
+    return p
