@@ -29,6 +29,7 @@ from .dry_run import run_dry
 from .extract_v2 import add_device_option, add_v2_options, memory_options, run_extract_v2, wants_v2
 from .flag_names import with_flag_names
 from .help_format import DefaultsHelpFormatter
+from .merge import add_parser as add_merge_parser
 from .output_checks import check_distinct, check_output_file, check_output_folder
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     add_validate_parser(sub)
     add_resize_parser(sub)
+    add_merge_parser(sub)
     return parser
 
 

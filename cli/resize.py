@@ -42,8 +42,9 @@ recipes (-r; several separated by ':' write one file each):
                             layer's Frobenius norm
   spn_ckpt=0.8,params=0.2,size=32:fro_lora=1,thr=-1.5
                             two files; fro_lora scores against the LoRA layer itself
-methods: fro_ckpt, spn_ckpt, fro_lora, spn_lora, subspace, params; then thr=X or size=MiB;
-optional rescale=Z. The report prints score quantiles to pick thr from.
+  rank=32                   each layer's best 32 dimensions (also a cap beside thr= or size=)
+methods: fro_ckpt, spn_ckpt, fro_lora, spn_lora, subspace, params; then thr=X, size=MiB or
+rank=N; optional rescale=Z. The report prints score quantiles to pick thr from.
 """
 
 
@@ -109,16 +110,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               epilog=EXAMPLES, formatter_class=DefaultsHelpFormatter)
     p.add_argument("checkpoint", help="base model checkpoint (.safetensors)")
     p.add_argument("loras", nargs="+", metavar="LORA", help="LoRA file, or a merge 'a:0.7,b:0.3'")
+    add_common_options(p)
+    p.add_argument("-v", "--verbose", dest="resize_verbose", action="count", default=0,
+                   help="-v: thresholds and score quantiles; -vv: every layer")
+    p.set_defaults(func=cmd_resize)
+    return p
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """Output folder, recipes, dtype, device, --overwrite and --cache-dir (shared with ``merge``)."""
     p.add_argument("-o", "--output_folder", "--output-folder", dest="output_folder", required=True,
-                   metavar="FOLDER", help="folder for the resized files (created if missing)")
+                   metavar="FOLDER", help="folder for the output files (created if missing)")
     p.add_argument("-r", "--score_recipes", "--score-recipes", dest="score_recipes", default=None,
                    metavar="RECIPES", help="required: recipes separated by ':' (examples below)")
     p.add_argument("-t", "--output_dtype", "--output-dtype", dest="output_dtype",
                    choices=tuple(DTYPES), default="16", help="16 (fp16), 32 (fp32) or bf16")
     p.add_argument("-d", "--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the SVDs run")
-    p.add_argument("-v", "--verbose", dest="resize_verbose", action="count", default=0,
-                   help="-v: thresholds and score quantiles; -vv: every layer")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output files of the same name (never an input)")
     # No default value here: it depends on the environment, and --help (and the generated
@@ -126,5 +134,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, metavar="FOLDER",
                    help="where base-model norms are cached (default: $LORA_EXTRACT_CACHE_DIR, "
                         "else $XDG_CACHE_HOME/lora-extract, else ~/.cache/lora-extract)")
-    p.set_defaults(func=cmd_resize)
-    return p

@@ -44,6 +44,12 @@ class BaseModel:
     def matrix_shape(self, target: BaseTarget) -> tuple[int, int]:
         return target.matrix_shape(self.key_map.shapes[target.key])
 
+    def lora_shape(self, target: BaseTarget) -> tuple[int, ...]:
+        """The target's full shape as a LoRA changes it (a row block or transpose: the matrix)."""
+        if target.chunks > 1 or target.transpose:
+            return self.matrix_shape(target)
+        return tuple(self.key_map.shapes[target.key])
+
     def weight(self, target: BaseTarget, device: str | torch.device) -> torch.Tensor:
         """The target's weight as an (out, in) float32 matrix."""
         w = self.source.get(target.key, device, torch.float32)

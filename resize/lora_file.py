@@ -2,10 +2,11 @@
 
 A LoRA file is grouped into modules by key prefix. Every key must belong to a family we
 understand: low-rank pairs (``.lora_down/.lora_up``, PEFT ``.lora_A/.lora_B`` and the other
-spellings ComfyUI's loader accepts) with an optional ``.alpha``, or full-weight patches
-(``.diff``, ``.diff_b``, ``.w_norm``, ``.b_norm``: nothing to resize, copied unchanged).
-Other adapter types (LoHa, LoKr, DoRA, LoCon's CP ``lora_mid``) and unknown keys are an error
-that lists a few examples, never silently dropped.
+spellings ComfyUI's loader accepts) with an optional ``.alpha``; LoKr, LoHa, DoRA and matrix
+``.diff`` layers (dense modules, converted to LoRA by :mod:`.adapters`); or other full-weight
+patches (``.diff_b``, ``.w_norm``, ``.b_norm``, 1-D/3-D ``.diff``: copied unchanged).
+Other adapter types (OFT, GLoRA, LoCon's CP ``lora_mid``) and unknown keys are an error that
+lists a few examples, never silently dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from ..extract.errors import ExtractionInputError
 from ..extract.keys import UP_DOWN_FORMATS
 from ..extract.sources import WeightSource, open_source
+from .adapters import DORA_SCALE, FAMILY_NAMES, LOHA_PARTS, LOKR_PARTS, DenseModule
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,6 @@ PASSTHROUGH_SUFFIXES = (".diff", ".diff_b", ".w_norm", ".b_norm")
 # Adapter families we recognise but cannot resize with a plain SVD of up @ down.
 UNSUPPORTED_MARKERS: dict[str, str] = {
     ".lora_mid.weight": "LoCon CP/Tucker (lora_mid)",
-    ".dora_scale": "DoRA",
-    ".hada_": "LoHa",
-    ".lokr_": "LoKr",
     ".oft_": "OFT",
     ".a1.weight": "GLoRA",
 }
@@ -75,10 +74,15 @@ class LoraFile:
     modules: dict[str, LoraModule]
     passthrough: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    dense: dict[str, DenseModule] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return os.path.splitext(os.path.basename(self.path))[0]
+
+    def tensor(self, key: str, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.source.get(key, device, dtype)
 
     def factors(self, module: LoraModule, device: str | torch.device,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,12 +113,73 @@ def _read_alpha(source: WeightSource, key: str, path: str) -> float:
     return float(t.reshape(()))
 
 
-def group_modules(source: WeightSource, path: str) -> tuple[dict[str, LoraModule], list[str]]:
+def _dense_modules(source: WeightSource, path: str, keys: list[str],
+                   used: set[str]) -> dict[str, DenseModule]:
+    """LoKr and LoHa layers, and matrix (2-D or 4-D) ``.diff`` layers, by prefix."""
+    parts: dict[str, dict[str, str]] = {}
+    families: dict[str, str] = {}
+    for k in keys:
+        for family, names in (("lokr", LOKR_PARTS), ("loha", LOHA_PARTS)):
+            for n in names:
+                if k.endswith("." + n):
+                    prefix = k[: -len(n) - 1]
+                    parts.setdefault(prefix, {})[n] = k
+                    families[prefix] = family
+        if k.endswith(".diff") and len(source.shape(k)) in (2, 4):
+            prefix = k[: -len(".diff")]
+            parts.setdefault(prefix, {})["diff"] = k
+            families.setdefault(prefix, "diff")
+    out: dict[str, DenseModule] = {}
+    key_set = set(keys)
+    for prefix, named in parts.items():
+        if families[prefix] != "diff" and "diff" in named:
+            raise ExtractionInputError(
+                f"{path}: layer {prefix!r} has both a .diff and {families[prefix]} tensors; "
+                "the file is corrupt.")
+        missing = _missing_parts(families[prefix], named)
+        if missing:
+            raise ExtractionInputError(
+                f"{path}: {FAMILY_NAMES[families[prefix]]} layer {prefix!r} lacks "
+                f"{' / '.join(missing)}; the file is incomplete.")
+        alpha_key = prefix + ALPHA_SUFFIX
+        alpha = _read_alpha(source, alpha_key, path) if alpha_key in key_set else None
+        dora = prefix + "." + DORA_SCALE
+        out[prefix] = DenseModule(prefix, families[prefix], named, alpha,
+                                  dora if dora in key_set else None)
+        used.update(named.values())
+        used.update(k for k in (alpha_key, dora) if k in key_set)
+    return out
+
+
+def _missing_parts(family: str, named: dict[str, str]) -> list[str]:
+    """Parts a LoKr / LoHa layer needs to be computed (as ComfyUI reads them), absent here."""
+    need: list[tuple[str, ...]] = []
+    if family == "lokr":
+        need = [("lokr_w1",) if "lokr_w1" in named else ("lokr_w1_a", "lokr_w1_b"),
+                ("lokr_w2",) if "lokr_w2" in named else ("lokr_w2_a", "lokr_w2_b")]
+    elif family == "loha":
+        need = [("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
+        if "hada_t1" in named or "hada_t2" in named:
+            need.append(("hada_t1", "hada_t2"))
+    return [p for group in need for p in group if p not in named]
+
+
+def _check_dora_orphans(path: str, keys: list[str], used: set[str]) -> None:
+    orphans = [k for k in keys if k.endswith("." + DORA_SCALE) and k not in used]
+    if orphans:
+        raise ExtractionInputError(
+            f"{path}: DoRA scales without a LoRA, LoKr or LoHa layer to go with them "
+            f"({_examples(orphans, 3)}); the file is incomplete.")
+
+
+def group_modules(source: WeightSource, path: str
+                  ) -> tuple[dict[str, LoraModule], list[str], dict[str, DenseModule]]:
     """Group the keys of a LoRA source into modules; error on anything not understood."""
     keys = source.keys()
     key_set = set(keys)
     _check_unsupported(path, keys)
     used: set[str] = set()
+    dense = _dense_modules(source, path, keys, used)
     modules: dict[str, LoraModule] = {}
     for up_sfx, down_sfx in LOW_RANK_SUFFIXES:
         for k in keys:
@@ -130,8 +195,15 @@ def group_modules(source: WeightSource, path: str) -> tuple[dict[str, LoraModule
             alpha_key = prefix + ALPHA_SUFFIX
             alpha = _read_alpha(source, alpha_key, path) if alpha_key in key_set else None
             used.update({k, down_key, alpha_key})
+            dora_key = prefix + "." + DORA_SCALE
+            if dora_key in key_set:  # DoRA: the change depends on the base weight, so dense
+                used.add(dora_key)
+                dense[prefix] = DenseModule(prefix, "lora", {"lora_up": k, "lora_down": down_key},
+                                            alpha, dora_key)
+                continue
             modules[prefix] = LoraModule(prefix, k, down_key, alpha, down_shape[0],
                                          tuple(up_shape), tuple(down_shape))
+    _check_dora_orphans(path, keys, used)
     passthrough = [k for k in keys if k not in used and k.endswith(PASSTHROUGH_SUFFIXES)]
     used.update(passthrough)
     orphans = [k for k in keys if k not in used and k.endswith(ALPHA_SUFFIX)]
@@ -145,9 +217,9 @@ def group_modules(source: WeightSource, path: str) -> tuple[dict[str, LoraModule
             f"{path}: {len(unknown)} keys of an unknown family: {_examples(unknown)}. Expected "
             "kohya/ComfyUI '.lora_down.weight'/'.lora_up.weight'/'.alpha' or PEFT "
             "'.lora_A.weight'/'.lora_B.weight' keys.")
-    if not modules:
+    if not modules and not dense:
         raise ExtractionInputError(f"{path}: no LoRA layers found (no up/down weight pairs).")
-    return modules, passthrough
+    return modules, passthrough, dense
 
 
 def _check_factor_shapes(path: str, prefix: str, up: tuple[int, ...], down: tuple[int, ...]) -> None:
@@ -163,7 +235,7 @@ def _check_factor_shapes(path: str, prefix: str, up: tuple[int, ...], down: tupl
 def read_lora_file(path: str) -> LoraFile:
     """Open a LoRA file (safetensors, or a pickle loaded with weights_only) and group its keys."""
     source = open_source(path)
-    modules, passthrough = group_modules(source, path)
+    modules, passthrough, dense = group_modules(source, path)
     metadata = dict(getattr(source, "metadata", {}) or {})
     return LoraFile(path=os.fspath(path), source=source, modules=modules, passthrough=passthrough,
-                    metadata=metadata)
+                    metadata=metadata, dense=dense)

@@ -1,6 +1,8 @@
 """Resize a LoRA against its base model: decompose once, then apply every recipe.
 
-1. Map LoRA layers to base weights (unmapped ones are listed and copied unresized).
+1. Map LoRA layers to base weights (unmapped ones are listed and copied unresized). Layers that
+   change the same base weight under different key styles (a merge of kohya and diffusers
+   files) form one group and are merged into one output layer, named as the first one.
 2. One pass over the layers: exact SVD of ``up @ down`` (QR path), base norms from the cache
    or computed once, ``subspace`` scales when a recipe wants them. Progress after each layer;
    ``check_interrupt`` between layers.
@@ -24,7 +26,7 @@ from ..extract.writer import save_safetensors_atomic
 from .base_model import BaseModel
 from .decompose import DecomposedLayer, decompose_layer, subspace_scales
 from .key_map import MappedLayer, map_prefixes
-from .merge import LoraInput
+from .merge import LayerContext, LoraInput
 from .output import check_not_an_input, free_output_path, layer_tensors, output_file_name, output_metadata
 from .recipe import Recipe
 from .report import LayerResize, RecipeOutcome, ResizeReport
@@ -63,7 +65,10 @@ class ResizeOptions:
 def _check_shapes(base: BaseModel, lora: LoraInput, mapped: list[MappedLayer]) -> None:
     bad = []
     for m in mapped:
-        up_shape, down_shape = lora.shape(m.prefix)
+        shapes = lora.low_rank_shape(m.prefix)
+        if shapes is None:  # a dense layer: its change is checked against the base when formed
+            continue
+        up_shape, down_shape = shapes
         lora_shape = (up_shape[0], math.prod(down_shape))
         base_shape = base.matrix_shape(m.target)
         if lora_shape != base_shape:
@@ -75,17 +80,30 @@ def _check_shapes(base: BaseModel, lora: LoraInput, mapped: list[MappedLayer]) -
             + "; ".join(bad[:3]) + ". Pick the base model this LoRA was trained on.")
 
 
-def decompose_all(base: BaseModel, lora: LoraInput, mapped: list[MappedLayer], recipes: list[Recipe],
+def group_by_target(mapped: list[MappedLayer]) -> list[list[MappedLayer]]:
+    """Mapped layers grouped by the base weight they change, in first-seen order."""
+    groups: dict[str, list[MappedLayer]] = {}
+    for m in mapped:
+        groups.setdefault(m.target.ident, []).append(m)
+    return list(groups.values())
+
+
+def decompose_all(base: BaseModel, lora: LoraInput, groups: list[list[MappedLayer]], recipes: list[Recipe],
                   opts: ResizeOptions, report: ResizeReport, progress: ProgressFn | None,
                   check_interrupt: InterruptFn | None, total_steps: int) -> list[DecomposedLayer]:
     need_spn = any(r.needs_spectral for r in recipes)
     need_sub = any(r.needs_subspace for r in recipes)
     device = torch.device(opts.device)
     layers: list[DecomposedLayer] = []
-    for i, m in enumerate(mapped):
+    for i, group in enumerate(groups):
         if check_interrupt is not None:
             check_interrupt()
-        f = lora.factors(m.prefix, device)
+        m = group[0]
+        ctx = LayerContext(m.target.key, base.lora_shape(m.target),
+                           lambda t=m.target: base.weight(t, device))
+        f = lora.group_factors([g.prefix for g in group], device, ctx)
+        if len(group) > 1:
+            report.merged_styles[m.prefix] = [g.prefix for g in group[1:]]
         layer = decompose_layer(m.prefix, f.up, f.down, f.scale, f.output_scale, dense=opts.dense_svd)
         del f
         if layer.S.numel() == 0 or float(layer.S[0]) < ZERO_SIGMA:
@@ -117,6 +135,9 @@ def _unresized_tensors(lora: LoraInput, unmapped: list[str], rescale: float,
     """Layers with no base weight and full-weight patches, copied (merge weights, rescale applied)."""
     out: dict[str, torch.Tensor] = {}
     for prefix in unmapped:
+        if lora.low_rank_shape(prefix) is None:
+            out.update(_dense_copied(lora, prefix, rescale, dtype))
+            continue
         f = lora.factors(prefix, "cpu")
         rank = f.down.shape[0]
         out[f"{prefix}.lora_up.weight"] = (f.up * (rescale * f.scale / f.output_scale)).to(dtype)
@@ -124,6 +145,24 @@ def _unresized_tensors(lora: LoraInput, unmapped: list[str], rescale: float,
         out[f"{prefix}.alpha"] = torch.tensor(f.output_scale * rank, dtype=torch.float32)
     for key, file, weight in lora.passthrough():
         out[key] = (file.source.get(key, "cpu", torch.float32) * (weight * rescale)).to(dtype)
+    return out
+
+
+def _dense_copied(lora: LoraInput, prefix: str, rescale: float,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A LoKr/LoHa/DoRA/diff layer with no base weight: its tensors as they are, when it may be."""
+    modules = lora.dense(prefix)
+    weight = lora.member_weight(next(i for i, (f, _w) in enumerate(lora.members) if prefix in f.dense),
+                                prefix)
+    if len(modules) > 1 or weight * rescale != 1.0:
+        raise ExtractionInputError(
+            f"{modules[0].label} layer {prefix!r} has no weight in the base model, so it can be "
+            "neither converted to LoRA nor weighted or merged. Pick the base model it was "
+            "trained on, or give it weight 1 alone.")
+    file = next(f for f, _w in lora.members if prefix in f.dense)
+    out = {k: file.tensor(k).to(dtype) for k in modules[0].all_keys}
+    if modules[0].alpha is not None:
+        out[f"{prefix}.alpha"] = torch.tensor(modules[0].alpha, dtype=torch.float32)
     return out
 
 
@@ -189,7 +228,8 @@ def resize_lora(base: BaseModel, lora: LoraInput, recipes: list[Recipe], output_
     t0 = time.perf_counter()
     mapped, unmapped = map_prefixes(lora.prefixes, base.key_map)
     report = ResizeReport(lora=lora.name, base=base.name, layers=len(lora.prefixes),
-                          unmapped=unmapped, passthrough=[k for k, _f, _w in lora.passthrough()])
+                          unmapped=unmapped, passthrough=[k for k, _f, _w in lora.passthrough()],
+                          converted={p: c for p, c in lora.converted().items() if p not in unmapped})
     if not mapped:
         raise ExtractionInputError(
             f"none of the {len(lora.prefixes)} layers of {lora.name} has a weight in base "
@@ -198,9 +238,10 @@ def resize_lora(base: BaseModel, lora: LoraInput, recipes: list[Recipe], output_
     for p in unmapped:
         log.warning("LoRA layer %s has no weight in the base model; copied unresized", p)
     _check_shapes(base, lora, mapped)
-    total_steps = len(mapped) + len(recipes)
+    groups = group_by_target(mapped)
+    total_steps = len(groups) + len(recipes)
     try:
-        layers = decompose_all(base, lora, mapped, recipes, opts, report, progress, check_interrupt,
+        layers = decompose_all(base, lora, groups, recipes, opts, report, progress, check_interrupt,
                                total_steps)
     finally:
         # Norms computed before an interrupt or error are still right: keep them for next time.
@@ -213,6 +254,6 @@ def resize_lora(base: BaseModel, lora: LoraInput, recipes: list[Recipe], output_
             check_interrupt()
         report.outcomes.append(apply_recipe(layers, recipe, lora, base, unmapped, output_folder, opts))
         if progress is not None:
-            progress(len(mapped) + j + 1, total_steps, f"recipe {recipe.text}")
+            progress(len(groups) + j + 1, total_steps, f"recipe {recipe.text}")
     report.seconds = time.perf_counter() - t0
     return report

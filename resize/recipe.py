@@ -2,8 +2,10 @@
 
 A recipe weights one or more scoring methods (weights normalised to sum 1; a method without a
 value weighs 1) and picks dimensions either by threshold (``thr=X``: keep score >= X) or by
-output size (``size=Y`` MiB). ``rescale=Z`` multiplies the LoRA (default 1). Several recipes are
-separated by ``:`` and share one decomposition.
+output size (``size=Y`` MiB). ``rank=N`` caps every layer at its N best dimensions, on its own
+(``rank=32``: a fixed rank, no scoring method needed) or on top of thr/size. ``rescale=Z``
+multiplies the LoRA (default 1). Several recipes are separated by ``:`` and share one
+decomposition.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Recipe:
     threshold: float | None
     size_mib: float | None
     rescale: float
+    max_rank: int | None = None
 
     def weight(self, method: str) -> float:
         return dict(self.weights).get(method, 0.0)
@@ -63,6 +66,8 @@ class Recipe:
             parts.append(f"scale{format_number(self.rescale)}")
         if self.size_mib is not None:
             parts.append(f"size{format_number(self.size_mib)}")
+        if self.max_rank is not None:
+            parts.append(f"rank{self.max_rank}")
         return "_".join(parts)
 
     def to_json(self) -> str:
@@ -73,7 +78,7 @@ def _bad(recipe: str, why: str) -> ExtractionInputError:
     return ExtractionInputError(
         f"score recipe {recipe!r}: {why}. Write e.g. 'fro_ckpt=1,thr=-3.5' or "
         f"'spn_ckpt=0.8,params=0.2,size=32'; methods: {', '.join(METHODS)}; selection: thr= or "
-        "size=; optional rescale=.")
+        "size= and/or rank=N; optional rescale=.")
 
 
 def _number(recipe: str, key: str, value: str) -> float:
@@ -92,6 +97,7 @@ def parse_recipe(text: str) -> Recipe:
         raise _bad(text, "it is empty")
     raw: dict[str, float] = {}
     threshold = size = None
+    max_rank: int | None = None
     rescale = 1.0
     for part in text.split(","):
         key, eq, value = (s.strip() for s in part.partition("="))
@@ -102,6 +108,11 @@ def parse_recipe(text: str) -> Recipe:
             if w < 0:
                 raise _bad(text, f"weight {key}={value} is negative")
             raw[key] = w
+        elif key == "rank":
+            v = _number(text, key, value) if value else 0.0
+            if v < 1 or v != int(v):
+                raise _bad(text, f"rank={value} must be a whole number >= 1")
+            max_rank = int(v)
         elif key in ("thr", "size", "rescale"):
             if not value:
                 raise _bad(text, f"{key} needs a value ({key}=...)")
@@ -118,13 +129,20 @@ def parse_recipe(text: str) -> Recipe:
                 rescale = v
         else:
             raise _bad(text, f"unknown key {key!r}")
+    if threshold is not None and size is not None:
+        raise _bad(text, "give exactly one of thr= and size= (rank=N may cap either)")
+    if threshold is None and size is None:
+        if max_rank is None:
+            raise _bad(text, "give exactly one of thr= and size=, or rank=N alone")
+        threshold = -math.inf   # rank alone: every layer keeps its best max_rank dimensions
+        if not raw:
+            raw["fro_lora"] = 1.0   # ranks within a layer do not depend on the method
     total = sum(raw.values())
     if total <= 0:
         raise _bad(text, "no scoring method with a positive weight")
-    if (threshold is None) == (size is None):
-        raise _bad(text, "give exactly one of thr= and size=")
     weights = tuple(sorted((m, w / total) for m, w in raw.items() if w > 0))
-    return Recipe(text=text, weights=weights, threshold=threshold, size_mib=size, rescale=rescale)
+    return Recipe(text=text, weights=weights, threshold=threshold, size_mib=size, rescale=rescale,
+                  max_rank=max_rank)
 
 
 def parse_recipes(text: str) -> list[Recipe]:

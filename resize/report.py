@@ -64,6 +64,8 @@ class ResizeReport:
     zero_layers: list[str] = field(default_factory=list)       # all-zero: skipped with a warning
     unmapped: list[str] = field(default_factory=list)          # no base layer: copied unchanged
     passthrough: list[str] = field(default_factory=list)       # full-weight patches copied
+    converted: dict[str, str] = field(default_factory=dict)    # LoKr/LoHa/DoRA/diff -> LoRA
+    merged_styles: dict[str, list[str]] = field(default_factory=dict)  # same weight, other key names
     norms_computed: int = 0
     norms_cached: int = 0
     cache_path: str | None = None
@@ -95,6 +97,16 @@ class ResizeReport:
         if self.unmapped:
             lines.append(f"layers with no base weight, copied unresized ({len(self.unmapped)}): "
                          + ", ".join(self.unmapped[:5]) + (" ..." if len(self.unmapped) > 5 else ""))
+        if self.converted:
+            kinds: dict[str, int] = {}
+            for label in self.converted.values():
+                kinds[label] = kinds.get(label, 0) + 1
+            lines.append("converted to LoRA (error per layer: rle_lora): "
+                         + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+        if self.merged_styles:
+            lines.append(f"layers merged across key styles: {len(self.merged_styles)} (e.g. "
+                         + ", ".join(f"{p} + {' + '.join(o)}"
+                                     for p, o in list(self.merged_styles.items())[:2]) + ")")
         if self.passthrough:
             lines.append(f"full-weight patches copied unchanged: {len(self.passthrough)}")
         for o in self.outcomes:

@@ -86,12 +86,25 @@ def select(layers: list[DecomposedLayer], recipe: Recipe, elem_size: int,
     else:
         threshold = float(recipe.threshold)
     masks = [s >= threshold for s in scores]
+    if recipe.max_rank is not None:
+        masks = [_cap(m, s, recipe.max_rank) for m, s in zip(masks, scores, strict=True)]
     kept = sum(int(m.sum()) * bytes_per_dim(layer, elem_size) for m, layer in zip(masks, layers, strict=True))
     quantiles = []
     if flat.numel():
         values = np.quantile(flat.numpy(), QUANTILES)
         quantiles = [(q, float(v)) for q, v in zip(QUANTILES, values, strict=True)]
     return Selection(threshold=threshold, masks=masks, scores=scores, kept_bytes=kept, quantiles=quantiles)
+
+
+def _cap(mask: torch.Tensor, scores: torch.Tensor, max_rank: int) -> torch.Tensor:
+    """Of the kept dimensions, the ``max_rank`` best by score (a ``rank=`` cap)."""
+    if int(mask.sum()) <= max_rank:
+        return mask
+    masked = torch.where(mask, scores, torch.full_like(scores, -math.inf))
+    best = torch.topk(masked, max_rank).indices
+    out = torch.zeros_like(mask)
+    out[best] = True
+    return out
 
 
 def _size_threshold(layers: list[DecomposedLayer], scores: list[torch.Tensor], flat: torch.Tensor,

@@ -197,11 +197,24 @@ def resize() -> tuple[list[N], list, list]:
                   "what each kept.")], [], []
 
 
+def merge() -> tuple[list[N], list, list]:
+    return [N(1, "LoraMerge", (0, 0), {"loras": "style.safetensors:0.7\ncharacter.safetensors:0.5",
+                                       "score_recipes": "rank=32:fro_ckpt=1,size=64",
+                                       "block_weights": "2:output_blocks.*=0.8",
+                                       "unet_name": BASE}, width=420),
+            _note(2, (460, 0), "Merge LoRAs from the loras folder, one 'name:weight' per line, into one "
+                  "LoRA against the base model they were made for. LoKr, LoHa, DoRA and full-difference "
+                  "files are converted. Each recipe writes one file to output/loras: rank=32 a fixed "
+                  "rank, size=64 the best 64 MiB. block_weights scales parts of one LoRA (here the "
+                  "second's output blocks by 0.8).")], [], []
+
+
 WORKFLOWS = {
     "extract_then_validate": (extract_then_validate, ("LoraExtract", "LoraValidate")),
     "extract_then_apply": (extract_then_apply, ("LoraExtract",)),
     "extract_v2_then_validate": (extract_v2, ("LoraExtractV2", "LoraValidate")),
     "resize_lora": (resize, ("LoraResize",)),
+    "merge_loras": (merge, ("LoraMerge",)),
     "extract_checkpoint_with_clip": (extract_checkpoint_with_clip, ("LoraExtract",)),
 }
 

@@ -199,8 +199,8 @@ def test_merge_of_loras_for_different_models_names_layer_and_file(tmp_path, caps
 
 
 RECIPE_HELP = ("Write e.g. 'fro_ckpt=1,thr=-3.5' or 'spn_ckpt=0.8,params=0.2,size=32'; methods: "
-               "fro_ckpt, fro_lora, params, spn_ckpt, spn_lora, subspace; selection: thr= or size=; "
-               "optional rescale=.")
+               "fro_ckpt, fro_lora, params, spn_ckpt, spn_lora, subspace; selection: thr= or size= "
+               "and/or rank=N; optional rescale=.")
 
 
 @pytest.mark.parametrize("recipe,why", [
@@ -214,7 +214,10 @@ RECIPE_HELP = ("Write e.g. 'fro_ckpt=1,thr=-3.5' or 'spn_ckpt=0.8,params=0.2,siz
     ("fro_ckpt,thr=1,rescale=-2", "rescale=-2 must be positive"),
     ("fro_ckpt,thr=1,frolora=1", "unknown key 'frolora'"),
     ("fro_ckpt=0,thr=1", "no scoring method with a positive weight"),
-    ("spn_lora", "give exactly one of thr= and size="),
+    ("spn_lora", "give exactly one of thr= and size=, or rank=N alone"),
+    ("spn_lora,thr=1,size=2", "give exactly one of thr= and size= (rank=N may cap either)"),
+    ("spn_lora,rank=0", "rank=0 must be a whole number >= 1"),
+    ("rank=2.5", "rank=2.5 must be a whole number >= 1"),
 ])
 def test_bad_score_recipes_are_one_exact_error(recipe: str, why: str) -> None:
     with pytest.raises(ExtractionInputError) as info:

@@ -38,6 +38,8 @@ def test_the_documented_workflows_exist() -> None:
     expected = {"extract_then_validate.json", "extract_then_apply.json"}
     if "LoraResize" in NODE_CLASS_MAPPINGS:
         expected.add("resize_lora.json")
+    if "LoraMerge" in NODE_CLASS_MAPPINGS:
+        expected.add("merge_loras.json")
     if "LoraExtractV2" in NODE_CLASS_MAPPINGS:
         expected.add("extract_v2_then_validate.json")
     assert expected <= set(UI_FILES)

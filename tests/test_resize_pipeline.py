@@ -197,8 +197,10 @@ def test_peft_file_without_alpha_and_merge_of_formats(tmp_path, gen) -> None:
 
 @pytest.mark.parametrize("extra,needle", [
     ({"lora_unet_x.weird_suffix": torch.zeros(2)}, "unknown family: 'lora_unet_x.weird_suffix'"),
-    ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LoHa"),
-    ({"lora_unet_x.dora_scale": torch.zeros(2, 1)}, "DoRA"),
+    ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LoHa layer 'lora_unet_x' lacks hada_w1_b"),
+    ({"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, "LoKr layer 'lora_unet_x' lacks lokr_w2_a"),
+    ({"lora_unet_x.dora_scale": torch.zeros(2, 1)}, "DoRA scales without a LoRA"),
+    ({"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2)}, "OFT"),
 ])
 def test_unknown_or_unsupported_keys_are_errors(tmp_path, gen, extra, needle) -> None:
     base_path, _ = make_base(str(tmp_path), gen)
