@@ -31,6 +31,7 @@ from .report_curve import stored_diff_bytes
 from .size_types import CurvePoint, SizeCurve
 from .sources import WeightSource
 from .te_keys import layer_config
+from .waits import RunWatch
 
 ProgressFn = Callable[[int, int, str], None]
 InterruptFn = Callable[[], None]
@@ -92,7 +93,9 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
         return fallback.call(pair.tuned_key, lambda dev: load_difference(
             base, tuned, pair.tuned_key, pair.base_key, dev))
 
-    for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
+    for i, (pair, (diff, fro)) in enumerate(Prefetcher(
+            plan.common, load, prefetch, watch=RunWatch(check_interrupt),
+            what="the next layer from the reader")):
         if check_interrupt is not None:
             check_interrupt()
         if needs_svd(pair, fro, cfg, plan):
