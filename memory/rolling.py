@@ -55,6 +55,7 @@ def stream_rolling(loaded: Iterator[LoadedBatch], reader_has_batch: Callable[[],
         finally:
             layer.release()
 
+    batch: LoadedBatch | None = None
     try:
         while True:
             while in_flight and not reader_has_batch():
@@ -74,7 +75,13 @@ def stream_rolling(loaded: Iterator[LoadedBatch], reader_has_batch: Callable[[],
         while in_flight:
             store_oldest()
     except BaseException:
+        in_workers = {id(layer) for layer, _ in in_flight}
         _abandon(in_flight)
+        # Layers of the batch at hand that were not handed to the workers yet (or were stored
+        # already: release is idempotent) go back too.
+        for layer in batch.layers if batch is not None else ():
+            if id(layer) not in in_workers:
+                layer.release()
         raise
 
 
