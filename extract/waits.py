@@ -18,12 +18,14 @@ from __future__ import annotations
 import os
 import queue
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
+from types import FrameType
 from typing import TypeVar
 
 from .errors import ExtractionInputError, ExtractionStalled
@@ -111,10 +113,7 @@ class RunWatch:
         for t in threading.enumerate():
             if t.ident in waits or not t.name.startswith(THREAD_PREFIX):
                 continue
-            frame = frames.get(t.ident or -1)
-            where = (f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} "
-                     f"in {frame.f_code.co_name}" if frame is not None else "unknown")
-            parts.append(f"{t.name} is busy at {where}")
+            parts.append(f"{t.name} is busy at {_where(frames.get(t.ident or -1))}")
         return "; ".join(parts) + "." if parts else "No thread registered a wait."
 
     # --- the waits -----------------------------------------------------------------------
@@ -138,6 +137,19 @@ class RunWatch:
                     if fut.done():
                         return fut.result()
                     self.tick()
+
+
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def _where(frame: FrameType | None) -> str:
+    """The innermost frame of a thread outside the standard library (a lock's wait says
+    nothing; the read or the layer that waits on it does)."""
+    while frame is not None and frame.f_code.co_filename.startswith(_STDLIB) and frame.f_back:
+        frame = frame.f_back
+    if frame is None:
+        return "an unknown place"
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 def join_for(thread: threading.Thread, seconds: float) -> bool:
