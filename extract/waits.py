@@ -22,7 +22,7 @@ import sysconfig
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from types import FrameType
@@ -176,6 +176,6 @@ def wait_futures(futures: list[Future[object]], seconds: float) -> bool:
                 f.exception(timeout=min(POLL_S, left))
             except FutureTimeout:
                 continue
-            except BaseException:  # noqa: BLE001 - cancelled or failed: finished either way
+            except CancelledError:
                 break
     return True
