@@ -228,3 +228,16 @@ def test_progress_resets_the_stall_clock() -> None:
     now[0] = 19.5
     with pytest.raises(ExtractionStalled, match="no layer completed for 10 s"):
         watch.tick()
+
+
+def test_the_command_line_sets_the_stall_bound(tmp_path, monkeypatch, capsys) -> None:
+    from lora_extract.cli.main import main
+    from lora_extract.extract.synthetic import write_pair
+
+    monkeypatch.setenv(STALL_ENV, "600")          # main() changes it; this restores it after
+    bp, tp = write_pair(str(tmp_path / "in"), demo_layers(8), seed=1)
+    out = str(tmp_path / "lora.safetensors")
+    assert main(["--stall-timeout", "30", "extract", bp, tp, "-o", out]) == 0
+    assert os.environ[STALL_ENV] == "30.0" and os.path.exists(out)
+    assert main(["--stall-timeout", "-1", "extract", bp, tp, "-o", out + "2"]) == 2
+    assert STALL_ENV in capsys.readouterr().err and not os.path.exists(out + "2")

