@@ -37,7 +37,7 @@ V = TypeVar("V")
 
 _DONE = object()
 # How long ``close`` waits for the reader before leaving it behind.
-CLOSE_WAIT_S = 1.0
+CLOSE_WAIT_S = 0.8
 
 
 class Prefetcher(Generic[K, V]):

@@ -69,7 +69,7 @@ from .streams import DeviceStreams
 log = logging.getLogger(__name__)
 
 # After an error or cancel: how long a layer worker still running is waited for.
-WORKER_STOP_S = 1.0
+WORKER_STOP_S = 0.4
 
 # free_memory(bytes, device): ask the host application (ComfyUI) to make room on the device.
 FreeMemoryFn = Callable[[int, torch.device], None]

@@ -29,7 +29,9 @@ from ..extract.pipeline import InterruptFn
 from ..extract.waits import RunWatch, wait_futures
 from .streamer import LoadedBatch, LoadedLayer
 
-ABANDON_WAIT_S = 1.0
+# With ``WORKER_STOP_S`` (manager.py) and ``CLOSE_WAIT_S`` (prefetch.py): a cancel with a stuck
+# worker and a stuck reader still ends well within the 2 s users wait at most.
+ABANDON_WAIT_S = 0.4
 
 InFlight = deque[tuple[LoadedLayer, "Future[LayerExtraction] | None"]]
 
