@@ -14,6 +14,11 @@ the batch in compute, so disk reads, host work, transfers and the SVD overlap.
 - Resident keys: the difference is also kept in the ``ResidentCache``; a later run takes it from
   there and reads nothing.
 
+- Staging buffers: the reader tells the pool how many bytes its batch in progress holds, and
+  the pool never makes it wait for those (``buffers.py`` states the no-deadlock invariant);
+  a failed layer or batch gives its buffers back before the error travels on, and batches
+  read ahead but never taken are released when the run ends.
+
 Which keys are resident and how big batches are is decided elsewhere (``planner.py``).
 """
 
