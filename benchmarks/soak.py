@@ -1,6 +1,6 @@
 """Soak: repeated extractions in one process (as a ComfyUI server runs them) must not grow.
 
-    python benchmarks/soak.py [--keys 2000] [--runs 3] [--width 16]
+    python benchmarks/soak.py [--keys 2000] [--runs 3] [--width 16] [--v2]
 
 Writes a generated base/fine-tuned pair with ``--keys`` weight matrices (plus a bias for every
 fourth one) to a temporary folder, then extracts it ``--runs`` times from the files in this
@@ -8,6 +8,10 @@ process. For each run it reports the peak resident memory (VmHWM, reset before t
 /proc/self/clear_refs; a 2 ms VmRSS sampler where that is not allowed), the resident memory
 after the run, the open file descriptors and the prefetch threads still alive. Linux only.
 The baseline is the first run of the same process: later peaks should match it within noise.
+
+``--v2``: run 1 and every tenth run are V1; the others cycle LoRA Extract V2 through every
+``vram_usage_mode`` with batch sizes 1 and 8, and every file must equal run 1's (V1's) file
+(as the command line's ``--v2`` runs them, in one process).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 
 from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_to_file
 from lora_extract.extract.writer import save_safetensors_atomic
+from lora_extract.memory.manager import extract_to_file_v2
+from lora_extract.memory.planner import MODES, MemoryOptions
 
 MIB = 2**20
 
@@ -126,9 +133,17 @@ def write_soak_pair(folder: str, keys: int = 2000, width: int = 16, seed: int = 
     return bp, tp
 
 
+def v2_schedule(runs: int) -> list[MemoryOptions | None]:
+    """None (V1) for run 1 and every tenth; otherwise every mode with batch sizes 1 and 8."""
+    combos = [MemoryOptions(mode=m, batch_size=b) for m in MODES for b in (1, 8)]
+    return [None if i % 10 == 0 else combos[(i - 1 - i // 10) % len(combos)] for i in range(runs)]
+
+
 def run_soak(folder: str, keys: int = 2000, runs: int = 3, width: int = 16,
-             cfg: ExtractConfig | None = None) -> SoakResult:
+             cfg: ExtractConfig | None = None, v2: bool = False) -> SoakResult:
     cfg = cfg or ExtractConfig(rank=4)
+    plan = v2_schedule(runs) if v2 else [None] * runs
+    reference: dict[str, torch.Tensor] | None = None
     bp, tp = write_soak_pair(folder, keys, width)
     inputs = {os.path.realpath(bp), os.path.realpath(tp)}
     result = SoakResult(keys=keys)
@@ -138,28 +153,44 @@ def run_soak(folder: str, keys: int = 2000, runs: int = 3, width: int = 16,
         t0 = time.perf_counter()
         if _reset_peak():
             sampler = None
-            _run_once(bp, tp, cfg, out)
+            _run_once(bp, tp, cfg, out, plan[i])
             peak = _status_kib("VmHWM")
         else:
             with _Sampler() as sampler:
-                _run_once(bp, tp, cfg, out)
+                _run_once(bp, tp, cfg, out, plan[i])
             peak = sampler.peak
         seconds = time.perf_counter() - t0
         gc.collect()
         n_fds, on_inputs = _fds_on(inputs)
-        threads = sum(t.name == "lora-extract-prefetch" for t in threading.enumerate())
+        threads = sum(t.name.startswith("lora-extract") for t in threading.enumerate())
         result.runs.append(RunStats(peak * 1024, _status_kib("VmRSS") * 1024, n_fds, on_inputs,
                                     threads, seconds))
+        if v2:
+            got = load_file(out)
+            reference = reference if reference is not None else got
+            _assert_same_file(reference, got, i + 1)
         os.unlink(out)
     return result
 
 
-def _run_once(bp: str, tp: str, cfg: ExtractConfig, out: str) -> None:
+def _run_once(bp: str, tp: str, cfg: ExtractConfig, out: str,
+              v2: MemoryOptions | None = None) -> None:
     # As a server would: open, extract, drop. The first source is closed explicitly, the
     # second only dropped, so both ways of letting go of a file are checked.
     with SafetensorsSource(bp) as base:
-        report = extract_to_file(base, SafetensorsSource(tp), cfg, out)
+        if v2 is None:
+            report = extract_to_file(base, SafetensorsSource(tp), cfg, out)
+        else:
+            report, _ = extract_to_file_v2(base, SafetensorsSource(tp), cfg, v2, out)
     assert report.summary().lora > 0
+
+
+def _assert_same_file(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+                      run: int) -> None:
+    assert list(reference) == list(got), f"run {run}: keys differ from V1's file"
+    for k, t in reference.items():
+        torch.testing.assert_close(got[k].float(), t.float(), rtol=2e-3, atol=2e-4,
+                                   msg=lambda m, k=k: f"run {run}, {k}: {m}")
 
 
 def main() -> None:
@@ -167,10 +198,12 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--v2", action="store_true", help="cycle V2 modes and batch sizes 1 and 8; "
+                    "every file must equal V1's")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         fds_before = len(os.listdir("/proc/self/fd"))
-        res = run_soak(d, a.keys, a.runs, a.width)
+        res = run_soak(d, a.keys, a.runs, a.width, v2=a.v2)
         print(res.format())
         print(f"open fds before the first run: {fds_before}")
 

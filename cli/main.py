@@ -23,8 +23,10 @@ from ..extract import (
 )
 from ..extract.budget import SIZE_OBJECTIVES
 from ..extract.devices import resolve_device
+from ..extract.errors import ExtractionStalled
 from ..extract.keys import KEY_STYLES
 from ..extract.tempfiles import write_text_atomic
+from ..extract.waits import DEFAULT_STALL_S, STALL_ENV
 from .dry_run import run_dry
 from .extract_v2 import add_device_option, add_v2_options, memory_options, run_extract_v2, wants_v2
 from .flag_names import with_flag_names
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log lines (-v: info, -vv: debug)")
+    parser.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop with an error when no layer completes for this long "
+                             f"(default: {DEFAULT_STALL_S:g}, or ${STALL_ENV}; 0: no bound)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("extract", help="extract a LoRA from TUNED - BASE",
                        description="Extract a LoRA from TUNED - BASE and write it to -o.",
@@ -182,12 +187,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * a.verbose, format="%(levelname)s %(message)s")
+    if a.stall_timeout is not None:
+        # Read by every run of this process (extract/waits.py); not part of any output.
+        os.environ[STALL_ENV] = repr(a.stall_timeout)
     try:
         return a.func(a)
     except (ExtractionInputError, OSError) as e:
         # OSError: e.g. an unwritable --report path: one line naming the file, not a traceback.
         print(f"lora-extract: error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
+    except ExtractionStalled as e:
+        print(f"lora-extract: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("lora-extract: interrupted; no output file was written.", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ from .report_curve import stored_diff_bytes
 from .size_types import CurvePoint, SizeCurve
 from .sources import WeightSource
 from .te_keys import layer_config
+from .waits import RunWatch
 
 ProgressFn = Callable[[int, int, str], None]
 InterruptFn = Callable[[], None]
@@ -95,7 +96,9 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
 
     # A budget below the smallest possible file is refused now, not after every SVD.
     check_budget_fits(cfg, plan, load)
-    for i, (pair, (diff, fro)) in enumerate(Prefetcher(plan.common, load, prefetch)):
+    for i, (pair, (diff, fro)) in enumerate(Prefetcher(
+            plan.common, load, prefetch, watch=RunWatch(check_interrupt),
+            what="the next layer from the reader")):
         if check_interrupt is not None:
             check_interrupt()
         if needs_svd(pair, fro, cfg, plan):

@@ -14,3 +14,8 @@ class ExtractionInputError(ValueError):
 
 class ExtractionInterrupted(RuntimeError):
     """The user stopped the run (Ctrl-C on the command line). No output file was written."""
+
+
+class ExtractionStalled(RuntimeError):
+    """No layer completed for longer than the stall bound; the message says which thread waits
+    for what. No output file was written."""

@@ -22,6 +22,7 @@ from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, 
 from .report_curve import curve_from_report
 from .sources import WeightSource
 from .te_keys import UNPATCHABLE_NOTE, layer_config, lora_keys_for
+from .waits import RunWatch
 from .writer import save_safetensors_atomic
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,9 @@ def run_layers(pairs: list[KeyPair], load: Callable[[KeyPair], tuple[torch.Tenso
                check_interrupt: InterruptFn | None, total: int) -> None:
     """The V1 layer loop: read ahead, check the interrupt between layers, process each
     difference into the report, report progress; the difference is dropped before the next."""
-    for i, (pair, (diff, fro)) in enumerate(Prefetcher(pairs, load, prefetch)):
+    layers = Prefetcher(pairs, load, prefetch, watch=RunWatch(check_interrupt),
+                        what="the next layer from the reader")
+    for i, (pair, (diff, fro)) in enumerate(layers):
         if check_interrupt is not None:
             check_interrupt()
         report.add(process(pair, diff, fro))

@@ -3,12 +3,22 @@
 Layers are processed in model order (the output file has V1's keys in V1's order); what differs
 is how they get to the device (batches read ahead, resident blocks kept between runs) and how
 they are decomposed (same-shaped matrices of a batch in one batched SVD on an accelerator).
+
+No deadlock and no untimed wait. The staging pool never makes the reader wait for its own
+batch, and every other holder of staging buffers gives them back without waiting for the reader
+(``buffers.py``): the rolling consumer stores what it holds before it waits for a batch
+(``rolling.py``), and the batch-barrier consumer here stores and releases a whole batch, on
+every path, before it asks for the next. Every wait of the main thread (the next batch, a
+worker's factors) is sliced through one ``RunWatch`` per run (``extract/waits.py``), so Cancel,
+Ctrl-C and the stall bound always reach it; the layer workers are shut down without waiting
+after an error, so a stuck worker cannot freeze the caller either.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +46,7 @@ from ..extract.pipeline import (
 from ..extract.report import ExtractionReport
 from ..extract.sources import WeightSource
 from ..extract.te_keys import layer_config
+from ..extract.waits import RunWatch, join_for
 from ..extract.writer import save_safetensors_atomic
 from .blocks import block_of
 from .buffers import StagingPool
@@ -52,10 +63,13 @@ from .planner import (
 )
 from .rolling import stream_rolling
 from .run_report import BatchRecord, MemoryRunReport
-from .streamer import LoadedLayer, PairStreamer, pair_bytes
+from .streamer import LoadedLayer, PairStreamer, pair_bytes, release_batch
 from .streams import DeviceStreams
 
 log = logging.getLogger(__name__)
+
+# After an error or cancel: how long a layer worker still running is waited for.
+WORKER_STOP_S = 0.4
 
 # free_memory(bytes, device): ask the host application (ComfyUI) to make room on the device.
 FreeMemoryFn = Callable[[int, torch.device], None]
@@ -88,8 +102,10 @@ class _Run:
     def __init__(self, cfg: ExtractConfig, opts: MemoryOptions, mem: MemoryRunReport,
                  cache: ResidentCache, use_batched: bool,
                  workers: ThreadPoolExecutor | None = None,
-                 finish: Callable[[LoadedLayer], LayerExtraction] | None = None) -> None:
+                 finish: Callable[[LoadedLayer], LayerExtraction] | None = None,
+                 watch: RunWatch | None = None) -> None:
         self.cfg, self.opts, self.mem, self.cache = cfg, opts, mem, cache
+        self.watch = watch if watch is not None else RunWatch()
         # A size-budgeted run: the factors were decomposed in pass 1; only finish them.
         self.finish = finish
         self.use_batched = use_batched
@@ -132,10 +148,15 @@ class _Run:
             return [self.one(layer) for layer in chunk]
         gens = [_layer_generator(self.cfg, layer.pair.path) for layer in chunk]
         if self.workers is not None and len(chunk) > 1:
-            return list(self.workers.map(
-                lambda lg: extract_matrix(lg[0].diff, layer_config(self.cfg, lg[0].pair.path),
-                                          fro=lg[0].fro, generator=lg[1]),
-                zip(chunk, gens, strict=True)))
+            futures = [self.workers.submit(
+                extract_matrix, layer.diff, layer_config(self.cfg, layer.pair.path),
+                fro=layer.fro, generator=g) for layer, g in zip(chunk, gens, strict=True)]
+            try:
+                return [self.watch.result(f, f"a worker to decompose {layer.pair.tuned_key!r}")
+                        for f, layer in zip(futures, chunk, strict=True)]
+            finally:
+                for f in futures:
+                    f.cancel()
         if len(chunk) == 1 or not self.use_batched:
             return [extract_matrix(layer.diff, layer_config(self.cfg, layer.pair.path),
                                    fro=layer.fro, generator=g)
@@ -205,10 +226,25 @@ def _layer_parallel(workers: int) -> Iterator[ThreadPoolExecutor | None]:
         return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    threads: list[threading.Thread] = []
+
+    def init() -> None:
+        threads.append(threading.current_thread())
+        init_layer_worker()
+
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="lora-extract-layer", initializer=init)
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="lora-extract-layer",
-                                initializer=init_layer_worker) as ex:
-            yield ex
+        yield ex
+    except BaseException:
+        # Cancelled or failed: idle workers end at once; one stuck in a layer is waited for at
+        # most WORKER_STOP_S, then left to end on its own (the caller must not freeze).
+        ex.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + WORKER_STOP_S
+        for t in list(threads):
+            join_for(t, max(0.0, deadline - time.monotonic()))
+        raise
+    else:
+        ex.shutdown(wait=True)   # every future was consumed: the workers are idle
     finally:
         torch.set_num_threads(before)
 
@@ -217,10 +253,10 @@ def _stream(streamer: PairStreamer, batches: list[list[KeyPair]], run: _Run, cfg
             plan: PairPlan, report: ExtractionReport, progress: ProgressFn | None,
             check_interrupt: InterruptFn | None, monitor: VramMonitor) -> dict[str, torch.Tensor]:
     """Extract every layer the streamer delivers; store them in model order; return the tensors."""
-    store = LayerStore(cfg, plan, report, progress, check_interrupt)
+    store = LayerStore(cfg, plan, report, progress, check_interrupt, run.watch)
     # closing(): on an error or interrupt the reader thread is stopped and joined right here,
     # not whenever the traceback that holds this generator is collected.
-    with closing(streamer.batches(batches)) as loaded_batches:
+    with closing(streamer.batches(batches, run.watch)) as loaded_batches:
         if run.workers is not None and streamer.prefetch_ahead > 0:
             # CPU: no batch barrier (see rolling.py). Without read-ahead the main thread is
             # the reader, and must not read while it holds layers: batches then.
@@ -228,17 +264,23 @@ def _stream(streamer: PairStreamer, batches: list[list[KeyPair]], run: _Run, cfg
                 loaded_batches, streamer.has_ready_batch, run.workers, max(run.limit, 1),
                 run.one,
                 lambda layer: needs_svd(layer.pair, layer.fro, cfg, plan), store,
-                lambda n, seconds: run.after_batch(monitor, streamer, n, seconds), check_interrupt)
+                lambda n, seconds: run.after_batch(monitor, streamer, n, seconds), check_interrupt,
+                run.watch)
         else:
             for loaded in loaded_batches:
-                if check_interrupt is not None:
-                    check_interrupt()
-                tb = time.perf_counter()
-                todo = [x for x in loaded.layers if needs_svd(x.pair, x.fro, cfg, plan)]
-                extracted = dict(zip((id(x) for x in todo), run.extract(todo), strict=True))
-                for layer in loaded.layers:
-                    store(layer, extracted.get(id(layer)))
-                run.after_batch(monitor, streamer, len(loaded.layers), time.perf_counter() - tb)
+                # The whole batch goes back before the next is asked for, on every path.
+                try:
+                    if check_interrupt is not None:
+                        check_interrupt()
+                    tb = time.perf_counter()
+                    todo = [x for x in loaded.layers if needs_svd(x.pair, x.fro, cfg, plan)]
+                    extracted = dict(zip((id(x) for x in todo), run.extract(todo), strict=True))
+                    for layer in loaded.layers:
+                        store(layer, extracted.get(id(layer)))
+                    run.after_batch(monitor, streamer, len(loaded.layers),
+                                    time.perf_counter() - tb)
+                finally:
+                    release_batch(loaded)
     if check_interrupt is not None:
         check_interrupt()
     return store.tensors
@@ -323,7 +365,8 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     with _layer_parallel(workers) as pool_exec:
         run = _Run(cfg, opts, mem, cache, use_batched, pool_exec,
                    finish=None if budget is None else
-                   (lambda x: budget.finish(x.pair.tuned_key, x.diff, x.fro)))
+                   (lambda x: budget.finish(x.pair.tuned_key, x.diff, x.fro)),
+                   watch=RunWatch(check_interrupt))
         tensors = _stream(streamer, batches, run, cfg, plan, report, progress, check_interrupt,
                           monitor)
     mem.cache_hits, mem.bytes_moved = streamer.cache_hits, streamer.bytes_moved

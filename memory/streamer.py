@@ -14,6 +14,11 @@ the batch in compute, so disk reads, host work, transfers and the SVD overlap.
 - Resident keys: the difference is also kept in the ``ResidentCache``; a later run takes it from
   there and reads nothing.
 
+- Staging buffers: the reader tells the pool how many bytes its batch in progress holds, and
+  the pool never makes it wait for those (``buffers.py`` states the no-deadlock invariant);
+  a failed layer or batch gives its buffers back before the error travels on, and batches
+  read ahead but never taken are released when the run ends.
+
 Which keys are resident and how big batches are is decided elsewhere (``planner.py``).
 """
 
@@ -32,6 +37,7 @@ from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
 from ..extract.pairing import KeyPair, load_difference
 from ..extract.prefetch import Prefetcher
 from ..extract.sources import SafetensorsSource, StateDictSource, WeightSource
+from ..extract.waits import RunWatch
 from .buffers import StagingPool, view_as
 from .cache import ResidentCache
 from .streams import DeviceStreams, streams_for
@@ -90,6 +96,9 @@ class PairStreamer:
         self._scratch: torch.Tensor | None = None
         self._prefetcher: Prefetcher[Sequence[KeyPair], LoadedBatch] | None = None
         self.oom_keys: list[str] = []
+        # Reader thread: bytes of staging buffers its batch in progress holds (the pool never
+        # makes the reader wait for those: see buffers.py).
+        self._held = 0
         self.cache_hits = 0
         self.bytes_moved = 0
 
@@ -97,8 +106,14 @@ class PairStreamer:
         """Whether the next batch (or the end) is loaded, so taking it does not wait."""
         return self._prefetcher is not None and self._prefetcher.ready()
 
-    def batches(self, batches: Sequence[Sequence[KeyPair]]) -> Iterator[LoadedBatch]:
-        prefetcher = self._prefetcher = Prefetcher(batches, self._load_batch, self.prefetch_ahead)
+    def batches(self, batches: Sequence[Sequence[KeyPair]],
+                watch: RunWatch | None = None) -> Iterator[LoadedBatch]:
+        """Loaded batches in order. A batch taken from here is the caller's: it releases every
+        layer (``LoadedLayer.release``) on every path; batches never taken are released here."""
+        prefetcher = self._prefetcher = Prefetcher(
+            batches, self._load_batch, self.prefetch_ahead, watch=watch, discard=release_batch,
+            what="the next batch from the reader")
+        self.pool.watch = prefetcher.watch
         try:
             for _pairs, loaded in prefetcher:
                 if self.streams is not None:
@@ -119,7 +134,21 @@ class PairStreamer:
     # --- reader thread -------------------------------------------------------------------
 
     def _load_batch(self, pairs: Sequence[KeyPair]) -> LoadedBatch:
-        return LoadedBatch([self._load(p) for p in pairs])
+        """Every layer of a batch; on an error the layers loaded so far are released."""
+        batch = LoadedBatch()
+        self._held = 0
+        try:
+            for p in pairs:
+                layer = self._load(p)
+                batch.layers.append(layer)
+                if layer.host_buffer is not None:
+                    self._held += layer.host_buffer.numel()
+        except BaseException:
+            release_batch(batch)
+            raise
+        finally:
+            self._held = 0
+        return batch
 
     def _load(self, pair: KeyPair) -> LoadedLayer:
         resident = self.cache is not None and pair.tuned_key in self.resident_keys
@@ -150,7 +179,14 @@ class PairStreamer:
                 "base/fine-tune pair.")
 
     def _load_host(self, pair: KeyPair) -> LoadedLayer:
-        buf = self.pool.acquire(pair_bytes(pair.shape))
+        buf = self.pool.acquire(pair_bytes(pair.shape), held=self._held)
+        try:
+            return self._fill_host(pair, buf)
+        except BaseException:
+            self.pool.release(buf)
+            raise
+
+    def _fill_host(self, pair: KeyPair, buf: torch.Tensor) -> LoadedLayer:
         diff = view_as(buf, torch.float32, tuple(pair.shape))
         if self._scratch is None:
             self._scratch = torch.empty(CHUNK, dtype=torch.float32)
@@ -228,12 +264,15 @@ class PairStreamer:
 
     def _stage(self, source: WeightSource, key: str, staged: list[torch.Tensor]) -> torch.Tensor:
         """``key`` in a pinned pool buffer, in its stored dtype (files: read straight into it)."""
+        # ``held``: the other weight of this layer, already staged (and the batch's own
+        # buffers, none on this path): never waited for.
+        held = self._held + sum(b.numel() for b in staged)
         if isinstance(source, SafetensorsSource):
-            buf = self.pool.acquire(source.nbytes(key))
+            buf = self.pool.acquire(source.nbytes(key), held=held)
             staged.append(buf)
             return source.read_into(key, buf)
         t = source.get(key, "cpu")
-        buf = self.pool.acquire(t.numel() * t.element_size())
+        buf = self.pool.acquire(t.numel() * t.element_size(), held=held)
         staged.append(buf)
         pinned = view_as(buf, t.dtype, tuple(t.shape))
         pinned.copy_(t)
@@ -254,6 +293,12 @@ class PairStreamer:
             del on_device
             fro_t = frobenius_norm_tensor(diff)
         return diff, fro_t, moved
+
+
+def release_batch(batch: LoadedBatch) -> None:
+    """Give back every host buffer of ``batch`` (idempotent per layer)."""
+    for layer in batch.layers:
+        layer.release()
 
 
 def pair_bytes(shape: Sequence[int]) -> int:

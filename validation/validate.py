@@ -25,6 +25,7 @@ from ..extract.pairing import KeyPair, plan_pair
 from ..extract.prefetch import Prefetcher
 from ..extract.sources import WeightSource
 from ..extract.te_keys import model_path
+from ..extract.waits import RunWatch
 from .lora_apply import LoraIndex, PatchNotMerged, index_lora, patched_weight
 from .report import (
     STATUS_COVERED,
@@ -192,7 +193,9 @@ def validate_lora(base: WeightSource, tuned: WeightSource, lora: WeightSource, *
     def load(pair: KeyPair) -> tuple[torch.Tensor, torch.Tensor]:
         return load_pair(pair, base, tuned, device)
 
-    for i, (pair, weights) in enumerate(Prefetcher(plan.common, load, prefetch)):
+    for i, (pair, weights) in enumerate(Prefetcher(
+            plan.common, load, prefetch, watch=RunWatch(check_interrupt),
+            what="the next layer pair from the reader")):
         if check_interrupt is not None:
             check_interrupt()
         skips = loader == LOADER_COMFYUI and plan.on_nonleaf_module(pair.path)
