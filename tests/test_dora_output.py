@@ -234,3 +234,29 @@ def test_output_names_say_dora() -> None:
     assert ExtractConfig(rank=8, dora="input").name_tag() == "rank_8_dora_input"
     assert ExtractConfig(rank=8).name_tag() == "rank_8"
     assert math.isfinite(ExtractConfig().rank)
+
+
+@pytest.mark.parametrize("node_id", ["LoraExtract", "LoraExtractV2"])
+def test_nodes_offer_dora_last_and_off_by_default(node_id) -> None:
+    from lora_extract import NODE_CLASS_MAPPINGS
+
+    optional = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]
+    choices, opts = optional["dora"]
+    assert choices == ["off", "output", "input"] and opts["default"] == "off"
+    assert list(optional)[-1] == "dora"    # saved workflows keep their widget values
+
+
+def test_command_line_writes_a_dora_file(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from lora_extract.cli import main
+    from lora_extract.extract.synthetic import write_pair
+
+    bp, tp = write_pair(str(tmp_path), _layers(), seed=7)
+    out = str(tmp_path / "dora.safetensors")
+    assert main(["extract", bp, tp, "-o", out, "--rank", "4", "--dora", "input"]) == 0
+    sd = load_file(out)
+    assert sorted(tuple(t.shape) for k, t in sd.items() if k.endswith(".dora_scale")) == [
+        (1, 24, 1, 1), (1, 32), (1, 32), (1, 48)]
+    with pytest.raises(SystemExit):
+        main(["extract", bp, tp, "-o", str(tmp_path / "x.safetensors"), "--dora", "rows"])
