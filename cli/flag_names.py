@@ -26,6 +26,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
 FIELD_FLAGS: dict[str, str] = {
     "target_size_mb": "--target-size",
     "size_objective": "--size-objective",
+    "dora": "--dora",
     "conv_rank": "--conv-rank",
     "text_encoder_rank": "--text-encoder-rank",
     "lora_type": "--lora-type",

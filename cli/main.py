@@ -22,6 +22,7 @@ from ..extract import (
     extract_to_file,
 )
 from ..extract.budget import SIZE_OBJECTIVES
+from ..extract.config import DORA_OPTIONS
 from ..extract.devices import resolve_device
 from ..extract.errors import ExtractionStalled
 from ..extract.keys import KEY_STYLES
@@ -79,6 +80,10 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size-objective", choices=SIZE_OBJECTIVES, default=d.size_objective,
                    help="with --target-size: mean = the least average layer error; worst = the "
                         "least worst-layer error (no layer left far behind)")
+    p.add_argument("--dora", choices=DORA_OPTIONS, default=d.dora,
+                   help="off: plain LoRA; output / input: DoRA, a LoRA plus a float32 magnitude "
+                        "per output or input channel (dora_scale, read by ComfyUI's loader); the "
+                        "report compares each layer with plain LoRA in the same bytes")
     add_v2_options(p)
 
 
@@ -90,7 +95,7 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
         key_style=a.key_style, device=resolve_device(a.device),
         target_size_mb=a.target_size, size_objective=a.size_objective,
-        text_encoder_rank=getattr(a, "text_encoder_rank", 0)).validate()
+        text_encoder_rank=getattr(a, "text_encoder_rank", 0), dora=a.dora).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,

@@ -20,6 +20,8 @@ OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
 }
 MAX_RANK = 4096
+# DoRA output (extract/dora.py): off, or the axis of the stored magnitude as ComfyUI reads it.
+DORA_OPTIONS = ("off", "output", "input")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ExtractConfig:
     target_size_mb: float = 0.0           # 0: off; else ranks allocated to fit this many MiB
     text_encoder_rank: int = 0            # rank (cap) for text-encoder layers; 0: same as rank
     size_objective: str = "mean"          # with target_size_mb: "mean" or "worst" layer error
+    dora: str = "off"                     # "output"/"input": store a dora_scale on that axis
 
     def validate(self) -> ExtractConfig:
         def bad(what: str) -> ExtractionInputError:
@@ -73,6 +76,7 @@ class ExtractConfig:
         if not self.alpha >= 0 or self.alpha != self.alpha:
             raise bad(f"alpha {self.alpha!r} must be >= 0 (0 means alpha = rank).")
         self._validate_target_size()
+        self._validate_dora()
         if self.key_style not in KEY_STYLES:
             raise bad(f"key_style {self.key_style!r} is not one of {', '.join(KEY_STYLES)}.")
         try:
@@ -98,6 +102,23 @@ class ExtractConfig:
                 f"{self.lora_type!r}: {fix}. Use lora_type 'standard' (rank and conv_rank are "
                 "then the per-layer caps), or target_size_mb 0.")
 
+    def _validate_dora(self) -> None:
+        if self.dora not in DORA_OPTIONS:
+            raise ExtractionInputError(
+                f"dora {self.dora!r} is not one of {', '.join(DORA_OPTIONS)}: off (plain LoRA), "
+                "output or input (the axis of the stored magnitude).")
+        if self.dora == "off":
+            return
+        if self.lora_type == "full":
+            raise ExtractionInputError(
+                f"dora {self.dora!r} cannot be combined with lora_type 'full': a full difference "
+                "already reproduces the fine-tuned weight. Use a low-rank lora_type, or dora off.")
+        if self.target_size_mb:
+            raise ExtractionInputError(
+                f"dora {self.dora!r} cannot be combined with target_size_mb "
+                f"{self.target_size_mb:g}: the size budget allocates plain-LoRA ranks. Use a rank "
+                "(or an adaptive lora_type) with DoRA, or dora off with the budget.")
+
     @property
     def budget_bytes(self) -> int:
         """The size budget in bytes (MiB = 2**20 bytes); 0 when off."""
@@ -108,7 +129,8 @@ class ExtractConfig:
         if self.target_size_mb:
             worst = "_worst" if self.size_objective == "worst" else ""
             return f"size_{self.target_size_mb:g}mb{worst}"
-        return f"rank_{self.file_tag()}"
+        dora = f"_dora_{self.dora}" if self.dora != "off" else ""
+        return f"rank_{self.file_tag()}{dora}"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -72,6 +72,11 @@ class LoraKeys:
         return f"{self.prefix}.alpha"
 
     @property
+    def dora_scale(self) -> str:
+        # ComfyUI's loader reads "<prefix>.dora_scale" next to the factors in every key style.
+        return f"{self.prefix}.dora_scale"
+
+    @property
     def diff(self) -> str:
         return f"{self.prefix}.diff"
 

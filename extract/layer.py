@@ -50,6 +50,16 @@ class LoraFactors:
 
 
 @dataclass
+class DoraOutput:
+    """The DoRA part of a layer (``extract/dora.py``), and the plain LoRA it is compared with."""
+
+    scale: torch.Tensor     # dora_scale as stored: float32, [out, 1, ...] or [1, in, 1, ...]
+    axis: str               # "output" or "input"
+    lora_rank: int          # rank of the plain LoRA that fits in the same bytes
+    lora_rel_error: float   # that plain LoRA's error (clamped and cast, as a file stores it)
+
+
+@dataclass
 class LayerExtraction:
     """What extracting one matrix produced, and how well it reproduces the difference."""
 
@@ -60,6 +70,7 @@ class LayerExtraction:
     clamped_entries: int = 0       # factor entries the clamp changed
     spectrum: list[float] = field(default_factory=list)   # leading singular values (computed)
     seconds: float = 0.0
+    dora: DoraOutput | None = None   # set when the layer is stored as DoRA
 
 
 def svd_plan(m: int, n: int, cfg: ExtractConfig, cap: int) -> tuple[bool, int]:

@@ -12,6 +12,7 @@ import torch
 
 from .config import ExtractConfig
 from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
+from .dora import extract_dora_matrix
 from .errors import ExtractionInputError
 from .layer import LayerExtraction, extract_matrix, layer_kind
 from .norms import frobenius_norm
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 # progress(done, total, key) after each layer; check_interrupt() raises to stop between layers.
 ProgressFn = Callable[[int, int, str], None]
 InterruptFn = Callable[[], None]
+# base_weight(device): the layer's base weight in float32 on ``device`` (DoRA output needs it).
+BaseWeightFn = Callable[[torch.device], torch.Tensor]
 
 
 # Measured against ComfyUI 0.3.64 and the 2026-08 code: its loader accepts these keys without a
@@ -67,6 +70,22 @@ def _cast_checked(t: torch.Tensor, cfg: ExtractConfig, key: str) -> torch.Tensor
     return out
 
 
+def extract_layer(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConfig,
+                  base_weight: BaseWeightFn | None) -> LayerExtraction:
+    """One matrix's factors: plain LoRA, or DoRA (factors and magnitude) with ``cfg.dora`` on.
+
+    Shared by V1 (``process_pair``) and the V2 manager so both store the same tensors.
+    """
+    layer_cfg = layer_config(cfg, pair.path)
+    gen = _layer_generator(cfg, pair.path)
+    if cfg.dora == "off":
+        return extract_matrix(diff, layer_cfg, fro=fro, generator=gen)
+    if base_weight is None:
+        raise ValueError(f"{pair.tuned_key!r}: DoRA output needs the base weight")
+    return extract_dora_matrix(diff, base_weight(diff.device), layer_cfg, cfg.dora, fro=fro,
+                               generator=gen)
+
+
 def stored_role(pair: KeyPair, cfg: ExtractConfig, plan: PairPlan) -> str | None:
     """The role ``process_pair`` stores a changed parameter under (``weight``, ``bias`` or
     ``param``), or None when it leaves it out: no loader key (a text encoder's
@@ -88,11 +107,13 @@ def needs_svd(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> 
 
 def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConfig,
                  plan: PairPlan, tensors: dict[str, torch.Tensor],
-                 extraction: LayerExtraction | None = None) -> LayerReport:
+                 extraction: LayerExtraction | None = None,
+                 base_weight: BaseWeightFn | None = None) -> LayerReport:
     """Turn one difference into output tensors (added to ``tensors``) and its report line.
 
     ``extraction``: the layer's factors when the caller already extracted them (the V2
-    manager's batched SVD); otherwise they are extracted here.
+    manager's batched SVD); otherwise they are extracted here. ``base_weight``: the base
+    weight, read only for DoRA output.
     """
     t0 = time.perf_counter()
     shape = pair.shape
@@ -115,17 +136,22 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
             tensors[keys.diff] = _cast_checked(diff, cfg, pair.tuned_key)
             entry.status, entry.rel_error = STATUS_DIFF, 0.0
         else:
-            res = extraction or extract_matrix(diff, layer_config(cfg, pair.path), fro=fro,
-                                               generator=_layer_generator(cfg, pair.path))
+            res = extraction or extract_layer(pair, diff, fro, cfg, base_weight)
             f = res.factors
             tensors[keys.up] = f.up
             tensors[keys.down] = f.down
             tensors[keys.alpha] = torch.tensor(f.alpha, dtype=torch.float32)
+            if res.dora is not None:
+                tensors[keys.dora_scale] = res.dora.scale
+                entry.dora_axis = res.dora.axis
+                entry.lora_same_size_rank = res.dora.lora_rank
+                entry.lora_same_size_error = res.dora.lora_rel_error
             entry.status, entry.rank = STATUS_LORA, f.rank
             entry.rel_error, entry.rel_error_unclamped = res.rel_error, res.rel_error_unclamped
             entry.clamped_entries = res.clamped_entries
             entry.spectrum, entry.energy = res.spectrum, fro * fro
-            if not all(map(bool, (torch.isfinite(f.up).all(), torch.isfinite(f.down).all()))):
+            stored = (f.up, f.down) + ((res.dora.scale,) if res.dora is not None else ())
+            if not all(bool(torch.isfinite(t).all()) for t in stored):
                 raise ExtractionInputError(
                     f"key {pair.tuned_key!r}: factors overflow {cfg.output_dtype}; "
                     "use output_dtype bf16 or fp32.")
@@ -177,12 +203,15 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     def process(pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
         loaded_on = "cpu" if fallback.ran_on_cpu(pair.tuned_key) else fallback.requested
 
+        def base_weight(dev: torch.device) -> torch.Tensor:
+            return base.get(pair.base_key, dev, torch.float32)
+
         def work(dev: str) -> LayerReport:
             if dev == loaded_on:
-                return process_pair(pair, diff, fro, cfg, plan, tensors)
+                return process_pair(pair, diff, fro, cfg, plan, tensors, base_weight=base_weight)
             # A retry: the failed attempt consumed the difference in place, so read it again.
             d, f = load_difference(base, tuned, pair.tuned_key, pair.base_key, dev)
-            return process_pair(pair, d, f, cfg, plan, tensors)
+            return process_pair(pair, d, f, cfg, plan, tensors, base_weight=base_weight)
         return fallback.call(pair.tuned_key, work, loaded_on)
 
     run_layers(plan.common, load, process, report, prefetch=prefetch, progress=progress,
@@ -239,6 +268,11 @@ def finish_result(cfg: ExtractConfig, report: ExtractionReport,
             f"{len(ignored)} parameter difference(s) such as {ignored[0]!r} are stored, but "
             "ComfyUI's LoRA loader ignores parameters of non-leaf modules; load the LoRA with this "
             "pack's 'Load LoRA (complete)' node to apply them (other loaders apply them too).")
+    if cfg.dora != "off" and cfg.key_style == "diffusers":
+        report.notes.append(
+            "DoRA magnitudes are stored as '<prefix>.dora_scale', the name ComfyUI's loader reads "
+            "in every key style; PEFT and diffusers name theirs 'lora_magnitude_vector' and "
+            "normalise by another norm, so this file is for ComfyUI.")
     _add_size_facts(cfg, report, tensors)
     unmapped = [r.key for r in report.layers if r.reason.startswith(UNMAPPED_PREFIX)]
     if unmapped:

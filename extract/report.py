@@ -33,6 +33,11 @@ class LayerReport:
     seconds: float = 0.0
     spectrum: list[float] = field(default_factory=list)
     energy: float | None = None          # ||dW||_F^2 of a LoRA layer (feeds the size curve)
+    # DoRA output (extract/dora.py): the magnitude's axis, and the plain LoRA that fits in the
+    # same bytes (its rank and error), to compare rel_error with.
+    dora_axis: str | None = None
+    lora_same_size_rank: int | None = None
+    lora_same_size_error: float | None = None
 
 
 @dataclass
@@ -142,6 +147,19 @@ class ExtractionReport:
                 lines.append(f"  {part.replace('_', ' ')} rank: {min(ranks)}..{max(ranks)}")
         return lines
 
+    def _dora_lines(self) -> list[str]:
+        """DoRA against plain LoRA at the same bytes, when the layers are DoRA."""
+        dora = [r for r in self.layers if r.dora_axis is not None and r.rel_error is not None
+                and r.lora_same_size_error is not None]
+        if not dora:
+            return []
+        axes = sorted({r.dora_axis for r in dora if r.dora_axis})
+        mean = statistics.fmean(r.rel_error or 0.0 for r in dora)
+        plain = statistics.fmean(r.lora_same_size_error or 0.0 for r in dora)
+        better = sum((r.rel_error or 0.0) < (r.lora_same_size_error or 0.0) for r in dora)
+        return [f"DoRA ({'/'.join(axes)} axis): mean error {mean:.4f}; plain LoRA in the same "
+                f"bytes: {plain:.4f}; DoRA better on {better} of {len(dora)} layers"]
+
     def format_text(self, worst: int = 5) -> str:
         """A short human summary (node UI, command line)."""
         s = self.summary()
@@ -165,6 +183,7 @@ class ExtractionReport:
         for reason, n in sorted(self.skipped_reasons().items()):
             lines.append(f"skipped {n}: {reason}")
         lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(self._dora_lines())
         lines.extend(budget_lines(self))
         if self.output_path:
             lines.append(f"file: {self.output_path} ({s.file_bytes / 2**20:.2f} MiB)")

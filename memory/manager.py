@@ -39,6 +39,7 @@ from ..extract.pipeline import (
     InterruptFn,
     ProgressFn,
     _layer_generator,
+    extract_layer,
     finish_result,
     needs_svd,
     new_report,
@@ -103,9 +104,12 @@ class _Run:
                  cache: ResidentCache, use_batched: bool,
                  workers: ThreadPoolExecutor | None = None,
                  finish: Callable[[LoadedLayer], LayerExtraction] | None = None,
-                 watch: RunWatch | None = None) -> None:
+                 watch: RunWatch | None = None,
+                 base_weight: Callable[[KeyPair, torch.device], torch.Tensor] | None = None) -> None:
         self.cfg, self.opts, self.mem, self.cache = cfg, opts, mem, cache
         self.watch = watch if watch is not None else RunWatch()
+        # DoRA output reads each layer's base weight again (the streamer delivers differences).
+        self.base_weight = base_weight
         # A size-budgeted run: the factors were decomposed in pass 1; only finish them.
         self.finish = finish
         self.use_batched = use_batched
@@ -140,11 +144,18 @@ class _Run:
         """One layer's factors on the device its difference is on."""
         if self.finish is not None:
             return self.finish(layer)
+        if self.cfg.dora != "off":
+            bw = self.base_weight
+            return extract_layer(layer.pair, layer.diff, layer.fro, self.cfg,
+                                 None if bw is None else (lambda dev: bw(layer.pair, dev)))
         return extract_matrix(layer.diff, layer_config(self.cfg, layer.pair.path), fro=layer.fro,
                               generator=_layer_generator(self.cfg, layer.pair.path))
 
     def _decompose(self, chunk: list[LoadedLayer]) -> list[LayerExtraction]:
-        if self.finish is not None:
+        if self.finish is not None or self.cfg.dora != "off":
+            # DoRA: one layer at a time (with its base weight), never the batched plain SVD.
+            if self.workers is not None and len(chunk) > 1:
+                return list(self.workers.map(self.one, chunk))
             return [self.one(layer) for layer in chunk]
         gens = [_layer_generator(self.cfg, layer.pair.path) for layer in chunk]
         if self.workers is not None and len(chunk) > 1:
@@ -366,7 +377,8 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
         run = _Run(cfg, opts, mem, cache, use_batched, pool_exec,
                    finish=None if budget is None else
                    (lambda x: budget.finish(x.pair.tuned_key, x.diff, x.fro)),
-                   watch=RunWatch(check_interrupt))
+                   watch=RunWatch(check_interrupt),
+                   base_weight=lambda pair, dev: base.get(pair.base_key, dev, torch.float32))
         tensors = _stream(streamer, batches, run, cfg, plan, report, progress, check_interrupt,
                           monitor)
     mem.cache_hits, mem.bytes_moved = streamer.cache_hits, streamer.bytes_moved

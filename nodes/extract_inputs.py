@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..extract.budget import MAX_TARGET_MB, SIZE_OBJECTIVES
-from ..extract.config import ALGORITHMS, LORA_TYPES, OUTPUT_DTYPES, ExtractConfig
+from ..extract.config import ALGORITHMS, DORA_OPTIONS, LORA_TYPES, OUTPUT_DTYPES, ExtractConfig
 from ..extract.keys import KEY_STYLES
 from .model_inputs import MODEL_AND_CLIP_INPUTS
 
@@ -67,12 +67,19 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
                            "allocated across layers (rank / conv_rank are the caps) for the least "
                            "total error; lora_type must be standard. The report shows the error "
                            "against size to pick a value."}),
-            # Last, so workflows saved before it keep their widget values in place.
+            # Appended in order, so workflows saved before an input keep their widget values.
             "size_objective": (list(SIZE_OBJECTIVES), {
                 "default": "mean",
                 "tooltip": "With target_size_mb only. mean: the least average layer error. "
                            "worst: the least worst-layer error; every layer brought to one error "
                            "level, so none is left at rank 1 while others get many."}),
+            "dora": (list(DORA_OPTIONS), {
+                "default": "off",
+                "tooltip": "off: plain LoRA. output / input: DoRA, a LoRA plus a float32 magnitude "
+                           "per output or input channel (dora_scale) that ComfyUI's loader uses to "
+                           "rebuild the fine-tuned weight; it captures per-channel rescaling that "
+                           "plain LoRA cannot. The report compares each layer with plain LoRA in "
+                           "the same bytes. Not with target_size_mb or full."}),
         },
         "hidden": {"unique_id": "UNIQUE_ID"},
     }
@@ -82,13 +89,13 @@ def build_config(*, rank: int, lora_type: str, algorithm: str, lowrank_iters: in
                  output_dtype: str, bias_diff: bool, adaptive_param: float,
                  clamp_quantile: bool, conv_rank: int, alpha: float, key_style: str,
                  device: str, target_size_mb: float, text_encoder_rank: int,
-                 size_objective: str) -> ExtractConfig:
+                 size_objective: str, dora: str = "off") -> ExtractConfig:
     return ExtractConfig(
         rank=rank, lora_type=lora_type, algorithm=algorithm, lowrank_iters=lowrank_iters,
         output_dtype=output_dtype, bias_diff=bias_diff, adaptive_param=adaptive_param,
         clamp_quantile=0.99 if clamp_quantile else None, conv_rank=conv_rank, alpha=alpha,
         key_style=key_style, device=device, target_size_mb=target_size_mb,
-        text_encoder_rank=text_encoder_rank, size_objective=size_objective).validate()
+        text_encoder_rank=text_encoder_rank, size_objective=size_objective, dora=dora).validate()
 
 
 def save_root_and_prefix(save_to: str, filename_prefix: str, output_dir: str, loras_dir: str) -> tuple[str, str]:

@@ -73,7 +73,8 @@ class LoraExtractV2:
                 prefetch_ahead: int = 2, memory_threshold: float = 0.85, debug_mode: bool = False,
                 conv_rank: int = 0, alpha: float = 0.0, key_style: str = "auto",
                 save_to: str = "output", target_size_mb: float = 0.0,
-                size_objective: str = "mean", unique_id: str | None = None) -> dict:
+                size_objective: str = "mean", dora: str = "off",
+                unique_id: str | None = None) -> dict:
         device = comfy.compute_device()
         cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
                            lowrank_iters=lowrank_iters, output_dtype=output_dtype,
@@ -81,7 +82,7 @@ class LoraExtractV2:
                            clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
                            key_style=key_style, device=str(device),
                            target_size_mb=target_size_mb, text_encoder_rank=text_encoder_rank,
-                           size_objective=size_objective)
+                           size_objective=size_objective, dora=dora)
         # The widgets always carry a value, so they are explicit knobs (the mode still sets
         # the budget; conservative stays sequential).
         opts = MemoryOptions(mode=vram_usage_mode, blocks_in_gpu=blocks_in_gpu,

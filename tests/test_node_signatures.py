@@ -152,6 +152,9 @@ EXTRACTION_TOOLTIPS = {
     "size_objective": ["With target_size_mb only. mean: the least average layer error. worst: the least "
                        "worst-layer error; every layer brought to one error level, so none is left at "
                        "rank 1 while others get many."],
+    "dora": ["off: plain LoRA.", "a float32 magnitude per output or input channel (dora_scale) that "
+             "ComfyUI's loader uses to rebuild the fine-tuned weight", "The report compares each "
+             "layer with plain LoRA in the same bytes. Not with target_size_mb or full."],
 }
 V2_TOOLTIPS = {
     "vram_usage_mode": ["conservative ~50% (one layer at a time, nothing kept), balanced ~75%, "

@@ -165,4 +165,4 @@ def test_nodes_offer_the_objective_last_with_mean_by_default(node_id) -> None:
     choices, opts = optional["size_objective"]
     assert choices == ["mean", "worst"] and opts["default"] == "mean"
     # Last: workflows saved before it keep their widget values in place.
-    assert list(optional)[-1] == "size_objective"
+    assert list(optional)[-2:] == ["size_objective", "dora"]   # each appended after the last
