@@ -196,7 +196,7 @@ def test_cli_defaults_to_diffusers_keys_and_refuses_them_for_comfyui_names(tmp_p
     assert main(["extract", str(tmp_path / "lb.safetensors"), str(tmp_path / "lt.safetensors"),
                  "-o", str(tmp_path / "x.safetensors"), "--key-style", "diffusers"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "key_style 'diffusers' needs a model in diffusers naming" in err
+    assert err.count("\n") == 1 and "--key-style 'diffusers' needs a model in diffusers naming" in err
     assert not (tmp_path / "x.safetensors").exists()
 
 
