@@ -61,6 +61,9 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size-objective", choices=SIZE_OBJECTIVES, default=d.size_objective,
                    help="with --target-size: mean = the least average layer error; worst = the "
                         "least worst-layer error (no layer left far behind)")
+    p.add_argument("--skip-noise-layers", action="store_true",
+                   help="quantized inputs: leave out layers whose difference is at the "
+                        "estimated rounding-noise level (docs/model-formats.md)")
     add_v2_options(p)
 
 
@@ -72,7 +75,8 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
         key_style=a.key_style, device=resolve_device(a.device),
         target_size_mb=a.target_size, size_objective=a.size_objective,
-        text_encoder_rank=getattr(a, "text_encoder_rank", 0)).validate()
+        text_encoder_rank=getattr(a, "text_encoder_rank", 0),
+        skip_noise_layers=a.skip_noise_layers).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,

@@ -43,6 +43,7 @@ class ExtractConfig:
     target_size_mb: float = 0.0           # 0: off; else ranks allocated to fit this many MiB
     text_encoder_rank: int = 0            # rank (cap) for text-encoder layers; 0: same as rank
     size_objective: str = "mean"          # with target_size_mb: "mean" or "worst" layer error
+    skip_noise_layers: bool = False       # quantized inputs: leave out layers at the noise floor
 
     def validate(self) -> ExtractConfig:
         def bad(what: str) -> ExtractionInputError:
