@@ -72,6 +72,8 @@ def _encoder_name(source: object) -> str | None:
 class DiffusersFolderSource:
     """A diffusers model folder's denoiser and text encoders as one source."""
 
+    host_weights = True  # file data: the streamer stages it like a plain file's
+
     def __init__(self, root: str, open_component_fn) -> None:  # noqa: ANN001
         self.path = root
         self.name = os.path.basename(os.path.abspath(root))

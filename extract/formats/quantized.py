@@ -83,6 +83,8 @@ class QuantizedSource:
     estimate, so ``quantization_noise`` after ``get`` costs nothing.
     """
 
+    host_weights = True  # file data: the streamer stages it like a plain file's
+
     def __init__(self, raw: object, path: str | None = None) -> None:
         self.raw = raw
         self.name = raw.name  # type: ignore[attr-defined]
