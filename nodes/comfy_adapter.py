@@ -293,6 +293,27 @@ class ComfyModelSource:
             w = comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float32)
         return w if dtype is None or dtype == torch.float32 else w.to(dtype)
 
+    # How each weight is stored (fp8, scaled fp8, ComfyUI's per-layer quantization), read from
+    # what ComfyUI holds: comfy_weight_storage.py. Cached: the noise costs a pass over codes.
+    def _storage(self, key: str):
+        from .comfy_weight_storage import weight_storage
+
+        cache = self.__dict__.setdefault("_storage_cache", {})
+        if key not in cache:
+            import comfy.utils
+
+            weight, _convert = _stored_weight(self.patcher, key)
+            module = comfy.utils.get_attr(self.patcher.model, key.rsplit(".", 1)[0]) \
+                if "." in key else None
+            cache[key] = weight_storage(weight, module)
+        return cache[key]
+
+    def format_of(self, key: str) -> str:
+        return self._storage(key).format
+
+    def quantization_noise(self, key: str) -> float | None:
+        return self._storage(key).noise
+
 
 # --- reading a CLIP -----------------------------------------------------------------------
 
@@ -351,4 +372,7 @@ class ComfyClipSource(ComfyModelSource):
     def get(self, key: str, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = None) -> torch.Tensor:
         return super().get(key[len(TEXT_ENCODERS_PREFIX):], device, dtype)
+
+    def _storage(self, key: str):
+        return super()._storage(key[len(TEXT_ENCODERS_PREFIX):])
 

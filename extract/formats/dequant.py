@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # Values of the 16 FP4 (E2M1) codes; the sign is the high bit of the nibble.
@@ -28,6 +29,27 @@ MXFP8_BLOCK = 32
 
 _FP8_BITS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantissa bits, min exp
 _step_tables: dict[torch.dtype, torch.Tensor] = {}
+_value_tables: dict[torch.dtype, np.ndarray] = {}
+
+
+def fp8_to_float32(codes: torch.Tensor) -> torch.Tensor:
+    """The float32 values of fp8 codes, equal to ``codes.to(torch.float32)`` bit for bit.
+
+    On the CPU torch converts fp8 element by element (about 3 ns each, measured on one core):
+    for a 3072x3072 layer that is slower than the rest of reading it. A 256-entry table of
+    the code values (exact in float32, NaN codes included) looked up with ``np.take`` runs
+    about 2.5 times faster. Other devices convert natively.
+    """
+    if codes.device.type != "cpu" or codes.dtype not in _FP8_BITS:
+        return codes.to(torch.float32)
+    table = _value_tables.get(codes.dtype)
+    if table is None:
+        table = _value_tables[codes.dtype] = (
+            torch.arange(256, dtype=torch.uint8).view(codes.dtype).to(torch.float32).numpy())
+    # numpy allocates the result (its large arrays get transparent huge pages: fewer page
+    # faults than a fresh torch buffer, measured 19 ms against 34 ms for 3072x3072).
+    return torch.from_numpy(np.take(table, codes.contiguous().view(torch.uint8).numpy(),
+                                    mode="clip"))
 
 
 def fp8_step_table(dtype: torch.dtype) -> torch.Tensor:
@@ -62,7 +84,7 @@ def dequantize_scaled(codes: torch.Tensor, scale: torch.Tensor | None) -> torch.
 
     ComfyUI: ``x.to(dtype) * scale.to(dtype)`` (fp8) and ``q.float() * scale`` (int8).
     """
-    out = codes.to(torch.float32)
+    out = fp8_to_float32(codes)
     if scale is not None:
         out.mul_(scale.to(device=out.device, dtype=torch.float32))
     return out
@@ -162,7 +184,7 @@ def _mxfp8_scales(codes: torch.Tensor, block_scale: torch.Tensor) -> torch.Tenso
 def dequantize_mxfp8(codes: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
     """MXFP8: fp8 codes with a power-of-two (E8M0) scale per 32 values of a row."""
     rows, cols = codes.shape
-    out = codes.to(torch.float32).reshape(rows, cols // MXFP8_BLOCK, MXFP8_BLOCK)
+    out = fp8_to_float32(codes).reshape(rows, cols // MXFP8_BLOCK, MXFP8_BLOCK)
     out.mul_(_mxfp8_scales(codes, block_scale).unsqueeze(-1))
     return out.reshape(rows, cols)
 
