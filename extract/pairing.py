@@ -20,7 +20,7 @@ from .te_keys import encoders_in, left_out_reason, model_path
 
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
 SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",
-                      ".scale_input")
+                      ".scale_input", ".weight_scale_2", ".pre_quant_scale")
 
 
 @dataclass(frozen=True)

@@ -314,6 +314,11 @@ class ComfyModelSource:
     def quantization_noise(self, key: str) -> float | None:
         return self._storage(key).noise
 
+    def describe(self) -> str:
+        from .comfy_weight_storage import describe_model
+
+        return describe_model(self.name, self.keys(), self.format_of)
+
 
 # --- reading a CLIP -----------------------------------------------------------------------
 

@@ -99,3 +99,16 @@ def weight_storage(weight: torch.Tensor, module: object | None) -> WeightStorage
             name = dtype_name(weight.dtype) + (" scaled" if scale is not None else "")
             return WeightStorage(name, dequant.noise_sq_fp8(weight.detach(), scale) ** 0.5)
         return WeightStorage(dtype_name(weight.dtype), None)
+
+
+def describe_model(name: str, keys: list[str], format_of) -> str:
+    """One report line for a MODEL: how many weights in each storage format. Keys ComfyUI's
+    state dict adds beside quantized weights (their scales and configs: not parameters, not
+    attributes of the module) are not counted."""
+    from collections import Counter
+
+    from ..extract.pairing import SYNTHETIC_SUFFIXES
+
+    counts = Counter(format_of(k) for k in keys if not k.endswith(SYNTHETIC_SUFFIXES))
+    return f"{name}: " + (", ".join(f"{n} {f}" for f, n in counts.most_common())
+                          + " tensors" if counts else "no tensors")

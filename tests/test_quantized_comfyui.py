@@ -4,7 +4,8 @@ Runs when ``COMFYUI_ROOT`` and ``COMFY_VENV`` are set (skipped otherwise: CI has
 ``integration/comfy_dequant.py`` loads each file with ComfyUI's code and writes the float32
 weights it computes; ours must be the same bit for bit (both are one float32 product of the
 code value and its scale(s) per element, in the same order).
-Scaled fp8 needs ComfyUI's ``scaled_fp8_ops`` (0.3.64); ``comfy_quant`` formats need a ComfyUI
+Scaled fp8 is read with ComfyUI's ``scaled_fp8_ops`` (0.3.64) or converted to ``comfy_quant``
+layers by ``comfy.utils.convert_old_quants`` (newest); ``comfy_quant`` formats need a ComfyUI
 whose venv has ``comfy.quant_ops`` with ``comfy_kitchen`` (the newest).
 """
 
@@ -61,8 +62,9 @@ def _weights(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_scaled_fp8_matches_comfyui(tmp_path, dtype) -> None:
-    if not _comfy_has("comfy.ops", "scaled_fp8_ops"):
-        pytest.skip("this ComfyUI has no scaled_fp8_ops (it converts scaled fp8 to comfy_quant)")
+    if not (_comfy_has("comfy.ops", "scaled_fp8_ops")
+            or _comfy_has("comfy.utils", "convert_old_quants")):
+        pytest.skip("this ComfyUI reads scaled fp8 neither with scaled_fp8_ops nor by converting it")
     path = str(tmp_path / "m.safetensors")
     write_scaled_fp8(path, _weights(1), {"blocks.0.norm.weight": torch.ones(64)}, dtype)
     assert _compare(path, tmp_path) == 3

@@ -4,7 +4,9 @@ computes from a quantized safetensors file, written to another safetensors file.
 usage: python comfy_dequant.py IN.safetensors OUT.safetensors
 
 Scaled fp8 (``scaled_fp8`` marker): ComfyUI 0.3.64's ``scaled_fp8_ops`` Linear loads the
-weight and its ``scale_weight`` and ``convert_weight`` multiplies them (compute dtype float32).
+weight and its ``scale_weight`` and ``convert_weight`` multiplies them (compute dtype float32);
+the newest ComfyUI converts such a file with ``comfy.utils.convert_old_quants`` into
+``comfy_quant`` float8_e4m3fn layers, dequantized as below.
 ``comfy_quant`` layers (newest ComfyUI): the layout class ``comfy.quant_ops`` registers for the
 layer's format dequantizes the stored tensors with ``orig_dtype=float32``; without ComfyUI's
 quant_ops, ``comfy_kitchen``'s layout classes (the code ComfyUI calls) are used directly.
@@ -74,7 +76,16 @@ def main(src, dst):
     with safe_open(src, "pt") as f:
         meta = f.metadata() or {}
     sd = load_file(src)
-    out = scaled_fp8(sd) if "scaled_fp8" in sd else comfy_quant(sd, meta)
+    if "scaled_fp8" in sd:
+        import comfy.ops
+        if hasattr(comfy.ops, "scaled_fp8_ops"):
+            out = scaled_fp8(sd)
+        else:  # the newest ComfyUI converts the file to comfy_quant layers when it loads it
+            import comfy.utils
+            converted, _ = comfy.utils.convert_old_quants(dict(sd), "", meta)
+            out = comfy_quant(converted, {})
+    else:
+        out = comfy_quant(sd, meta)
     save_file({k: v.contiguous() for k, v in out.items()}, dst)
 
 
