@@ -94,13 +94,20 @@ def stored_role(pair: KeyPair, cfg: ExtractConfig, plan: PairPlan) -> str | None
     return None if mapped is None else mapped[1]
 
 
+def left_out_as_noise(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
+    """Whether ``process_pair`` leaves this parameter out as quantization noise
+    (``skip_noise_layers``): it then stores nothing, so no budget may count it either."""
+    if not cfg.skip_noise_layers or fro == 0.0:
+        return False
+    probe = LayerReport(key=pair.tuned_key, shape=list(pair.shape), kind="", status="")
+    return _mark_noise(probe, pair, fro, plan)
+
+
 def needs_svd(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
     """Whether ``process_pair`` stores this parameter as LoRA factors (the same test)."""
     if fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
         return False
-    if cfg.skip_noise_layers and _mark_noise(
-            LayerReport(key=pair.tuned_key, shape=list(pair.shape), kind="", status=""), pair, fro,
-            plan):
+    if left_out_as_noise(pair, fro, cfg, plan):
         return False
     return stored_role(pair, cfg, plan) == "weight"
 
