@@ -335,3 +335,16 @@ def test_v2_engine_reads_quantized_and_sharded(tmp_path) -> None:
 def test_fp8_quantize_helper_is_comfyui_like() -> None:
     codes, scale = fp8_quantize(torch.tensor([[1.0, -2.0], [0.5, 4.0]]))
     assert codes.dtype == torch.float8_e4m3fn and float(scale) == pytest.approx(4.0 / 448)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_table_decoding_equals_torch_bit_for_bit(dtype) -> None:
+    from lora_extract.extract.formats.dequant import fp8_to_float32
+
+    every = torch.arange(256, dtype=torch.uint8).view(dtype)
+    ours, torchs = fp8_to_float32(every), every.to(torch.float32)
+    nan = torchs.isnan()
+    assert torch.equal(ours.isnan(), nan) and nan.any()
+    assert torch.equal(ours[~nan].view(torch.int32), torchs[~nan].view(torch.int32))  # -0.0 too
+    grid = every.reshape(16, 16).t()  # not contiguous: read in its logical order
+    assert torch.equal(fp8_to_float32(grid).nan_to_num(7.0), grid.float().nan_to_num(7.0))
