@@ -294,25 +294,27 @@ class ComfyModelSource:
         return w if dtype is None or dtype == torch.float32 else w.to(dtype)
 
     # How each weight is stored (fp8, scaled fp8, ComfyUI's per-layer quantization), read from
-    # what ComfyUI holds: comfy_weight_storage.py. Cached: the noise costs a pass over codes.
-    def _storage(self, key: str):
-        from .comfy_weight_storage import weight_storage
+    # what ComfyUI holds: comfy_weight_storage.py. The noise costs a pass over codes: cached.
+    def _stored(self, key: str) -> tuple[torch.Tensor, object | None]:
+        import comfy.utils
 
-        cache = self.__dict__.setdefault("_storage_cache", {})
-        if key not in cache:
-            import comfy.utils
-
-            weight, _convert = _stored_weight(self.patcher, key)
-            module = comfy.utils.get_attr(self.patcher.model, key.rsplit(".", 1)[0]) \
-                if "." in key else None
-            cache[key] = weight_storage(weight, module)
-        return cache[key]
+        weight, _convert = _stored_weight(self.patcher, key)
+        module = comfy.utils.get_attr(self.patcher.model, key.rsplit(".", 1)[0]) \
+            if "." in key else None
+        return weight, module
 
     def format_of(self, key: str) -> str:
-        return self._storage(key).format
+        from .comfy_weight_storage import weight_format
+
+        return weight_format(*self._stored(key))
 
     def quantization_noise(self, key: str) -> float | None:
-        return self._storage(key).noise
+        from .comfy_weight_storage import weight_noise
+
+        cache = self.__dict__.setdefault("_noise_cache", {})
+        if key not in cache:
+            cache[key] = weight_noise(*self._stored(key))
+        return cache[key]
 
     def describe(self) -> str:
         from .comfy_weight_storage import describe_model
@@ -378,6 +380,6 @@ class ComfyClipSource(ComfyModelSource):
             dtype: torch.dtype | None = None) -> torch.Tensor:
         return super().get(key[len(TEXT_ENCODERS_PREFIX):], device, dtype)
 
-    def _storage(self, key: str):
-        return super()._storage(key[len(TEXT_ENCODERS_PREFIX):])
+    def _stored(self, key: str) -> tuple[torch.Tensor, object | None]:
+        return super()._stored(key[len(TEXT_ENCODERS_PREFIX):])
 

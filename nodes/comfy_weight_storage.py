@@ -17,8 +17,6 @@ applied to the codes and scales ComfyUI holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..extract.formats import dequant
@@ -42,15 +40,6 @@ LAYOUT_FORMATS = {
 }
 
 
-@dataclass(frozen=True)
-class WeightStorage:
-    """The format name (as the file reader names it) and the estimated rounding-noise norm
-    (None: not quantized, or a format whose noise is not estimated)."""
-
-    format: str
-    noise: float | None
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
@@ -62,44 +51,58 @@ def _layout_name(weight: torch.Tensor) -> str | None:
     return layout if isinstance(layout, str) else getattr(layout, "__name__", str(layout))
 
 
-def _quantized_tensor_storage(weight: torch.Tensor, layout: str) -> WeightStorage:
-    qdata = weight._qdata  # type: ignore[attr-defined]
+def _scale_of(weight: torch.Tensor, module: object | None) -> torch.Tensor | None:
     params = getattr(weight, "_params", None)
-    scale = getattr(params, "scale", None)
-    fmt = LAYOUT_FORMATS.get(layout, layout)
-    if fmt == "float8":
-        fmt = dtype_name(qdata.dtype)
-    if fmt in ("float8_e4m3fn", "float8_e5m2"):
-        if qdata.dtype not in FP8_DTYPES:
-            return WeightStorage(fmt, None)
-        return WeightStorage(f"{fmt} scaled" if scale is not None else fmt,
-                             dequant.noise_sq_fp8(qdata, scale) ** 0.5)
-    if fmt == "int8_tensorwise" and scale is not None:
-        # A convrot layer stores rotated weights; the rotation is orthogonal, so the rounding
-        # noise has the same Frobenius norm as in the stored (rotated) codes.
-        return WeightStorage(fmt, dequant.noise_sq_int8(qdata, scale) ** 0.5)
-    block_scale = getattr(params, "block_scale", None)
-    if fmt == "nvfp4" and scale is not None and block_scale is not None:
-        return WeightStorage(fmt, dequant.noise_sq_nvfp4(qdata, scale, block_scale) ** 0.5)
-    if fmt == "mxfp8" and scale is not None:
-        return WeightStorage(fmt, dequant.noise_sq_mxfp8(qdata, scale) ** 0.5)
-    return WeightStorage(fmt, None)  # a layout whose noise this pack does not estimate
+    if params is not None:
+        return getattr(params, "scale", None)
+    scale = getattr(module, "scale_weight", None)  # 0.3.64 scaled fp8
+    return scale if isinstance(scale, torch.Tensor) else None
 
 
-def weight_storage(weight: torch.Tensor, module: object | None) -> WeightStorage:
-    """How ``weight`` (the stored, unpatched weight of ``module``) is held by ComfyUI."""
+def _format(weight: torch.Tensor, module: object | None) -> tuple[str, torch.Tensor | None]:
+    """The format name and the stored codes (None: not quantized)."""
+    layout = _layout_name(weight)
+    if layout is not None and hasattr(weight, "_qdata"):
+        qdata = weight._qdata  # type: ignore[attr-defined]
+        fmt = LAYOUT_FORMATS.get(layout, layout)
+        if fmt == "float8":
+            fmt = dtype_name(qdata.dtype)
+        if fmt in ("float8_e4m3fn", "float8_e5m2") and _scale_of(weight, module) is not None:
+            fmt += " scaled"
+        return fmt, qdata
+    if weight.dtype in FP8_DTYPES:
+        scaled = _scale_of(weight, module) is not None
+        return dtype_name(weight.dtype) + (" scaled" if scaled else ""), weight.detach()
+    return dtype_name(weight.dtype), None
+
+
+def weight_format(weight: torch.Tensor, module: object | None) -> str:
+    """How ``weight`` (the stored, unpatched weight of ``module``) is held, named as the file
+    reader names formats: ``float8_e4m3fn scaled``, ``int8_tensorwise``, ``nvfp4``, ``bf16``..."""
+    return _format(weight, module)[0]
+
+
+def weight_noise(weight: torch.Tensor, module: object | None) -> float | None:
+    """The estimated Frobenius norm of ``weight``'s rounding error (None: not quantized, or a
+    layout whose noise this pack does not estimate). One pass over the codes."""
+    fmt, codes = _format(weight, module)
+    if codes is None:
+        return None
+    fmt = fmt.removesuffix(" scaled")
+    scale = _scale_of(weight, module)
     with torch.no_grad():
-        layout = _layout_name(weight)
-        if layout is not None and hasattr(weight, "_qdata"):
-            return _quantized_tensor_storage(weight, layout)
-        if weight.dtype in FP8_DTYPES:
-            scale = getattr(module, "scale_weight", None)
-            if not isinstance(scale, torch.Tensor):
-                scale = None
-            name = dtype_name(weight.dtype) + (" scaled" if scale is not None else "")
-            return WeightStorage(name, dequant.noise_sq_fp8(weight.detach(), scale) ** 0.5)
-        return WeightStorage(dtype_name(weight.dtype), None)
-
+        if fmt in ("float8_e4m3fn", "float8_e5m2") and codes.dtype in FP8_DTYPES:
+            return dequant.noise_sq_fp8(codes, scale) ** 0.5
+        if fmt == "int8_tensorwise" and scale is not None:
+            # A convrot layer stores rotated weights; the rotation is orthogonal, so the
+            # rounding noise has the same Frobenius norm as in the stored (rotated) codes.
+            return dequant.noise_sq_int8(codes, scale) ** 0.5
+        block_scale = getattr(getattr(weight, "_params", None), "block_scale", None)
+        if fmt == "nvfp4" and scale is not None and block_scale is not None:
+            return dequant.noise_sq_nvfp4(codes, scale, block_scale) ** 0.5
+        if fmt == "mxfp8" and scale is not None:
+            return dequant.noise_sq_mxfp8(codes, scale) ** 0.5
+    return None
 
 def describe_model(name: str, keys: list[str], format_of) -> str:
     """One report line for a MODEL: how many weights in each storage format. Keys ComfyUI's
