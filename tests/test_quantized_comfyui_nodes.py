@@ -7,7 +7,8 @@ http://127.0.0.1:8188; log ``COMFY_LOG``) runs with this pack, and the tiny Wan 
 ``make_tiny_models.py`` is in ``models/diffusion_models``; skipped otherwise. The test writes
 the quantized copies of that pair beside it and removes them afterwards.
 
-Checks: every LoRA layer at rank 8 (exact SVD, fp32, no clamp) is within 1.001x the optimal
+Checks: the node's summary shows the quantization noise floor and each input's format; every
+LoRA layer at rank 8 (exact SVD, fp32, no clamp) is within 1.001x the optimal
 rank-8 error of the dequantized difference (the files' codes times their scales, computed here
 in float32), and LoraLoaderModelOnly applies the file with no "lora key not loaded".
 """
@@ -95,6 +96,10 @@ def test_quantized_models_extract_and_load_on_real_comfyui(server, fmt: str) -> 
         res = server.run(extract)
         assert res.status == "success", json.dumps(res.messages)[-3000:]
         (lora_file,) = glob.glob(os.path.join(ROOT, "models", "loras", f"{tag}_*.safetensors"))
+        # The node's summary shows the floor and what each side was.
+        summary = res.outputs["3"]["text"][0]
+        assert "quantization noise floor: median" in summary, summary[:2000]
+        assert "base: " in summary and "float8_e4m3fn scaled" in summary, summary[:2000]
         made.append(lora_file)
         layers = _lora_matrices(load_file(lora_file))
         quantized = [k for k in truth["base"] if k.endswith(".weight") and truth["base"][k].dim() == 2]
