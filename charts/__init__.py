@@ -32,6 +32,9 @@ def extraction_chart(report: ExtractionReport, width: int = WIDTH, height: int =
                      f"{report.budget.used_bytes / 2**20:.2f} MiB used")
     if s.mean_error is not None:
         subtitle += f"; mean error {100 * s.mean_error:.2f}%, worst {100 * (s.worst_error or 0):.2f}%"
+    if s.median_noise_floor is not None:
+        subtitle += (f"; quantization noise floor median {100 * s.median_noise_floor:.2f}%, "
+                     f"{s.noise_layers} layers at the noise level")
     return render_report_chart(rows_from_extraction(report), spectra_from_extraction(report),
                                "LoRA extraction: rank and error per layer", subtitle, width, height,
                                curve=report.size_curve)

@@ -15,6 +15,9 @@ DIFF_COLOR = (170, 170, 170)
 BAND_COLORS = ((46, 160, 67), (150, 190, 40), (240, 150, 30), (210, 50, 50))
 BAND_LIMITS = (0.05, 0.5, 1.0)
 UNCOVERED_COLOR = (210, 50, 50)
+# The quantization noise floor: a tick across each layer's bar at its floor, and a marker
+# under layers whose difference is at the noise level (a LoRA of them is mostly noise).
+NOISE_COLOR = (128, 40, 160)
 ERROR_FLOOR = 1e-4  # log axis bottom: smaller errors are "perfect" at chart resolution
 
 
@@ -74,8 +77,11 @@ def draw_error_panel(draw: ImageDraw.ImageDraw, box: Box, rows: list[ChartLayer]
     ticks = [(1e-4, "0.01%"), (1e-3, "0.1%"), (1e-2, "1%"), (0.05, "5%"), (0.5, "50%"), (1.0, "100%")]
     if hi > 2:
         ticks.append((hi, f"{100 * hi:.0f}%"))
+    floors = any(r.noise_floor is not None for r in rows)
     frame(draw, box, axis, ticks, "relative error per layer (log scale; bands: < 5% excellent, "
-          "< 50% good, <= 100% poor, > 100% worse than nothing)")
+          "< 50% good, <= 100% poor, > 100% worse than nothing)"
+          + ("; purple ticks: quantization noise floor, purple base: at the noise level"
+             if floors else ""))
     for i, r in enumerate(rows):
         if r.error is None or not math.isfinite(r.error):
             continue
@@ -83,6 +89,14 @@ def draw_error_panel(draw: ImageDraw.ImageDraw, box: Box, rows: list[ChartLayer]
         color = UNCOVERED_COLOR if r.status in ("uncovered", "not_merged") else band_color(r.error)
         y = axis.y(box, r.error)
         draw.rectangle([x0, min(y, box.bottom - 2), x1, box.bottom - 1], fill=color)
+    for i, r in enumerate(rows):  # drawn over the bars: a floor below the error stays visible
+        if r.noise_floor is None or not math.isfinite(r.noise_floor) or r.noise_floor <= 0:
+            continue
+        x0, x1 = x_span(box, i, n)
+        y = max(box.top + 1, min(axis.y(box, max(r.noise_floor, ERROR_FLOOR)), box.bottom - 2))
+        draw.rectangle([x0, y - 1, x1, y], fill=NOISE_COLOR)
+        if r.at_noise_level:
+            draw.rectangle([x0, box.bottom + 1, x1, box.bottom + 3], fill=NOISE_COLOR)
 
 
 def draw_block_labels(draw: ImageDraw.ImageDraw, box: Box, rows: list[ChartLayer], y: int) -> None:

@@ -40,6 +40,10 @@ class ChartLayer:
     rank: int | None          # None: stored as a plain difference (or not at all)
     error: float | None       # relative error; None: not measured
     status: str               # lora / diff / uncovered / not_merged / ...
+    # Quantized inputs: the rounding-noise floor relative to the difference (comparable with
+    # ``error``), and whether the difference is at the noise level; None/False otherwise.
+    noise_floor: float | None = None
+    at_noise_level: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ class SpectrumSeries:
 
 def rows_from_extraction(report: ExtractionReport) -> list[ChartLayer]:
     """Stored layers (LoRA and diff) in model order."""
-    return [ChartLayer(r.key, block_label(r.key), r.rank, r.rel_error, r.status)
+    return [ChartLayer(r.key, block_label(r.key), r.rank, r.rel_error, r.status,
+                       r.noise_floor, r.at_noise_level)
             for r in report.layers if r.status in (STATUS_LORA, STATUS_DIFF)]
 
 

@@ -84,6 +84,9 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
                    help="off: plain LoRA; output / input: DoRA, a LoRA plus a float32 magnitude "
                         "per output or input channel (dora_scale, read by ComfyUI's loader); the "
                         "report compares each layer with plain LoRA in the same bytes")
+    p.add_argument("--skip-noise-layers", action="store_true",
+                   help="quantized inputs: leave out layers whose difference is at the "
+                        "estimated rounding-noise level (docs/model-formats.md)")
     add_v2_options(p)
 
 
@@ -95,7 +98,8 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
         key_style=a.key_style, device=resolve_device(a.device),
         target_size_mb=a.target_size, size_objective=a.size_objective,
-        text_encoder_rank=getattr(a, "text_encoder_rank", 0), dora=a.dora).validate()
+        text_encoder_rank=getattr(a, "text_encoder_rank", 0), dora=a.dora,
+        skip_noise_layers=a.skip_noise_layers).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,

@@ -25,7 +25,7 @@ from .diffusers_keys import resolve_for_plan
 from .layer import finish_extraction, svd_plan
 from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference, plan_pair
-from .pipeline import needs_svd, stored_role
+from .pipeline import left_out_as_noise, needs_svd, stored_role
 from .prefetch import Prefetcher
 from .report import ExtractionReport
 from .report_curve import stored_diff_bytes
@@ -39,9 +39,11 @@ InterruptFn = Callable[[], None]
 
 
 def stores_diff(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
-    """Whether ``process_pair`` stores this parameter's difference as is."""
+    """Whether ``process_pair`` stores this parameter's difference as is (a layer left out as
+    quantization noise is stored neither way: it takes no part of the budget)."""
     return (fro != 0.0 and cfg.bias_diff and stored_role(pair, cfg, plan) is not None
-            and not needs_svd(pair, fro, cfg, plan))
+            and not needs_svd(pair, fro, cfg, plan)
+            and not left_out_as_noise(pair, fro, cfg, plan))
 
 
 def decompose_at_cap(diff: torch.Tensor, cfg: ExtractConfig,

@@ -46,6 +46,7 @@ class ExtractConfig:
     text_encoder_rank: int = 0            # rank (cap) for text-encoder layers; 0: same as rank
     size_objective: str = "mean"          # with target_size_mb: "mean" or "worst" layer error
     dora: str = "off"                     # "output"/"input": store a dora_scale on that axis
+    skip_noise_layers: bool = False       # quantized inputs: leave out layers at the noise floor
 
     def validate(self) -> ExtractConfig:
         def bad(what: str) -> ExtractionInputError:

@@ -6,6 +6,7 @@ two models is reported before minutes of SVD, and no key can fall through the cr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,12 +14,13 @@ import torch
 from .difference import difference_into
 from .errors import ExtractionInputError
 from .norms import frobenius_norm
+from .source_info import describe, noise_floor
 from .sources import WeightSource
 from .te_keys import encoders_in, left_out_reason, model_path
 
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
 SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",
-                      ".scale_input")
+                      ".scale_input", ".weight_scale_2", ".pre_quant_scale")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class PairPlan:
     # by diffusers_keys.resolve_for_plan when it resolves the key style to diffusers.
     comfy_unmapped: dict[str, str] = field(default_factory=dict)
     encoders: tuple[str, ...] = ()  # text encoders paired (clip_l, clip_g, t5xxl...)
+    # How each model is stored, one line each ("base: ...", "fine-tuned: ..."), for the report.
+    inputs: list[str] = field(default_factory=list)
+    # The rounding-noise norm of a pair's difference when either side is quantized, else None
+    # (source_info.noise_floor over the two sources; asked after the difference was read).
+    noise_floor: Callable[[KeyPair], float | None] | None = None
 
     def module_has_weight(self, path: str) -> bool:
         """Whether ``<module>.weight`` exists next to a ``<module>.bias`` path."""
@@ -114,6 +121,8 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
             f"{tuned.name} and {base.name} share no weight keys: they are different "
             f"architectures (e.g. {tuned_keys[0]!r} vs {base_keys[0]!r}). Pick the matching base model.")
     plan.encoders = encoders_in(kp.path for kp in plan.common)
+    plan.inputs = [describe(base, "base"), describe(tuned, "fine-tuned")]
+    plan.noise_floor = lambda kp: noise_floor(base, kp.base_key, tuned, kp.tuned_key)
     plan.weight_paths = {kp.path for kp in plan.common if kp.path.endswith(".weight")}
     for kp in plan.common:
         parts = kp.path.split(".")

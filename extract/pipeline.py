@@ -21,6 +21,7 @@ from .pairing import KeyPair, PairPlan, load_difference, plan_pair
 from .prefetch import Prefetcher
 from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
 from .report_curve import curve_from_report
+from .source_info import NOISE_FLAG_FACTOR
 from .sources import WeightSource
 from .te_keys import UNPATCHABLE_NOTE, layer_config, lora_keys_for
 from .waits import RunWatch
@@ -86,6 +87,21 @@ def extract_layer(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractCon
                                generator=gen)
 
 
+NOISE_SKIP_REASON = (f"at the quantization noise floor (difference norm at most "
+                     f"{NOISE_FLAG_FACTOR}x the estimated rounding noise); left out "
+                     "(skip_noise_layers)")
+
+
+def _mark_noise(entry: LayerReport, pair: KeyPair, fro: float, plan: PairPlan) -> bool:
+    """Set the layer's relative noise floor; whether its difference is at the noise level."""
+    floor = plan.noise_floor(pair) if plan.noise_floor is not None else None
+    if floor is None:
+        return False
+    entry.noise_floor = floor / fro
+    entry.at_noise_level = fro <= NOISE_FLAG_FACTOR * floor
+    return entry.at_noise_level
+
+
 def stored_role(pair: KeyPair, cfg: ExtractConfig, plan: PairPlan) -> str | None:
     """The role ``process_pair`` stores a changed parameter under (``weight``, ``bias`` or
     ``param``), or None when it leaves it out: no loader key (a text encoder's
@@ -98,9 +114,20 @@ def stored_role(pair: KeyPair, cfg: ExtractConfig, plan: PairPlan) -> str | None
     return None if mapped is None else mapped[1]
 
 
+def left_out_as_noise(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
+    """Whether ``process_pair`` leaves this parameter out as quantization noise
+    (``skip_noise_layers``): it then stores nothing, so no budget may count it either."""
+    if not cfg.skip_noise_layers or fro == 0.0:
+        return False
+    probe = LayerReport(key=pair.tuned_key, shape=list(pair.shape), kind="", status="")
+    return _mark_noise(probe, pair, fro, plan)
+
+
 def needs_svd(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
     """Whether ``process_pair`` stores this parameter as LoRA factors (the same test)."""
     if fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
+        return False
+    if left_out_as_noise(pair, fro, cfg, plan):
         return False
     return stored_role(pair, cfg, plan) == "weight"
 
@@ -127,7 +154,9 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
         return entry
     keys, role = mapped
     unmapped = plan.comfy_unmapped.get(pair.path)
-    if fro == 0.0:
+    if fro > 0.0 and _mark_noise(entry, pair, fro, plan) and cfg.skip_noise_layers:
+        entry.reason = NOISE_SKIP_REASON
+    elif fro == 0.0:
         entry.reason = "no difference"
     elif unmapped is not None and (cfg.bias_diff or role == "weight" and len(shape) >= 2):
         entry.reason = unmapped   # flagged and counted in a note: never a silently partial file
@@ -224,7 +253,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
 def new_report(cfg: ExtractConfig, plan: PairPlan, notes: list[str]) -> ExtractionReport:
     """A run's report before any layer: the config, the notes, and every key left out of the
     pairing with its reason (nothing is dropped silently)."""
-    report = ExtractionReport(config=cfg.to_dict(), notes=list(notes))
+    report = ExtractionReport(config=cfg.to_dict(), notes=list(notes), inputs=list(plan.inputs))
     for key, shape, reason in plan.left_out:
         report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
                                status=STATUS_SKIPPED, reason=reason))

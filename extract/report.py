@@ -38,6 +38,11 @@ class LayerReport:
     dora_axis: str | None = None
     lora_same_size_rank: int | None = None
     lora_same_size_error: float | None = None
+    # Quantized inputs: the estimated rounding noise of the difference relative to ||dW||_F
+    # (comparable with rel_error; None when neither side is quantized), and whether the
+    # difference is at the noise level (source_info.NOISE_FLAG_FACTOR).
+    noise_floor: float | None = None
+    at_noise_level: bool = False
 
 
 @dataclass
@@ -59,6 +64,8 @@ class ExtractionSummary:
     seconds: float
     # The same counts split by part: "diffusion_model" and "text_encoders" ({lora, diff, skipped}).
     parts: dict[str, dict[str, int]] = field(default_factory=dict)
+    median_noise_floor: float | None = None   # over layers with a floor (quantized inputs)
+    noise_layers: int = 0                     # layers whose difference is at the noise level
 
 
 def part_of(key: str) -> str:
@@ -77,6 +84,7 @@ class ExtractionReport:
     tensor_bytes: int = 0                  # bytes of the stored tensors (the file less its header)
     size_curve: SizeCurve | None = None    # error against size, from the spectra
     budget: BudgetOutcome | None = None    # set by a target_size_mb run
+    inputs: list[str] = field(default_factory=list)  # how each model is stored (one line each)
 
     def add(self, layer: LayerReport) -> None:
         self.layers.append(layer)
@@ -88,6 +96,7 @@ class ExtractionReport:
                        if r.rel_error is not None and r.rel_error_unclamped is not None]
         worst = max(lora, key=lambda r: r.rel_error or 0.0) if lora else None
         ranks = [r.rank for r in lora if r.rank is not None]
+        floors = [r.noise_floor for r in self.layers if r.noise_floor is not None]
         return ExtractionSummary(
             layers=len(self.layers),
             lora=len(lora),
@@ -105,6 +114,8 @@ class ExtractionReport:
             file_bytes=self.file_bytes,
             seconds=self.seconds,
             parts=self.part_counts(),
+            median_noise_floor=statistics.median(floors) if floors else None,
+            noise_layers=sum(r.at_noise_level for r in self.layers),
         )
 
     def part_counts(self) -> dict[str, dict[str, int]]:
@@ -123,6 +134,7 @@ class ExtractionReport:
             "output_path": self.output_path,
             "tensor_bytes": self.tensor_bytes,
             "budget": asdict(self.budget) if self.budget is not None else None,
+            "inputs": list(self.inputs),
             "size_curve": asdict(self.size_curve) if self.size_curve is not None else None,
             "layers": [asdict(r) for r in self.layers],
         }
@@ -175,6 +187,10 @@ class ExtractionReport:
         if s.mean_error is not None:
             lines.append(f"relative error: mean {s.mean_error:.4f}, median {s.median_error:.4f}, "
                          f"worst {s.worst_error:.4f} ({s.worst_key})")
+        if s.median_noise_floor is not None:
+            lines.append(f"quantization noise floor: median {s.median_noise_floor:.4f} of the "
+                         f"difference; {s.noise_layers} layers at the noise level (a LoRA of them "
+                         "is mostly rounding noise)")
         if s.mean_clamp_added_error is not None:
             lines.append(f"error added by clamp + dtype cast: mean {s.mean_clamp_added_error:+.5f}")
         if self.config.get("clamp_quantile") is not None:
@@ -184,6 +200,7 @@ class ExtractionReport:
             lines.append(f"skipped {n}: {reason}")
         lines.extend(f"note: {n}" for n in self.notes)
         lines.extend(self._dora_lines())
+        lines.extend(self.inputs)
         lines.extend(budget_lines(self))
         if self.output_path:
             lines.append(f"file: {self.output_path} ({s.file_bytes / 2**20:.2f} MiB)")
@@ -193,5 +210,7 @@ class ExtractionReport:
                       key=lambda r: -(r.rel_error or 0.0))[:worst]
         if lora:
             lines.append("worst layers:")
-            lines.extend(f"  {r.rel_error:.4f}  rank {r.rank}  {r.key}" for r in lora)
+            lines.extend(f"  {r.rel_error:.4f}  rank {r.rank}  {r.key}"
+                         + (f"  (noise floor {r.noise_floor:.4f})" if r.noise_floor is not None
+                            else "") for r in lora)
         return "\n".join(lines)

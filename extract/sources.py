@@ -32,6 +32,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # MXFP8 block scales (ComfyUI's per-layer quantization)
+    SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 
 # A header larger than this is not a real model header; refusing it early avoids reading
 # gigabytes of garbage as JSON.
@@ -265,26 +267,28 @@ def load_pickle_checkpoint(path: str) -> StateDictSource:
 
 
 def open_source(path: str | os.PathLike[str]) -> WeightSource:
-    """Open a model file by its extension; a missing file is a clear input error."""
-    p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise ExtractionInputError(f"{p}: no such file.")
-    lower = p.lower()
-    if lower.endswith(".gguf"):
-        from .gguf_source import GGUFSource  # needs the optional ``gguf`` package
+    """Open a model by its path: a file by its extension, a sharded model by its index, a
+    folder of shards or a diffusers model folder (``formats/dispatch.py``). Quantized
+    safetensors come back dequantizing (``formats/quantized.py``); a missing path is a clear
+    input error."""
+    from .formats.dispatch import open_path  # the formats build on this module
 
-        return GGUFSource(p)
-    if lower.endswith((".ckpt", ".pt", ".pth", ".bin")):
-        return load_pickle_checkpoint(p)
-    return SafetensorsSource(p)
+    return open_path(os.fspath(path))
+
+
+def has_raw_reads(source: object) -> bool:
+    """Whether ``source`` hands out stored bytes (``nbytes``, ``read_into``, ``read_elements``)
+    that are the weights' values: a safetensors file, or shards of one. Quantized sources are
+    not: their stored bytes are codes."""
+    return isinstance(source, SafetensorsSource) or bool(getattr(source, "raw_reads", False))
 
 
 def total_bytes(source: WeightSource, keys: Iterable[str]) -> int:
     """Bytes of the given keys as stored in the source (used for planning and reports)."""
     total = 0
     for k in keys:
-        if isinstance(source, SafetensorsSource):
-            total += source.nbytes(k)
+        if has_raw_reads(source):
+            total += source.nbytes(k)  # type: ignore[attr-defined]
         else:
             n = 1
             for s in source.shape(k):

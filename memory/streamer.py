@@ -36,7 +36,7 @@ from ..extract.norms import frobenius_norm, frobenius_norm_tensor
 from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
 from ..extract.pairing import KeyPair, load_difference
 from ..extract.prefetch import Prefetcher
-from ..extract.sources import SafetensorsSource, StateDictSource, WeightSource
+from ..extract.sources import StateDictSource, WeightSource, has_raw_reads
 from ..extract.waits import RunWatch
 from .buffers import StagingPool, view_as
 from .cache import ResidentCache
@@ -44,8 +44,13 @@ from .streams import DeviceStreams, streams_for
 
 log = logging.getLogger(__name__)
 
-# Sources whose weights are host memory or file data: staged through pinned buffers on CUDA.
-_HOST_SOURCES = (SafetensorsSource, StateDictSource)
+
+
+def _is_host_source(source: WeightSource) -> bool:
+    """Weights in host memory or files (staged through pinned buffers on CUDA); readers of
+    other file formats say so with ``host_weights = True``."""
+    return has_raw_reads(source) or isinstance(source, StateDictSource) or \
+        bool(getattr(source, "host_weights", False))
 
 
 @dataclass
@@ -190,7 +195,7 @@ class PairStreamer:
         diff = view_as(buf, torch.float32, tuple(pair.shape))
         if self._scratch is None:
             self._scratch = torch.empty(CHUNK, dtype=torch.float32)
-        if isinstance(self.tuned, SafetensorsSource) and isinstance(self.base, SafetensorsSource):
+        if has_raw_reads(self.tuned) and has_raw_reads(self.base):
             self._difference_from_files(pair, diff)
         else:
             tuned = self.tuned.get(pair.tuned_key, "cpu")
@@ -205,7 +210,7 @@ class PairStreamer:
     def _difference_from_files(self, pair: KeyPair, diff: torch.Tensor) -> None:
         """Both weights read chunk by chunk into two small buffers, each chunk differenced while
         it is in the cache: no host buffer of a whole raw weight, no fresh allocation."""
-        assert isinstance(self.tuned, SafetensorsSource) and isinstance(self.base, SafetensorsSource)
+        assert has_raw_reads(self.tuned) and has_raw_reads(self.base)
         if self._chunk_buffers is None:
             # CHUNK elements of the widest dtype a checkpoint holds (float64).
             self._chunk_buffers = (torch.empty(CHUNK * 8, dtype=torch.uint8),
@@ -229,7 +234,7 @@ class PairStreamer:
                     hit = self.cache.take(self.identity, pair.tuned_key)
             if hit is not None:
                 diff, fro_t, moved = hit.diff, torch.tensor(hit.fro, dtype=torch.float64), 0
-            elif isinstance(self.tuned, _HOST_SOURCES) and isinstance(self.base, _HOST_SOURCES):
+            elif _is_host_source(self.tuned) and _is_host_source(self.base):
                 diff, fro_t, moved = self._stage_and_copy(pair, staged, streams)
             else:
                 # A ComfyUI MODEL computes its patched weight wherever it is asked to (its
@@ -267,8 +272,8 @@ class PairStreamer:
         # ``held``: the other weight of this layer, already staged (and the batch's own
         # buffers, none on this path): never waited for.
         held = self._held + sum(b.numel() for b in staged)
-        if isinstance(source, SafetensorsSource):
-            buf = self.pool.acquire(source.nbytes(key), held=held)
+        if has_raw_reads(source):
+            buf = self.pool.acquire(source.nbytes(key), held=held)  # type: ignore[attr-defined]
             staged.append(buf)
             return source.read_into(key, buf)
         t = source.get(key, "cpu")

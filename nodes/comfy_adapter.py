@@ -402,23 +402,39 @@ class ComfyModelSource:
             w = comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float32)
         return w if dtype is None or dtype == torch.float32 else w.to(dtype)
 
-    # --- format reporting (GGUF weights; other stored weights report their dtype) -------------
+    # How each weight is stored: GGUF (ComfyUI-GGUF's GGMLTensor), fp8, scaled fp8 or ComfyUI's
+    # per-layer quantization (comfy_weight_storage.py), read from what ComfyUI holds. The noise
+    # costs a pass over codes: cached.
+    def _stored(self, key: str) -> tuple[torch.Tensor, object | None]:
+        import comfy.utils
+
+        weight, _convert = _stored_weight(self.patcher, key)
+        module = comfy.utils.get_attr(self.patcher.model, key.rsplit(".", 1)[0]) \
+            if "." in key else None
+        return weight, module
 
     def format_of(self, key: str) -> str:
-        weight, _ = _stored_weight(self.patcher, key)
+        from .comfy_weight_storage import weight_format
+
+        weight, module = self._stored(key)
         if is_gguf_weight(weight):
             return f"GGUF {_gguf_type_name(weight)}"
-        return str(weight.dtype).removeprefix("torch.")
+        return weight_format(weight, module)
 
     def quantization_noise(self, key: str) -> float | None:
-        weight, _ = _stored_weight(self.patcher, key)
-        return gguf_weight_noise(weight) if is_gguf_weight(weight) else None
+        from .comfy_weight_storage import weight_noise
+
+        cache = self.__dict__.setdefault("_noise_cache", {})
+        if key not in cache:
+            weight, module = self._stored(key)
+            cache[key] = gguf_weight_noise(weight) if is_gguf_weight(weight) \
+                else weight_noise(weight, module)
+        return cache[key]
 
     def describe(self) -> str:
-        from collections import Counter
+        from .comfy_weight_storage import describe_model
 
-        counts = Counter(self.format_of(k) for k in self._shapes)
-        return f"{self.name}: MODEL ({', '.join(f'{f} x {n}' for f, n in counts.most_common())})"
+        return describe_model(self.name, self.keys(), self.format_of)
 
 
 # --- reading a CLIP -----------------------------------------------------------------------
@@ -479,9 +495,6 @@ class ComfyClipSource(ComfyModelSource):
             dtype: torch.dtype | None = None) -> torch.Tensor:
         return super().get(key[len(TEXT_ENCODERS_PREFIX):], device, dtype)
 
-    def format_of(self, key: str) -> str:
-        return super().format_of(key[len(TEXT_ENCODERS_PREFIX):])
-
-    def quantization_noise(self, key: str) -> float | None:
-        return super().quantization_noise(key[len(TEXT_ENCODERS_PREFIX):])
+    def _stored(self, key: str) -> tuple[torch.Tensor, object | None]:
+        return super()._stored(key[len(TEXT_ENCODERS_PREFIX):])
 

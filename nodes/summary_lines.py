@@ -2,7 +2,8 @@
 
 The box on the node shows these key lines without scrolling (web/report_summary.js sizes it to
 the block before the first blank line): the file, its size, the ranks, the mean, median and worst
-error, and the skipped and flagged counts. The full report follows after a blank line.
+error, the quantization noise floor when an input is quantized, and the skipped and flagged
+counts. The full report follows after a blank line.
 """
 
 from __future__ import annotations
@@ -36,13 +37,20 @@ def extraction_key_lines(report: ExtractionReport, path: str) -> list[str]:
     """
     s = report.summary()
     flagged = sum(1 for r in report.layers if r.status != STATUS_SKIPPED and r.reason)
-    return [
+    lines = [
         f"saved: {os.path.basename(path)}",
         f"size: {s.file_bytes / 2**20:.2f} MiB, {s.lora} LoRA + {s.diff} diff layers",
         _ranks([r.rank for r in report.layers if r.rank]),
         f"error: mean {_pct(s.mean_error)}, median {_pct(s.median_error)}, worst {_pct(s.worst_error)}",
-        f"skipped: {s.skipped}, flagged: {flagged}" + (" (see notes)" if flagged else ""),
     ]
+    if s.median_noise_floor is not None:
+        # Quantized inputs: the share of the difference that is rounding noise, beside the error.
+        left_out = sum(1 for r in report.layers if r.at_noise_level and r.status == STATUS_SKIPPED)
+        lines.append(f"quantization noise floor: median {_pct(s.median_noise_floor)}; "
+                     f"{s.noise_layers} layers at the noise level"
+                     + (f" ({left_out} left out)" if left_out else ""))
+    lines.append(f"skipped: {s.skipped}, flagged: {flagged}" + (" (see notes)" if flagged else ""))
+    return lines
 
 
 def validation_key_lines(report: ValidationReport, path: str) -> list[str]:
