@@ -84,6 +84,12 @@ class GGUFSource:
             raise ExtractionInputError(
                 f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e}). The file is "
                 "truncated, corrupt or not GGUF.") from e
+        if getattr(self._reader, "byte_order", "I") != "I":
+            # The tensor bytes are read as they lie: little-endian scales and floats only.
+            raise ExtractionInputError(
+                f"{self.path}: a big-endian GGUF file; only little-endian GGUF files (what "
+                "ComfyUI-GGUF and llama.cpp write by default) can be read. Convert it on a "
+                "little-endian machine or use the original safetensors.")
         self._map: mmap.mmap | None = None
         self._map_lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}

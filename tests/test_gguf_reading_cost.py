@@ -161,3 +161,18 @@ def test_device_reads_dequantize_on_the_device_and_equal_cpu_reads(tmp_path) -> 
             w = src.get(k, "cuda")
             assert on_device(w), k
             assert torch.equal(w.cpu().view(torch.int32), cpu[k].view(torch.int32)), k
+
+
+def test_big_endian_files_are_refused_clearly(tmp_path) -> None:
+    """Bytes are read as they lie, so a big-endian file would give wrong numbers: refused."""
+    from lora_extract.extract import ExtractionInputError
+
+    path = str(tmp_path / "be.gguf")
+    w = gguf.GGUFWriter(path=None, arch="wan", endianess=gguf.GGUFEndian.BIG)
+    w.add_tensor("w", np.ones((4, 8), dtype=np.float32).byteswap(), raw_dtype=QT.F32)
+    w.write_header_to_file(path=path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ExtractionInputError, match=r"be\.gguf: a big-endian GGUF file"):
+        GGUFSource(path)
