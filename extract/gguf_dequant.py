@@ -12,7 +12,10 @@ only temporaries are per-chunk. On the CPU, :func:`dequantize_into` feeds the ke
 calling thread: the reader thread then never starts an OpenMP team of its own beside the SVD
 running in the main thread. On a loaded 2-core machine that was the whole cost: one
 1024 x 1024 Q8_0 weight took 24-100 ms as whole-tensor ops on 2 threads and 0.45 ms in chunks
-(0.22 ms whole on one idle thread), and each chunk's temporaries stay in the cache.
+(0.22 ms whole on one idle thread), and each chunk's temporaries stay in the cache. The price
+is per-op overhead: on one idle thread the chunked kernels of the nibble-packed types take 2-5
+ms per million elements against 1-3.5 ms as whole-tensor ops (docs/gguf.md, "Cost"). The
+factors (scales, offsets) are decoded for spans of ``GRAIN // 16`` blocks, the codes per chunk.
 
 Every block format stores ``value = step * code + offset`` per block or sub-block. The step
 (the distance between two neighbouring representable values) bounds the rounding error of the
