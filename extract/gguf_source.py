@@ -156,20 +156,19 @@ class GGUFSource:
         numel = int(e.tensor.n_elements)
         if numel == 0:
             w = torch.empty(0, dtype=torch.float32, device=dev)
-        elif e.type_name in KERNELS:
+        else:
             stored = self._stored_bytes(e)
             try:
                 blocks = stored.view(-1, e.type_size)
-                if dev.type == "cpu":
+                if e.type_name not in KERNELS:  # the rare types: gguf.quants (numpy)
+                    w = dequantize_bytes(blocks, e.type_name, e.block_size, e.type_size).to(dev)
+                elif dev.type == "cpu":
                     w = dequantize_into(blocks, e.type_name, torch.empty(numel, dtype=torch.float32))
                 else:
                     w = dequantize_into(blocks.to(dev), e.type_name,
                                         torch.empty(numel, dtype=torch.float32, device=dev))
             finally:
                 self._drop_pages(e)
-        else:
-            w = dequantize_bytes(np.asarray(e.tensor.data), e.type_name, e.block_size,
-                                 e.type_size).to(dev)
         w = w.reshape(e.shape)
         return w if dtype is None or dtype == torch.float32 else w.to(dtype)
 

@@ -176,3 +176,18 @@ def test_big_endian_files_are_refused_clearly(tmp_path) -> None:
     w.close()
     with pytest.raises(ExtractionInputError, match=r"be\.gguf: a big-endian GGUF file"):
         GGUFSource(path)
+
+
+def test_rare_types_read_through_gguf_quants_from_the_same_mapping(tmp_path) -> None:
+    """A type without a torch kernel (IQ4_NL) is read from the same mapping and dequantized by
+    the reference itself: equal to it bit for bit."""
+    bs, ts = gguf.GGML_QUANT_SIZES[QT.IQ4_NL]
+    rng = np.random.default_rng(4)
+    raw = rng.integers(0, 256, (64, ts), dtype=np.uint8)
+    raw[:, :2] = rng.uniform(-0.05, 0.05, (64, 1)).astype(np.float16).view(np.uint8)
+    path = str(tmp_path / "iq.gguf")
+    _write(path, {"iq": (raw.reshape(8, -1), "IQ4_NL")})
+    src = GGUFSource(path)
+    assert src.shape("iq") == (8, 8 * bs)
+    want = gguf.quants.dequantize(raw, QT.IQ4_NL).astype(np.float32).reshape(-1)
+    assert np.array_equal(src.get("iq").numpy().reshape(-1).view(np.uint32), want.view(np.uint32))
