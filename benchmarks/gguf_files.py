@@ -12,6 +12,8 @@ K-quant quantizer, so :func:`quantize_q6_k` is a plain round-to-nearest one (not
 searched scales, but the same block layout, read back by ``gguf.quants``).
 
     python benchmarks/gguf_files.py --base b.safetensors --tuned t.safetensors --type Q8_0 --out DIR
+
+Timing GGUF input against bf16: ``benchmarks/gguf_speed.py``.
 """
 
 from __future__ import annotations
@@ -125,61 +127,17 @@ def write_gguf_pair_from_safetensors(base: str, tuned: str, target: str, out_dir
     return paths[0], paths[1]
 
 
-def bench_q8_0_vs_bf16(out_dir: str, layers: int = 16, width: int = 1024, rank: int = 32,
-                       seed: int = 0) -> dict[str, float]:
-    """Seconds of ``lora-extract extract`` (rank ``rank``, svd_lowrank) on a generated pair
-    stored as bf16 safetensors and as GGUF Q8_0; the same weights (Q8_0 from the bf16 values)."""
-    import time
-
-    import torch
-    from safetensors.torch import save_file
-
-    from lora_extract.cli import main as cli
-
-    g = torch.Generator().manual_seed(seed)
-    base, tuned = {}, {}
-    for i in range(layers):
-        w = torch.randn(width, width, generator=g) * 0.02
-        delta = (torch.randn(width, 48, generator=g) @ torch.randn(48, width, generator=g)) * 1e-3
-        base[f"blocks.{i}.attn.q.weight"] = w.to(torch.bfloat16)
-        tuned[f"blocks.{i}.attn.q.weight"] = (w + delta).to(torch.bfloat16)
-    paths = {}
-    for name, sd in (("base", base), ("tuned", tuned)):
-        paths[f"bf16_{name}"] = os.path.join(out_dir, f"{name}-bf16.safetensors")
-        save_file(sd, paths[f"bf16_{name}"])
-        paths[f"q8_{name}"] = os.path.join(out_dir, f"{name}-Q8_0.gguf")
-        write_gguf(paths[f"q8_{name}"], {k: v.float().numpy() for k, v in sd.items()}, "Q8_0")
-    times = {}
-    for fmt in ("bf16", "q8"):
-        out = os.path.join(out_dir, f"lora-{fmt}.safetensors")
-        t0 = time.perf_counter()
-        rc = cli(["extract", paths[f"{fmt}_base"], paths[f"{fmt}_tuned"], "-o", out, "--rank",
-                  str(rank), "--algorithm", "svd_lowrank", "--overwrite"])
-        times[fmt] = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(f"extract on {fmt} failed ({rc})")
-    times["ratio"] = times["q8"] / times["bf16"]
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base")
-    ap.add_argument("--tuned")
+    ap.add_argument("--base", help="base model (.safetensors)")
+    ap.add_argument("--tuned", help="fine-tuned model (.safetensors)")
     ap.add_argument("--type", default="Q8_0")
     ap.add_argument("--arch", default="wan")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--bench", action="store_true",
-                    help="time extraction of a generated pair, bf16 safetensors vs GGUF Q8_0")
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--width", type=int, default=1024)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    if a.bench:
-        print(bench_q8_0_vs_bf16(a.out, a.layers, a.width))
-        return
     if not (a.base and a.tuned):
-        ap.error("--base and --tuned are needed (or --bench)")
+        ap.error("--base and --tuned are needed")
     for p in write_gguf_pair_from_safetensors(a.base, a.tuned, a.type, a.out, a.arch):
         print(p)
 

@@ -4,6 +4,11 @@ Files come from ComfyUI-GGUF's convert tool (F16/BF16/F32) and from llama.cpp's 
 (Q8_0, Q4_0 ... Q6_K). The ``gguf`` package parses the file and memory-maps the tensor data;
 each ``get`` dequantizes one tensor, so memory holds one layer at a time.
 
+Reading: the tensor bytes are viewed where they lie in a private, read-only-in-practice map of
+the file (no copy), dequantized chunk by chunk into the float32 result (see ``gguf_dequant``),
+and the map's pages of that tensor are then dropped from this process (``MADV_DONTNEED``; the
+page cache keeps them): resident memory holds about one layer, not the whole mapped file.
+
 Names and shapes follow ComfyUI-GGUF's loader: a tensor's shape is its ``comfy.gguf.orig_shape.
 <name>`` metadata when present (the convert tool flattens some SD1/SDXL tensors to rows of 256
 and records the original shape there), else the GGUF dimensions reversed (GGUF lists the
@@ -14,7 +19,9 @@ without ``model.diffusion_model.``.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -22,7 +29,13 @@ import numpy as np
 import torch
 
 from .errors import ExtractionInputError
-from .gguf_dequant import TORCH_DEQUANTIZERS, dequantize_bytes, noise_norm, rounding_steps
+from .gguf_dequant import (
+    KERNELS,
+    dequantize_bytes,
+    dequantize_into,
+    noise_norm,
+    rounding_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +56,7 @@ def import_gguf():
 
 def _dequantizable(gguf, type_name: str) -> bool:
     """Types we can turn into floats: our torch kernels, or a dequantizer in gguf.quants."""
-    if type_name in FLOAT_TYPES or type_name in TORCH_DEQUANTIZERS:
+    if type_name in KERNELS:
         return True
     cls = getattr(gguf.quants, type_name, None)
     return isinstance(cls, type) and "dequantize_blocks" in vars(cls)
@@ -71,6 +84,14 @@ class GGUFSource:
             raise ExtractionInputError(
                 f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e}). The file is "
                 "truncated, corrupt or not GGUF.") from e
+        if getattr(self._reader, "byte_order", "I") != "I":
+            # The tensor bytes are read as they lie: little-endian scales and floats only.
+            raise ExtractionInputError(
+                f"{self.path}: a big-endian GGUF file; only little-endian GGUF files (what "
+                "ComfyUI-GGUF and llama.cpp write by default) can be read. Convert it on a "
+                "little-endian machine or use the original safetensors.")
+        self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         for t in self._reader.tensors:
             self._entries[t.name] = self._entry(gguf, t)
@@ -131,17 +152,54 @@ class GGUFSource:
         compact codes cross the bus to a GPU.
         """
         e = self._entries[key]
-        raw = np.asarray(e.tensor.data)
         dev = torch.device(device)
-        if e.type_name in TORCH_DEQUANTIZERS and dev.type != "cpu":
-            codes = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8)).to(dev)
-            w = dequantize_bytes(codes, e.type_name, e.block_size, e.type_size)
+        numel = int(e.tensor.n_elements)
+        if numel == 0:
+            w = torch.empty(0, dtype=torch.float32, device=dev)
         else:
-            # ascontiguousarray copies out of the read-only map; the copy is ours to modify.
-            w = dequantize_bytes(np.array(raw, copy=True), e.type_name, e.block_size,
-                                 e.type_size).to(dev)
+            stored = self._stored_bytes(e)
+            try:
+                blocks = stored.view(-1, e.type_size)
+                if e.type_name not in KERNELS:  # the rare types: gguf.quants (numpy)
+                    w = dequantize_bytes(blocks, e.type_name, e.block_size, e.type_size).to(dev)
+                elif dev.type == "cpu":
+                    w = dequantize_into(blocks, e.type_name, torch.empty(numel, dtype=torch.float32))
+                else:
+                    w = dequantize_into(blocks.to(dev), e.type_name,
+                                        torch.empty(numel, dtype=torch.float32, device=dev))
+            finally:
+                self._drop_pages(e)
         w = w.reshape(e.shape)
         return w if dtype is None or dtype == torch.float32 else w.to(dtype)
+
+    def _mapped(self) -> mmap.mmap:
+        """The file mapped copy-on-write: writable as far as Python is concerned (torch needs
+        that), never written, so no page is ever copied and the file never changes."""
+        with self._map_lock:
+            if self._map is None:
+                with open(self.path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return self._map
+
+    def _stored_bytes(self, e: _Entry) -> torch.Tensor:
+        """The tensor's bytes in the file, as a uint8 tensor viewing the mapping (no copy)."""
+        return torch.frombuffer(self._mapped(), dtype=torch.uint8, count=int(e.tensor.n_bytes),
+                                offset=int(e.tensor.data_offset))
+
+    def _drop_pages(self, e: _Entry) -> None:
+        """Unmap the tensor's pages from this process (they stay in the page cache), so that
+        reading a whole model does not leave it all counted in the resident set. Best effort:
+        without ``madvise`` (Windows) the kernel reclaims the clean pages under pressure."""
+        advise = getattr(self._map, "madvise", None)
+        dontneed = getattr(mmap, "MADV_DONTNEED", None)
+        if advise is None or dontneed is None:
+            return
+        begin = int(e.tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = int(e.tensor.data_offset) + int(e.tensor.n_bytes)
+        try:
+            advise(dontneed, begin, end - begin)
+        except (OSError, ValueError):
+            pass
 
     # --- format reporting (optional interface read by the reports) ---------------------------
 
@@ -160,7 +218,11 @@ class GGUFSource:
         e = self._entries[key]
         if e.type_name in FLOAT_TYPES:
             return None
-        steps = rounding_steps(np.asarray(e.tensor.data), e.type_name, e.block_size, e.type_size)
+        try:
+            steps = rounding_steps(self._stored_bytes(e).numpy(), e.type_name, e.block_size,
+                                   e.type_size)
+        finally:
+            self._drop_pages(e)
         return None if steps is None else noise_norm(steps)
 
     def describe(self) -> str:
@@ -176,6 +238,12 @@ class GGUFSource:
         """Drop the file mapping (the reader holds it)."""
         self._entries = {}
         self._reader = None
+        m, self._map = self._map, None
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a tensor still views it; the mapping goes with the last view
 
     def __enter__(self) -> GGUFSource:
         return self
