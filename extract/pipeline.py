@@ -10,14 +10,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .change_threshold import small_change_reason
 from .config import ExtractConfig
 from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
 from .dora import extract_dora_matrix
 from .errors import ExtractionInputError
 from .layer import LayerExtraction, extract_matrix, layer_kind
+from .new_tensors import store_new_tensors
 from .norms import frobenius_norm
 from .oom_fallback import OomFallback
-from .pairing import KeyPair, PairPlan, load_difference, plan_pair
+from .pairing import KeyPair, PairPlan, load_difference
+from .plan_options import plan_for
 from .prefetch import Prefetcher
 from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
 from .report_curve import curve_from_report
@@ -102,7 +105,8 @@ def needs_svd(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> 
     """Whether ``process_pair`` stores this parameter as LoRA factors (the same test)."""
     if fro == 0.0 or cfg.lora_type == "full" or len(pair.shape) < 2:
         return False
-    return stored_role(pair, cfg, plan) == "weight"
+    return stored_role(pair, cfg, plan) == "weight" and \
+        small_change_reason(pair, fro, cfg, plan) is None
 
 
 def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConfig,
@@ -118,7 +122,8 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
     t0 = time.perf_counter()
     shape = pair.shape
     kind = layer_kind(shape)
-    entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED)
+    entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED,
+                        change=fro)
     mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
                            plan.encoders)
     if mapped is None:
@@ -127,8 +132,11 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
         return entry
     keys, role = mapped
     unmapped = plan.comfy_unmapped.get(pair.path)
+    small = small_change_reason(pair, fro, cfg, plan)
     if fro == 0.0:
         entry.reason = "no difference"
+    elif small is not None:
+        entry.reason = small
     elif unmapped is not None and (cfg.bias_diff or role == "weight" and len(shape) >= 2):
         entry.reason = unmapped   # flagged and counted in a note: never a silently partial file
     elif role == "weight" and len(shape) >= 2:
@@ -187,7 +195,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
         return extract_lora_budgeted(base, tuned, cfg, progress=progress,
                                      check_interrupt=check_interrupt, prefetch=prefetch)
     t0 = time.perf_counter()
-    plan = plan_pair(base, tuned)
+    plan = plan_for(base, tuned, cfg)
     cfg, style_notes = resolve_for_plan(cfg, plan)
     report = new_report(cfg, plan, style_notes)
     tensors: dict[str, torch.Tensor] = {}
@@ -217,6 +225,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     run_layers(plan.common, load, process, report, prefetch=prefetch, progress=progress,
                check_interrupt=check_interrupt, total=total)
     report.notes.extend(fallback.notes())
+    store_new_tensors(plan, base, tuned, cfg, tensors, report)
     report.seconds = time.perf_counter() - t0
     return finish_result(cfg, report, tensors)
 
@@ -225,6 +234,8 @@ def new_report(cfg: ExtractConfig, plan: PairPlan, notes: list[str]) -> Extracti
     """A run's report before any layer: the config, the notes, and every key left out of the
     pairing with its reason (nothing is dropped silently)."""
     report = ExtractionReport(config=cfg.to_dict(), notes=list(notes))
+    if plan.selection is not None:
+        report.notes.extend(plan.selection.note_lines())
     for key, shape, reason in plan.left_out:
         report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
                                status=STATUS_SKIPPED, reason=reason))

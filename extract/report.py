@@ -38,6 +38,7 @@ class LayerReport:
     dora_axis: str | None = None
     lora_same_size_rank: int | None = None
     lora_same_size_error: float | None = None
+    change: float | None = None          # ||dW||_F of a paired parameter (min_change_* compare it)
 
 
 @dataclass
