@@ -36,6 +36,7 @@ from .merge import add_parser as add_merge_parser
 from .output_checks import check_distinct, check_output_file, check_output_folder
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
+from .selection import add_selection_options, selection_fields
 from .text_encoders import add_text_encoder_options, open_model
 from .validate import add_parser as add_validate_parser
 
@@ -84,6 +85,7 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
                    help="off: plain LoRA; output / input: DoRA, a LoRA plus a float32 magnitude "
                         "per output or input channel (dora_scale, read by ComfyUI's loader); the "
                         "report compares each layer with plain LoRA in the same bytes")
+    add_selection_options(p)
     add_v2_options(p)
 
 
@@ -95,7 +97,8 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
         key_style=a.key_style, device=resolve_device(a.device),
         target_size_mb=a.target_size, size_objective=a.size_objective,
-        text_encoder_rank=getattr(a, "text_encoder_rank", 0), dora=a.dora).validate()
+        text_encoder_rank=getattr(a, "text_encoder_rank", 0), dora=a.dora,
+        **selection_fields(a)).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
