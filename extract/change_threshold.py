@@ -14,6 +14,8 @@ unchanged. The relative test reads each base weight's norm once (cached on the p
 
 from __future__ import annotations
 
+import math
+
 from .config import ExtractConfig
 from .pairing import KeyPair, PairPlan
 
@@ -40,7 +42,7 @@ def skipping_on(cfg: ExtractConfig) -> bool:
 def small_change_reason(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan
                         ) -> str | None:
     """Why ``process_pair`` leaves this changed parameter out as unchanged, or None."""
-    if not skipping_on(cfg) or fro == 0.0:
+    if not skipping_on(cfg) or fro == 0.0 or math.isinf(fro):   # inf: "assume it changed"
         return None
     absolute = cfg.min_change_abs
     source = "min_change_abs"

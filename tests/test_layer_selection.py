@@ -214,3 +214,33 @@ def test_unmatched_include_pattern_is_noted() -> None:
                        ExtractConfig(rank=2, include="*self_attn*; *nothing_here*"))
     assert "include pattern '*nothing_here*' matched no parameter" in res.report.notes
     assert torch.is_tensor(res.tensors["diffusion_model.blocks.0.self_attn.q.lora_up.weight"])
+
+
+def test_docs_list_every_preset_pattern() -> None:
+    import os
+    page = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                        "layer-selection.md")
+    with open(page, encoding="utf-8") as f:
+        text = f.read()
+    for name, preset in PRESETS.items():
+        assert f"`{name}`" in text
+        for pattern in preset.include + preset.exclude:
+            assert pattern in text, pattern
+
+
+def test_cli_flags_reach_the_config_and_the_report(tmp_path) -> None:
+    import json
+
+    from lora_extract.cli.main import main
+    from lora_extract.extract.synthetic import write_pair
+    bp, tp = write_pair(str(tmp_path), LAYERS, seed=1)
+    out, rep = str(tmp_path / "o.safetensors"), str(tmp_path / "r.json")
+    assert main(["extract", bp, tp, "-o", out, "--report", rep, "--rank", "2",
+                 "--layer-preset", "attention", "--include", "*blocks*", "--exclude", "*.bias",
+                 "--exclude", "re:ffn", "--min-change-abs", "1e-9", "--new-tensors", "skip"]) == 0
+    report = json.loads(open(rep).read())
+    cfg = report["config"]
+    assert (cfg["layer_preset"], cfg["include"], cfg["exclude"], cfg["min_change_abs"],
+            cfg["new_tensors"]) == ("attention", "*blocks*", "*.bias;re:ffn", 1e-9, "skip")
+    kept = [r["key"] for r in report["layers"] if r["status"] != "skipped"]
+    assert kept == ["diffusion_model.blocks.0.self_attn.q.weight"]
