@@ -18,6 +18,7 @@ import math
 
 from .config import ExtractConfig
 from .pairing import KeyPair, PairPlan
+from .report import CHANGE_BELOW
 
 # A difference at most this many times its estimated rounding noise counts as unchanged
 # (then at least 1/1.5**2 = 44% of its energy is rounding noise).
@@ -50,10 +51,10 @@ def small_change_reason(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: Pai
         absolute = default_min_change(pair, plan) or 0.0
         source = "the quantization noise floor x1.5"
     if fro < absolute:
-        return f"change below threshold: ||dW|| {fro:.4g} < {absolute:.4g} ({source})"
+        return f"{CHANGE_BELOW}: ||dW|| {fro:.4g} < {absolute:.4g} ({source})"
     if cfg.min_change_rel > 0 and plan.base_norm is not None:
         w = plan.base_norm(pair)
         if w > 0 and fro < cfg.min_change_rel * w:
-            return (f"change below threshold: ||dW||/||W|| {fro / w:.4g} < {cfg.min_change_rel:g} "
+            return (f"{CHANGE_BELOW}: ||dW||/||W|| {fro / w:.4g} < {cfg.min_change_rel:g} "
                     f"(min_change_rel; ||dW|| {fro:.4g})")
     return None

@@ -7,7 +7,7 @@ bias), which the fine-tuned model keeps. ComfyUI loads the base file (building t
 from the architecture), maps and loads our LoRA with its own key map and loader, and patches the
 model (``integration/comfy_patch_model.py``). Checks:
 
-1. 0 keys not loaded, and the two set patches give exactly the fine-tuned tensors, at strength 1
+1. 0 keys not loaded (comfy and kohya key styles), and the two set patches give exactly the fine-tuned tensors, at strength 1
    and at strength 0.5 (a set patch ignores the strength);
 2. every other changed weight is the fine-tuned one to within the error our report states
    (parameters the report flags as on non-leaf modules excepted: ComfyUI never patches those);
@@ -72,15 +72,17 @@ def _comfy(tmp_path, model: str, lora: str, strength: float, tag: str):
     return load_file(job["out"]), out["not_loaded"]
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_set_weight_restores_tensors_the_base_file_lacks(wan_pair, tmp_path, strength: float) -> None:
+@pytest.mark.parametrize("strength,key_style", [(1.0, "comfy"), (0.5, "comfy"), (1.0, "kohya")])
+def test_set_weight_restores_tensors_the_base_file_lacks(wan_pair, tmp_path, strength: float,
+                                                         key_style: str) -> None:
     base_path, tuned_path, base, tuned = wan_pair
     lora = str(tmp_path / "lora.safetensors")
     report = extract_to_file(SafetensorsSource(base_path), SafetensorsSource(tuned_path),
-                             ExtractConfig(rank=16, output_dtype="fp32", clamp_quantile=None), lora)
+                             ExtractConfig(rank=16, output_dtype="fp32", clamp_quantile=None,
+                                           key_style=key_style), lora)
     stored = load_file(lora)
     assert {f"diffusion_model.{k.removesuffix('.weight')}.set_weight" for k in DROPPED} <= set(stored)
-    patched, not_loaded = _comfy(tmp_path, base_path, lora, strength, f"s{strength}")
+    patched, not_loaded = _comfy(tmp_path, base_path, lora, strength, f"s{strength}{key_style}")
     assert not_loaded == []
     for k in DROPPED:
         assert torch.equal(patched[k], tuned[k]), k

@@ -53,6 +53,7 @@ def test_skipped_layers_are_those_below_the_thresholds(engine: str, rel: float,
         assert r.change == pytest.approx(d, rel=1e-5)
         assert f"{d:.4g}" in r.reason
         assert not any(x.startswith(k[: -len(".weight")] + ".") for x in res.tensors)
+    assert res.report.skipped_reasons() == {"change below threshold": len(expect)}
     for k in set(norms) - expect:
         assert k[: -len(".weight")] + ".lora_up.weight" in res.tensors
 
