@@ -101,3 +101,26 @@ def test_selection_applies_to_new_tensors() -> None:
     assert "diffusion_model.blocks.0.q.scale.set_weight" in res.tensors
     reasons = {r.key: r.reason for r in res.report.layers}
     assert reasons["diffusion_model.blocks.0.new_proj.weight"] == "left out by exclude pattern '*new_proj*'"
+
+
+def test_resize_and_merge_copy_set_weight_unchanged(tmp_path) -> None:
+    """A set patch ignores the strength in ComfyUI, so merge weights do not scale it either."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from safetensors.torch import load_file, save_file
+    from test_resize_fixtures import lora_pair, make_base, spectrum
+    from test_resize_pipeline import ATTN1, _resize
+
+    gen = torch.Generator().manual_seed(4)
+    base_path, _ = make_base(str(tmp_path), gen)
+    prefix = "diffusion_model." + ATTN1
+    up, down = lora_pair(32, (32,), spectrum(4, 0.3), gen, 4.0)
+    value = torch.randn(8, 32, generator=gen)
+    save_file({f"{prefix}.lora_up.weight": up, f"{prefix}.lora_down.weight": down,
+               f"{prefix}.alpha": torch.tensor(4.0),
+               "diffusion_model.new_proj.set_weight": value}, str(tmp_path / "a.safetensors"))
+    report = _resize(base_path, f"{tmp_path / 'a'}:0.5", "spn_lora,thr=-20", tmp_path / "o")
+    out = load_file(report.outcomes[0].output_path)
+    torch.testing.assert_close(out["diffusion_model.new_proj.set_weight"].float(), value,
+                               atol=1e-3, rtol=1e-3)
