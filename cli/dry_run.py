@@ -36,6 +36,9 @@ def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int,
              f"stored diffs {spectra.fixed_bytes} bytes; no file written"]
     if plan.selection is not None:
         lines.extend(plan.selection.lines())
+    if spectra.unchanged:
+        lines.append(f"{spectra.unchanged} changed layer(s) below --min-change / --min-change-abs "
+                     "(left out)")
     if plan.tuned_only:
         lines.append(f"{len(plan.tuned_only)} parameter(s) only in the fine-tuned model "
                      f"(new tensors: {cfg.new_tensors})")

@@ -77,6 +77,7 @@ class Spectra:
     kept: dict[str, tuple[TruncatedSVD, float]] = field(default_factory=dict)
     layers: list[LayerSpectrum] = field(default_factory=list)
     fixed_bytes: int = 0          # .diff / .diff_b tensors at the output dtype
+    unchanged: int = 0            # changed layers left out under min_change_* (change_threshold.py)
 
     def curve(self) -> SizeCurve:
         return size_curve(self.layers, self.fixed_bytes)
@@ -116,6 +117,8 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
                                             svd.U.shape[1]))
         elif stores_diff(pair, fro, cfg, plan):
             out.fixed_bytes += stored_diff_bytes(pair.shape, itemsize)
+        elif small_change_reason(pair, fro, cfg, plan) is not None:
+            out.unchanged += 1
         del diff
         if progress is not None:
             progress(i + 1, total_steps, pair.tuned_key)

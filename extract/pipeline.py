@@ -22,7 +22,14 @@ from .oom_fallback import OomFallback
 from .pairing import KeyPair, PairPlan, load_difference
 from .plan_options import plan_for
 from .prefetch import Prefetcher
-from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
+from .report import (
+    CHANGE_BELOW,
+    STATUS_DIFF,
+    STATUS_LORA,
+    STATUS_SKIPPED,
+    ExtractionReport,
+    LayerReport,
+)
 from .report_curve import curve_from_report
 from .sources import WeightSource
 from .te_keys import UNPATCHABLE_NOTE, layer_config, lora_keys_for
@@ -267,11 +274,13 @@ def finish_result(cfg: ExtractConfig, report: ExtractionReport,
     if not tensors:
         # Parameters that differ but were not stored (bias_diff off): the models are not identical.
         differs = [r for r in report.layers if r.status != STATUS_SKIPPED
-                   or r.reason.startswith("bias_diff is off")]
+                   or r.reason.startswith(("bias_diff is off", CHANGE_BELOW))]
+        fix = ("lower min_change_rel / min_change_abs" if differs and
+               differs[0].reason.startswith(CHANGE_BELOW) else "turn bias_diff on")
         msg = ("the two models are identical: no parameter differs, so there is nothing to "
                "extract and no file was written." if not differs else
                f"{len(differs)} parameter(s) differ (e.g. {differs[0].key!r}) but none could be "
-               f"stored: {differs[0].reason}. No file was written; turn bias_diff on to store them.")
+               f"stored: {differs[0].reason}. No file was written; {fix} to store them.")
         raise NothingToExtract(msg, report)
     ignored = [r.key for r in report.layers if r.reason == NONLEAF_NOTE]
     if ignored:

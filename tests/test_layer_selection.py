@@ -3,6 +3,8 @@ applied before any weight is read, every left-out parameter reported with its ru
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -244,3 +246,18 @@ def test_cli_flags_reach_the_config_and_the_report(tmp_path) -> None:
             cfg["new_tensors"]) == ("attention", "*blocks*", "*.bias;re:ffn", 1e-9, "skip")
     kept = [r["key"] for r in report["layers"] if r["status"] != "skipped"]
     assert kept == ["diffusion_model.blocks.0.self_attn.q.weight"]
+
+
+def test_dry_run_shows_the_selection_its_size_and_unchanged_layers(tmp_path, capsys) -> None:
+    from lora_extract.cli.main import main
+    from lora_extract.extract.synthetic import write_pair
+    bp, tp = write_pair(str(tmp_path), LAYERS, seed=1)
+    assert main(["extract", bp, tp, "--dry-run", "--rank", "2", "--exclude", "re:ffn",
+                 "--min-change-abs", "1e6"]) == 0
+    out = capsys.readouterr().out
+    kept = [s for s in LAYERS if "ffn" not in s.key]
+    elements = sum(math.prod(s.shape) for s in kept) / 1e6
+    total = sum(math.prod(s.shape) for s in LAYERS) / 1e6
+    assert f"selection: {len(kept)} of {len(LAYERS)} parameters ({elements:.2f}M of {total:.2f}M weights)" in out
+    assert "  2 left out by exclude pattern 're:ffn'" in out
+    assert f"{len(kept)} changed layer(s) below --min-change / --min-change-abs (left out)" in out

@@ -81,3 +81,11 @@ def test_thresholds_must_be_finite_and_non_negative() -> None:
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ExtractionInputError, match="min_change_rel"):
             ExtractConfig(min_change_rel=bad).validate()
+
+
+def test_everything_below_the_threshold_is_an_error_naming_the_thresholds() -> None:
+    from lora_extract.extract import NothingToExtract
+    base, tuned = _pair()
+    with pytest.raises(NothingToExtract, match=r"4 parameter\(s\) differ .* change below "
+                       r"threshold: .* lower min_change_rel / min_change_abs to store them"):
+        extract_lora(StateDictSource(base), StateDictSource(tuned), ExtractConfig(min_change_abs=1e3))
