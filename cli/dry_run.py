@@ -24,7 +24,7 @@ def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int,
     """Pass 1 of a budgeted run (every layer decomposed at its cap); print the curve.
 
     ``text_encoders``: include a whole checkpoint's text encoders, as the extraction would."""
-    spectra, _plan = spectra_only(open_model(base_path, text_encoders, "base model"),
+    spectra, plan = spectra_only(open_model(base_path, text_encoders, "base model"),
                                   open_model(tuned_path, text_encoders, "fine-tuned model"), cfg,
                                   lambda path: _layer_generator(cfg, path),
                                   progress=progress_bar("spectra"), prefetch=prefetch)
@@ -34,10 +34,19 @@ def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int,
              f"{f' / text encoders {cfg.text_encoder_rank}' if cfg.text_encoder_rank else ''}, "
              f"{cfg.output_dtype}; "
              f"stored diffs {spectra.fixed_bytes} bytes; no file written"]
+    if plan.selection is not None:
+        lines.extend(plan.selection.lines())
+    if spectra.unchanged:
+        lines.append(f"{spectra.unchanged} changed layer(s) below --min-change / --min-change-abs "
+                     "(left out)")
+    if plan.tuned_only:
+        lines.append(f"{len(plan.tuned_only)} parameter(s) only in the fine-tuned model "
+                     f"(new tensors: {cfg.new_tensors})")
     if cfg.target_size_mb:
-        plan = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes, cfg.size_objective)
-        curve.chosen = chosen_point(plan)
-        lines.extend(budget_lines(_Facts(plan.outcome)))
+        ranks = plan_ranks(spectra.layers, spectra.fixed_bytes, cfg.budget_bytes,
+                           cfg.size_objective)
+        curve.chosen = chosen_point(ranks)
+        lines.extend(budget_lines(_Facts(ranks.outcome)))
     lines.extend(curve_lines(curve, "<- what --target-size would give (not written)"))
     top = curve.points[-1].tensor_bytes if curve.points else 0
     lines.append(f"(pick a size between {curve.points[0].tensor_bytes / MIB:.3f} and "

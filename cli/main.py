@@ -36,6 +36,7 @@ from .merge import add_parser as add_merge_parser
 from .output_checks import check_distinct, check_output_file, check_output_folder
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
+from .selection import add_selection_options, selection_fields
 from .text_encoders import add_text_encoder_options, open_model
 from .validate import add_parser as add_validate_parser
 
@@ -87,6 +88,7 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-noise-layers", action="store_true",
                    help="quantized inputs: leave out layers whose difference is at the "
                         "estimated rounding-noise level (docs/model-formats.md)")
+    add_selection_options(p)
     add_v2_options(p)
 
 
@@ -99,7 +101,7 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
         key_style=a.key_style, device=resolve_device(a.device),
         target_size_mb=a.target_size, size_objective=a.size_objective,
         text_encoder_rank=getattr(a, "text_encoder_rank", 0), dora=a.dora,
-        skip_noise_layers=a.skip_noise_layers).validate()
+        skip_noise_layers=a.skip_noise_layers, **selection_fields(a)).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,

@@ -11,11 +11,13 @@ with the smallest size that fits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from .budget import ALPHA_BYTES, rank_unit_bytes, too_small_error
+from .change_threshold import small_change_reason
 from .config import ExtractConfig
 from .pairing import KeyPair, PairPlan
 from .pipeline import needs_svd, stored_role
@@ -29,7 +31,7 @@ def pair_min_bytes(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan
     """Bytes ``pair`` takes at the least: rank 1 (+ alpha), its stored difference, or nothing.
 
     The same decision as the extraction (``needs_svd`` / ``stored_role``)."""
-    if fro == 0.0:
+    if fro == 0.0 or small_change_reason(pair, fro, cfg, plan) is not None:
         return 0
     if needs_svd(pair, fro, cfg, plan):
         return rank_unit_bytes(pair.shape, itemsize) + ALPHA_BYTES
@@ -51,7 +53,8 @@ def check_budget_fits(cfg: ExtractConfig, plan: PairPlan, load: LoadFn) -> None:
     budget = cfg.budget_bytes
     if budget <= 0:
         return
-    if budget >= smallest_bytes(cfg, plan, lambda _p: 1.0):
+    # Every layer taken as changed beyond any min_change threshold: the largest minimum.
+    if budget >= smallest_bytes(cfg, plan, lambda _p: math.inf):
         return
     norms: dict[str, float] = {}
     for pair in plan.common:

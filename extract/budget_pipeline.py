@@ -11,8 +11,9 @@ from .budget_run import (
 )
 from .config import ExtractConfig
 from .diffusers_keys import resolve_for_plan
+from .new_tensors import store_new_tensors
 from .oom_fallback import OomFallback
-from .pairing import KeyPair, load_difference, plan_pair
+from .pairing import KeyPair, load_difference
 from .pipeline import (
     ExtractionResult,
     _layer_generator,
@@ -22,6 +23,7 @@ from .pipeline import (
     process_pair,
     run_layers,
 )
+from .plan_options import plan_for
 from .report import LayerReport
 from .sources import WeightSource
 
@@ -33,7 +35,7 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
     """``extract_lora`` for ``cfg.target_size_mb``: the best ranks whose tensors fit the budget."""
     cfg.validate()
     t0 = time.perf_counter()
-    plan = plan_pair(base, tuned)
+    plan = plan_for(base, tuned, cfg)
     cfg, style_notes = resolve_for_plan(cfg, plan)
     report = new_report(cfg, plan, style_notes)
     total = len(plan.common)
@@ -63,6 +65,7 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
     run_layers(plan.common, load, process, report, prefetch=prefetch, progress=progress,
                check_interrupt=check_interrupt, total=total)
     report.notes.extend(fallback.notes())
+    store_new_tensors(plan, base, tuned, cfg, tensors, report)
     budget.annotate(report)
     report.seconds = time.perf_counter() - t0
     return finish_result(cfg, report, tensors)

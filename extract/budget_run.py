@@ -19,13 +19,16 @@ import torch
 
 from .budget import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_curve
 from .budget_check import check_budget_fits
+from .change_threshold import small_change_reason
 from .config import ExtractConfig
 from .decompose import TruncatedSVD, exact_svd, randomized_svd
 from .diffusers_keys import resolve_for_plan
 from .layer import finish_extraction, svd_plan
+from .new_tensors import new_tensor_bytes
 from .oom_fallback import OomFallback
-from .pairing import KeyPair, PairPlan, load_difference, plan_pair
+from .pairing import KeyPair, PairPlan, load_difference
 from .pipeline import left_out_as_noise, needs_svd, stored_role
+from .plan_options import plan_for
 from .prefetch import Prefetcher
 from .report import ExtractionReport
 from .report_curve import stored_diff_bytes
@@ -43,7 +46,8 @@ def stores_diff(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -
     quantization noise is stored neither way: it takes no part of the budget)."""
     return (fro != 0.0 and cfg.bias_diff and stored_role(pair, cfg, plan) is not None
             and not needs_svd(pair, fro, cfg, plan)
-            and not left_out_as_noise(pair, fro, cfg, plan))
+            and not left_out_as_noise(pair, fro, cfg, plan)
+            and small_change_reason(pair, fro, cfg, plan) is None)
 
 
 def decompose_at_cap(diff: torch.Tensor, cfg: ExtractConfig,
@@ -75,6 +79,7 @@ class Spectra:
     kept: dict[str, tuple[TruncatedSVD, float]] = field(default_factory=dict)
     layers: list[LayerSpectrum] = field(default_factory=list)
     fixed_bytes: int = 0          # .diff / .diff_b tensors at the output dtype
+    unchanged: int = 0            # changed layers left out under min_change_* (change_threshold.py)
 
     def curve(self) -> SizeCurve:
         return size_curve(self.layers, self.fixed_bytes)
@@ -98,6 +103,7 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
 
     # A budget below the smallest possible file is refused now, not after every SVD.
     check_budget_fits(cfg, plan, load)
+    out.fixed_bytes += new_tensor_bytes(plan, cfg, base)   # set_weight tensors (new_tensors.py)
     for i, (pair, (diff, fro)) in enumerate(Prefetcher(
             plan.common, load, prefetch, watch=RunWatch(check_interrupt),
             what="the next layer from the reader")):
@@ -113,6 +119,8 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
                                             svd.U.shape[1]))
         elif stores_diff(pair, fro, cfg, plan):
             out.fixed_bytes += stored_diff_bytes(pair.shape, itemsize)
+        elif small_change_reason(pair, fro, cfg, plan) is not None:
+            out.unchanged += 1
         del diff
         if progress is not None:
             progress(i + 1, total_steps, pair.tuned_key)
@@ -182,7 +190,7 @@ def spectra_only(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
                  prefetch: int = 2) -> tuple[Spectra, PairPlan]:
     """Pass 1 alone (the dry run): the spectra and the pairing, nothing written."""
     cfg.validate()
-    plan = plan_pair(base, tuned)
+    plan = plan_for(base, tuned, cfg)
     cfg, _notes = resolve_for_plan(cfg, plan)   # the key style decides what is stored
     fallback = OomFallback(cfg.device)
     return collect_spectra(base, tuned, cfg, plan, fallback, generator_for, progress=progress,

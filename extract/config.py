@@ -47,6 +47,14 @@ class ExtractConfig:
     size_objective: str = "mean"          # with target_size_mb: "mean" or "worst" layer error
     dora: str = "off"                     # "output"/"input": store a dora_scale on that axis
     skip_noise_layers: bool = False       # quantized inputs: leave out layers at the noise floor
+    # Which layers go in (extract/selection.py): a preset, then ';'-separated glob / re: patterns.
+    layer_preset: str = "all"
+    include: str = ""
+    exclude: str = ""
+    # Skip layers that barely changed (extract/change_threshold.py); 0: off.
+    min_change_rel: float = 0.0           # ||dW|| / ||W|| below this: left out
+    min_change_abs: float = 0.0           # ||dW|| below this: left out
+    new_tensors: str = "set_weight"       # fine-tune-only parameters: set_weight or skip
 
     def validate(self) -> ExtractConfig:
         def bad(what: str) -> ExtractionInputError:
@@ -78,6 +86,7 @@ class ExtractConfig:
             raise bad(f"alpha {self.alpha!r} must be >= 0 (0 means alpha = rank).")
         self._validate_target_size()
         self._validate_dora()
+        self._validate_selection()
         if self.key_style not in KEY_STYLES:
             raise bad(f"key_style {self.key_style!r} is not one of {', '.join(KEY_STYLES)}.")
         try:
@@ -119,6 +128,20 @@ class ExtractConfig:
                 f"dora {self.dora!r} cannot be combined with target_size_mb "
                 f"{self.target_size_mb:g}: the size budget allocates plain-LoRA ranks. Use a rank "
                 "(or an adaptive lora_type) with DoRA, or dora off with the budget.")
+
+    def _validate_selection(self) -> None:
+        from .new_tensors import NEW_TENSOR_MODES
+        from .selection import check_selection_options
+
+        check_selection_options(self.layer_preset, self.include, self.exclude)
+        for name in ("min_change_rel", "min_change_abs"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ExtractionInputError(
+                    f"{name} {value!r} must be a finite number >= 0 (0: off).")
+        if self.new_tensors not in NEW_TENSOR_MODES:
+            raise ExtractionInputError(
+                f"new_tensors {self.new_tensors!r} is not one of {', '.join(NEW_TENSOR_MODES)}.")
 
     @property
     def budget_bytes(self) -> int:

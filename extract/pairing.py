@@ -14,6 +14,7 @@ import torch
 from .difference import difference_into
 from .errors import ExtractionInputError
 from .norms import frobenius_norm
+from .selection import SelectionOutcome
 from .source_info import describe, noise_floor
 from .sources import WeightSource
 from .te_keys import encoders_in, left_out_reason, model_path
@@ -21,6 +22,7 @@ from .te_keys import encoders_in, left_out_reason, model_path
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
 SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",
                       ".scale_input", ".weight_scale_2", ".pre_quant_scale")
+ONLY_TUNED = "only in the fine-tuned model"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,12 @@ class PairPlan:
     # The rounding-noise norm of a pair's difference when either side is quantized, else None
     # (source_info.noise_floor over the two sources; asked after the difference was read).
     noise_floor: Callable[[KeyPair], float | None] | None = None
+    # Parameters only the fine-tuned model has (base_key ""); also in left_out until
+    # plan_options.plan_for decides to store them (new_tensors.py).
+    tuned_only: list[KeyPair] = field(default_factory=list)
+    # ||W|| of a pair's base weight (read on demand, cached), for min_change_rel; set by plan_for.
+    base_norm: Callable[[KeyPair], float] | None = None
+    selection: SelectionOutcome | None = None   # what the layer selection kept (plan_for)
 
     def module_has_weight(self, path: str) -> bool:
         """Whether ``<module>.weight`` exists next to a ``<module>.bias`` path."""
@@ -96,7 +104,8 @@ def plan_pair(base: WeightSource, tuned: WeightSource) -> PairPlan:
             continue
         bk = base_by_path.get(p)
         if bk is None:
-            plan.left_out.append((k, tuple(tuned.shape(k)), "only in the fine-tuned model"))
+            plan.left_out.append((k, tuple(tuned.shape(k)), ONLY_TUNED))
+            plan.tuned_only.append(KeyPair(k, "", p, tuple(tuned.shape(k))))
             continue
         seen_base.add(bk)
         ts, bs = tuple(tuned.shape(k)), tuple(base.shape(bk))

@@ -10,16 +10,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .change_threshold import small_change_reason
 from .config import ExtractConfig
 from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
 from .dora import extract_dora_matrix
 from .errors import ExtractionInputError
 from .layer import LayerExtraction, extract_matrix, layer_kind
+from .new_tensors import store_new_tensors
 from .norms import frobenius_norm
 from .oom_fallback import OomFallback
-from .pairing import KeyPair, PairPlan, load_difference, plan_pair
+from .pairing import KeyPair, PairPlan, load_difference
+from .plan_options import plan_for
 from .prefetch import Prefetcher
-from .report import STATUS_DIFF, STATUS_LORA, STATUS_SKIPPED, ExtractionReport, LayerReport
+from .report import (
+    CHANGE_BELOW,
+    STATUS_DIFF,
+    STATUS_LORA,
+    STATUS_SKIPPED,
+    ExtractionReport,
+    LayerReport,
+)
 from .report_curve import curve_from_report
 from .source_info import NOISE_FLAG_FACTOR
 from .sources import WeightSource
@@ -129,7 +139,8 @@ def needs_svd(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> 
         return False
     if left_out_as_noise(pair, fro, cfg, plan):
         return False
-    return stored_role(pair, cfg, plan) == "weight"
+    return stored_role(pair, cfg, plan) == "weight" and \
+        small_change_reason(pair, fro, cfg, plan) is None
 
 
 def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConfig,
@@ -145,7 +156,8 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
     t0 = time.perf_counter()
     shape = pair.shape
     kind = layer_kind(shape)
-    entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED)
+    entry = LayerReport(key=pair.tuned_key, shape=list(shape), kind=kind, status=STATUS_SKIPPED,
+                        change=fro)
     mapped = lora_keys_for(pair.path, cfg.key_style, plan.module_has_weight(pair.path),
                            plan.encoders)
     if mapped is None:
@@ -154,10 +166,13 @@ def process_pair(pair: KeyPair, diff: torch.Tensor, fro: float, cfg: ExtractConf
         return entry
     keys, role = mapped
     unmapped = plan.comfy_unmapped.get(pair.path)
+    small = small_change_reason(pair, fro, cfg, plan)
     if fro > 0.0 and _mark_noise(entry, pair, fro, plan) and cfg.skip_noise_layers:
         entry.reason = NOISE_SKIP_REASON
     elif fro == 0.0:
         entry.reason = "no difference"
+    elif small is not None:
+        entry.reason = small
     elif unmapped is not None and (cfg.bias_diff or role == "weight" and len(shape) >= 2):
         entry.reason = unmapped   # flagged and counted in a note: never a silently partial file
     elif role == "weight" and len(shape) >= 2:
@@ -216,7 +231,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
         return extract_lora_budgeted(base, tuned, cfg, progress=progress,
                                      check_interrupt=check_interrupt, prefetch=prefetch)
     t0 = time.perf_counter()
-    plan = plan_pair(base, tuned)
+    plan = plan_for(base, tuned, cfg)
     cfg, style_notes = resolve_for_plan(cfg, plan)
     report = new_report(cfg, plan, style_notes)
     tensors: dict[str, torch.Tensor] = {}
@@ -246,6 +261,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     run_layers(plan.common, load, process, report, prefetch=prefetch, progress=progress,
                check_interrupt=check_interrupt, total=total)
     report.notes.extend(fallback.notes())
+    store_new_tensors(plan, base, tuned, cfg, tensors, report)
     report.seconds = time.perf_counter() - t0
     return finish_result(cfg, report, tensors)
 
@@ -254,6 +270,8 @@ def new_report(cfg: ExtractConfig, plan: PairPlan, notes: list[str]) -> Extracti
     """A run's report before any layer: the config, the notes, and every key left out of the
     pairing with its reason (nothing is dropped silently)."""
     report = ExtractionReport(config=cfg.to_dict(), notes=list(notes), inputs=list(plan.inputs))
+    if plan.selection is not None:
+        report.notes.extend(plan.selection.note_lines())
     for key, shape, reason in plan.left_out:
         report.add(LayerReport(key=key, shape=list(shape), kind=layer_kind(shape),
                                status=STATUS_SKIPPED, reason=reason))
@@ -285,11 +303,13 @@ def finish_result(cfg: ExtractConfig, report: ExtractionReport,
     if not tensors:
         # Parameters that differ but were not stored (bias_diff off): the models are not identical.
         differs = [r for r in report.layers if r.status != STATUS_SKIPPED
-                   or r.reason.startswith("bias_diff is off")]
+                   or r.reason.startswith(("bias_diff is off", CHANGE_BELOW))]
+        fix = ("lower min_change_rel / min_change_abs" if differs and
+               differs[0].reason.startswith(CHANGE_BELOW) else "turn bias_diff on")
         msg = ("the two models are identical: no parameter differs, so there is nothing to "
                "extract and no file was written." if not differs else
                f"{len(differs)} parameter(s) differ (e.g. {differs[0].key!r}) but none could be "
-               f"stored: {differs[0].reason}. No file was written; turn bias_diff on to store them.")
+               f"stored: {differs[0].reason}. No file was written; {fix} to store them.")
         raise NothingToExtract(msg, report)
     ignored = [r.key for r in report.layers if r.reason == NONLEAF_NOTE]
     if ignored:

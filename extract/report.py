@@ -17,6 +17,7 @@ from .te_keys import is_te_key
 STATUS_LORA = "lora"
 STATUS_DIFF = "diff"
 STATUS_SKIPPED = "skipped"
+CHANGE_BELOW = "change below threshold"   # min_change_* (change_threshold.py)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LayerReport:
     # difference is at the noise level (source_info.NOISE_FLAG_FACTOR).
     noise_floor: float | None = None
     at_noise_level: bool = False
+    change: float | None = None          # ||dW||_F of a paired parameter (min_change_* compare it)
 
 
 @dataclass
@@ -146,7 +148,9 @@ class ExtractionReport:
         out: dict[str, int] = {}
         for r in self.layers:
             if r.status == STATUS_SKIPPED:
-                out[r.reason] = out.get(r.reason, 0) + 1
+                # Each layer's numbers are in its own entry; the summary counts them together.
+                reason = r.reason.split(":")[0] if r.reason.startswith(CHANGE_BELOW) else r.reason
+                out[reason] = out.get(reason, 0) + 1
         return out
 
     def _te_rank_lines(self) -> list[str]:

@@ -32,8 +32,9 @@ from ..extract.budget_run import BudgetPass
 from ..extract.config import ExtractConfig
 from ..extract.diffusers_keys import resolve_for_plan
 from ..extract.layer import LayerExtraction, extract_matrix
+from ..extract.new_tensors import store_new_tensors
 from ..extract.oom_fallback import OOM_ERRORS, OomFallback, release_accelerator_cache
-from ..extract.pairing import KeyPair, PairPlan, plan_pair
+from ..extract.pairing import KeyPair, PairPlan
 from ..extract.pipeline import (
     ExtractionResult,
     InterruptFn,
@@ -44,6 +45,7 @@ from ..extract.pipeline import (
     needs_svd,
     new_report,
 )
+from ..extract.plan_options import plan_for
 from ..extract.report import ExtractionReport
 from ..extract.sources import WeightSource
 from ..extract.te_keys import layer_config
@@ -331,7 +333,7 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     t0 = time.perf_counter()
     device = torch.device(cfg.device)
     monitor = VramMonitor(probe or torch_probe(device), opts.memory_threshold)
-    plan = plan_pair(base, tuned)
+    plan = plan_for(base, tuned, cfg)
     cfg, style_notes = resolve_for_plan(cfg, plan)
     report = new_report(cfg, plan, style_notes)
     budget = budget_first_pass(base, tuned, cfg, plan, progress, check_interrupt)
@@ -388,6 +390,7 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     mem.final_vram = monitor.read()
     mem.seconds = report.seconds = time.perf_counter() - t0
     report.notes.extend(mem.notes())
+    store_new_tensors(plan, base, tuned, cfg, tensors, report)
     if budget is not None:
         budget.annotate(report)
     return V2Result(finish_result(cfg, report, tensors), mem)

@@ -370,6 +370,9 @@ class ComfyModelSource:
     rounds the weight to the model's storage dtype before we take the difference.
     """
 
+    # Its keys are every parameter of the model ComfyUI patches (extract/new_tensors.py).
+    lists_every_parameter = True
+
     def __init__(self, patcher, name: str) -> None:
         self.patcher = patcher
         self.name = name

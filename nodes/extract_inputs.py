@@ -6,6 +6,7 @@ from ..extract.budget import MAX_TARGET_MB, SIZE_OBJECTIVES
 from ..extract.config import ALGORITHMS, DORA_OPTIONS, LORA_TYPES, OUTPUT_DTYPES, ExtractConfig
 from ..extract.keys import KEY_STYLES
 from .model_inputs import MODEL_AND_CLIP_INPUTS
+from .selection_inputs import SELECTION_INPUTS
 
 SAVE_TO = ("output", "models/loras")
 
@@ -80,6 +81,7 @@ def extraction_inputs(default_prefix: str) -> dict[str, dict[str, tuple]]:
                            "rebuild the fine-tuned weight; it captures per-channel rescaling that "
                            "plain LoRA cannot. The report compares each layer with plain LoRA in "
                            "the same bytes. Not with target_size_mb or full."}),
+            **SELECTION_INPUTS,
         },
         "hidden": {"unique_id": "UNIQUE_ID"},
     }
@@ -89,13 +91,17 @@ def build_config(*, rank: int, lora_type: str, algorithm: str, lowrank_iters: in
                  output_dtype: str, bias_diff: bool, adaptive_param: float,
                  clamp_quantile: bool, conv_rank: int, alpha: float, key_style: str,
                  device: str, target_size_mb: float, text_encoder_rank: int,
-                 size_objective: str, dora: str = "off") -> ExtractConfig:
+                 size_objective: str, dora: str = "off", layer_preset: str = "all",
+                 include: str = "", exclude: str = "", min_change_rel: float = 0.0,
+                 min_change_abs: float = 0.0, new_tensors: str = "set_weight") -> ExtractConfig:
     return ExtractConfig(
         rank=rank, lora_type=lora_type, algorithm=algorithm, lowrank_iters=lowrank_iters,
         output_dtype=output_dtype, bias_diff=bias_diff, adaptive_param=adaptive_param,
         clamp_quantile=0.99 if clamp_quantile else None, conv_rank=conv_rank, alpha=alpha,
         key_style=key_style, device=device, target_size_mb=target_size_mb,
-        text_encoder_rank=text_encoder_rank, size_objective=size_objective, dora=dora).validate()
+        text_encoder_rank=text_encoder_rank, size_objective=size_objective, dora=dora,
+        layer_preset=layer_preset, include=include, exclude=exclude, min_change_rel=min_change_rel,
+        min_change_abs=min_change_abs, new_tensors=new_tensors).validate()
 
 
 def save_root_and_prefix(save_to: str, filename_prefix: str, output_dir: str, loras_dir: str) -> tuple[str, str]:

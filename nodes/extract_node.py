@@ -101,14 +101,19 @@ class LoraExtract:
                 conv_rank: int = 0, alpha: float = 0.0, key_style: str = "auto",
                 save_to: str = "output", target_size_mb: float = 0.0,
                 size_objective: str = "mean", dora: str = "off",
-                unique_id: str | None = None) -> dict:
+                layer_preset: str = "all", include: str = "", exclude: str = "",
+                min_change_rel: float = 0.0, min_change_abs: float = 0.0,
+                new_tensors: str = "set_weight", unique_id: str | None = None) -> dict:
         cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
                            lowrank_iters=lowrank_iters, output_dtype=output_dtype,
                            bias_diff=bias_diff, adaptive_param=adaptive_param,
                            clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
                            key_style=key_style, device=str(comfy.compute_device()),
                            target_size_mb=target_size_mb, text_encoder_rank=text_encoder_rank,
-                           size_objective=size_objective, dora=dora)
+                           size_objective=size_objective, dora=dora,
+                           layer_preset=layer_preset, include=include, exclude=exclude,
+                           min_change_rel=min_change_rel, min_change_abs=min_change_abs,
+                           new_tensors=new_tensors)
         res = run_node_extraction(
             finetuned_model, original_model, filename_prefix,
             f"{cfg.name_tag()}_{output_dtype}", cfg, save_to, unique_id,

@@ -74,7 +74,9 @@ class LoraExtractV2:
                 conv_rank: int = 0, alpha: float = 0.0, key_style: str = "auto",
                 save_to: str = "output", target_size_mb: float = 0.0,
                 size_objective: str = "mean", dora: str = "off",
-                unique_id: str | None = None) -> dict:
+                layer_preset: str = "all", include: str = "", exclude: str = "",
+                min_change_rel: float = 0.0, min_change_abs: float = 0.0,
+                new_tensors: str = "set_weight", unique_id: str | None = None) -> dict:
         device = comfy.compute_device()
         cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
                            lowrank_iters=lowrank_iters, output_dtype=output_dtype,
@@ -82,7 +84,10 @@ class LoraExtractV2:
                            clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
                            key_style=key_style, device=str(device),
                            target_size_mb=target_size_mb, text_encoder_rank=text_encoder_rank,
-                           size_objective=size_objective, dora=dora)
+                           size_objective=size_objective, dora=dora,
+                           layer_preset=layer_preset, include=include, exclude=exclude,
+                           min_change_rel=min_change_rel, min_change_abs=min_change_abs,
+                           new_tensors=new_tensors)
         # The widgets always carry a value, so they are explicit knobs (the mode still sets
         # the budget; conservative stays sequential).
         opts = MemoryOptions(mode=vram_usage_mode, blocks_in_gpu=blocks_in_gpu,

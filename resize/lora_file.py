@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 LOW_RANK_SUFFIXES: tuple[tuple[str, str], ...] = tuple((up, down) for up, down, _mid in UP_DOWN_FORMATS)
 ALPHA_SUFFIX = ".alpha"
 # Full-weight patches: no rank to reduce, so they are copied to the output unchanged.
-PASSTHROUGH_SUFFIXES = (".diff", ".diff_b", ".w_norm", ".b_norm")
+# ".set_weight": a ComfyUI "set" patch (extract/new_tensors.py), copied as it is: ComfyUI applies
+# it whatever the strength, so no weight or rescale applies to it either.
+SET_WEIGHT_SUFFIX = ".set_weight"
+PASSTHROUGH_SUFFIXES = (".diff", ".diff_b", ".w_norm", ".b_norm", SET_WEIGHT_SUFFIX)
 # Adapter families we recognise but cannot resize with a plain SVD of up @ down.
 UNSUPPORTED_MARKERS: dict[str, str] = {
     ".lora_mid.weight": "LoCon CP/Tucker (lora_mid)",

@@ -26,6 +26,7 @@ from ..extract.writer import save_safetensors_atomic
 from .base_model import BaseModel
 from .decompose import DecomposedLayer, decompose_layer, subspace_scales
 from .key_map import MappedLayer, map_prefixes
+from .lora_file import SET_WEIGHT_SUFFIX
 from .merge import LayerContext, LoraInput
 from .output import check_not_an_input, free_output_path, layer_tensors, output_file_name, output_metadata
 from .recipe import Recipe
@@ -144,7 +145,8 @@ def _unresized_tensors(lora: LoraInput, unmapped: list[str], rescale: float,
         out[f"{prefix}.lora_down.weight"] = f.down.to(dtype)
         out[f"{prefix}.alpha"] = torch.tensor(f.output_scale * rank, dtype=torch.float32)
     for key, file, weight in lora.passthrough():
-        out[key] = (file.source.get(key, "cpu", torch.float32) * (weight * rescale)).to(dtype)
+        factor = 1.0 if key.endswith(SET_WEIGHT_SUFFIX) else weight * rescale
+        out[key] = (file.source.get(key, "cpu", torch.float32) * factor).to(dtype)
     return out
 
 

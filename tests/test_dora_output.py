@@ -22,6 +22,7 @@ from lora_extract.extract.synthetic import LayerSpec, make_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.nodes.selection_inputs import SELECTION_INPUTS
 from lora_extract.resize.adapters import DenseModule, dense_change
 
 SHAPES = [(48, 32), (40, 40), (24, 8, 3, 3), (32, 12, 1, 2, 2)]
@@ -243,7 +244,8 @@ def test_nodes_offer_dora_last_and_off_by_default(node_id) -> None:
     optional = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]
     choices, opts = optional["dora"]
     assert choices == ["off", "output", "input"] and opts["default"] == "off"
-    assert list(optional)[-1] == "dora"    # saved workflows keep their widget values
+    names = list(optional)   # saved workflows keep their widget values: only later inputs follow
+    assert names[names.index("dora") + 1:] == list(SELECTION_INPUTS)
 
 
 def test_command_line_writes_a_dora_file(tmp_path) -> None:

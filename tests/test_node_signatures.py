@@ -155,6 +155,14 @@ EXTRACTION_TOOLTIPS = {
     "dora": ["off: plain LoRA.", "a float32 magnitude per output or input channel (dora_scale) that "
              "ComfyUI's loader uses to rebuild the fine-tuned weight", "The report compares each "
              "layer with plain LoRA in the same bytes. Not with target_size_mb or full."],
+    "layer_preset": ["attention: attention projections.", "no_embed_head_norm: everything but "
+                     "embeddings, output heads and norms."],
+    "include": ["separated by ';'", "re:REGEX searched in it"],
+    "exclude": ["same syntax as include"],
+    "min_change_rel": ["||dW||/||W|| is below this (0 = off)", "noise floor"],
+    "min_change_abs": ["||dW|| (Frobenius norm) is below this (0 = off)"],
+    "new_tensors": ["Parameters only the fine-tuned model has.", "(whatever the strength)",
+                    "skip: left out."],
 }
 V2_TOOLTIPS = {
     "vram_usage_mode": ["conservative ~50% (one layer at a time, nothing kept), balanced ~75%, "
@@ -201,7 +209,8 @@ def test_extraction_node_descriptions_and_outputs() -> None:
 NUMERIC_WIDGETS = {
     "LoraExtract": {"rank": (1, 4096, 1), "lowrank_iters": (1, 100, 1), "adaptive_param": (0.0, 1.0, 0.01),
                     "text_encoder_rank": (0, 4096, 1), "conv_rank": (0, 4096, 1),
-                    "alpha": (0.0, 4096.0, 0.5), "target_size_mb": (0.0, 1048576.0, 1.0)},
+                    "alpha": (0.0, 4096.0, 0.5), "target_size_mb": (0.0, 1048576.0, 1.0),
+                    "min_change_rel": (0.0, 1.0, 0.0001), "min_change_abs": (0.0, 1e6, 0.001)},
     "LoraLoadComplete": {"strength_model": (-100.0, 100.0, 0.01), "strength_clip": (-100.0, 100.0, 0.01)},
 }
 NUMERIC_WIDGETS["LoraExtractV2"] = {

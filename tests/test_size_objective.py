@@ -26,6 +26,7 @@ from lora_extract.extract.synthetic import demo_layers, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.nodes.selection_inputs import SELECTION_INPUTS
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
@@ -165,4 +166,8 @@ def test_nodes_offer_the_objective_last_with_mean_by_default(node_id) -> None:
     choices, opts = optional["size_objective"]
     assert choices == ["mean", "worst"] and opts["default"] == "mean"
     # Last: workflows saved before it keep their widget values in place.
-    assert list(optional)[-2:] == ["size_objective", "dora"]   # each appended after the last
+    names = list(optional)
+    at = names.index("size_objective")
+    # each appended after the last; only later optional inputs follow
+    assert names[at:at + 2] == ["size_objective", "dora"]
+    assert names[at + 2:] == list(SELECTION_INPUTS)
