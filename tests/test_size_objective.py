@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_size_target import CAP, LAYERS, MIB, cfg_for, constructed_pair, rel_sq, unit_bytes
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
 from lora_extract.extract.allocate import allocate
@@ -26,6 +25,7 @@ from lora_extract.extract.synthetic import demo_layers, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
