@@ -79,9 +79,9 @@ def run_node(node_cls: type, inputs: dict[str, Any], node_id: str = "7",
 
 
 def _run_v3(node_cls: type, inputs: dict[str, Any], node_id: str) -> dict[str, Any]:
-    _, schema = node_cls.INPUT_TYPES(include_hidden=False, return_schema=True)
+    schema = node_cls.GET_SCHEMA()
     given = {io.Hidden.unique_id: node_id, io.Hidden.prompt: {}, io.Hidden.extra_pnginfo: None}
     hidden = {h: given.get(h) for h in schema.hidden or []}
-    clone = node_cls.PREPARE_CLASS_CLONE(hidden)
+    clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
     out = getattr(clone, node_cls.FUNCTION)(**inputs)
     return {"result": out.result, "ui": out.ui}

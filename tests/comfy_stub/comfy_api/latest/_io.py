@@ -46,6 +46,10 @@ class HiddenHolder:
     def from_dict(cls, d: dict | None) -> HiddenHolder:
         return cls({h.name: (d or {}).get(h) for h in Hidden})
 
+    @classmethod
+    def from_v3_data(cls, v3_data: dict | None) -> HiddenHolder:
+        return cls.from_dict(v3_data["hidden_inputs"] if v3_data else None)
+
 
 # --- inputs and outputs -------------------------------------------------------------------
 
@@ -314,12 +318,9 @@ class ComfyNode:
         return schema
 
     @classmethod
-    def INPUT_TYPES(cls, include_hidden: bool = True, return_schema: bool = False):
-        schema = cls.FINALIZE_SCHEMA()
-        inputs = schema.v1_inputs()
-        if not include_hidden:
-            inputs.pop("hidden", None)
-        return (inputs, schema) if return_schema else inputs
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        # (0.3.64 also takes include_hidden / return_schema; newer versions take no argument.)
+        return cls.FINALIZE_SCHEMA().v1_inputs()
 
     @classmethod
     def GET_NODE_INFO_V1(cls) -> dict[str, Any]:
@@ -354,9 +355,11 @@ class ComfyNode:
     # --- how ComfyUI runs it -------------------------------------------------------------------
 
     @classmethod
-    def PREPARE_CLASS_CLONE(cls, hidden_inputs: dict) -> type[ComfyNode]:
+    def PREPARE_CLASS_CLONE(cls, v3_data: dict | None) -> type[ComfyNode]:
+        # Newer ComfyUI passes {"hidden_inputs": {...}, ...}; 0.3.64 the hidden inputs themselves.
+        hidden = (v3_data or {}).get("hidden_inputs", v3_data)
         clone = type(f"{cls.__name__}Clone", (cls,), {})
-        clone.hidden = HiddenHolder.from_dict(hidden_inputs)
+        clone.hidden = HiddenHolder.from_dict(hidden)
         return _locked(clone)
 
     @classmethod
