@@ -162,7 +162,7 @@ def test_command_line_takes_the_objective(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("node_id", ["LoraExtract", "LoraExtractV2"])
 def test_nodes_offer_the_objective_last_with_mean_by_default(node_id) -> None:
     optional = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]
-    choices, opts = optional["size_objective"]
-    assert choices == ["mean", "worst"] and opts["default"] == "mean"
+    kind, opts = optional["size_objective"]
+    assert kind == "COMBO" and opts["options"] == ["mean", "worst"] and opts["default"] == "mean"
     # Last: workflows saved before it keep their widget values in place.
     assert list(optional)[-1] == "size_objective"
