@@ -1,20 +1,28 @@
 """ComfyUI LoRA extraction and resizing pack.
 
 ComfyUI imports this folder as a custom node package (under a module name derived from its
-path, hence relative imports only); ``pip install`` makes the same folder importable as
-``lora_extract`` with the ``lora-extract`` command. Importing it never imports ComfyUI: the
-nodes reach ComfyUI only when they run.
-"""
+path, hence relative imports only) and calls ``comfy_entrypoint`` for its nodes (ComfyUI's V3
+node API); ``pip install`` makes the same folder importable as ``lora_extract`` with the
+``lora-extract`` command. Importing it never imports ComfyUI: the node modules, which subclass
+ComfyUI's ``io.ComfyNode``, are imported only when ComfyUI calls ``comfy_entrypoint``.
 
-if __package__:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-else:
-    # Loaded as a lone file, not as a package: pytest does that with the repository root when
-    # the checkout's folder name is not a Python identifier (``ComfyUI-LoRA-Extract``), and a
-    # relative import would fail there. There is nothing to register in that case.
-    NODE_CLASS_MAPPINGS: dict[str, type] = {}
-    NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+There is deliberately no ``NODE_CLASS_MAPPINGS`` here: ComfyUI reads it before
+``comfy_entrypoint`` and would then take the nodes from it, and building it would import
+ComfyUI's node API on every import of the pack.
+"""
 
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the extension that lists the pack's nodes."""
+    if not __package__:
+        # Loaded as a lone file, not as a package (pytest does that with the repository root
+        # when the checkout's folder name is not a Python identifier): no nodes to give.
+        raise ImportError("the LoRA extraction pack must be imported as a package")
+    from .nodes import LoraExtractExtension
+
+    return LoraExtractExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

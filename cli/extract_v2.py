@@ -14,12 +14,13 @@ from ..extract import ExtractConfig
 from ..extract.devices import AUTO, DEVICE_HELP
 from ..extract.tempfiles import write_text_atomic
 from ..memory.manager import extract_to_file_v2
-from ..memory.planner import MAX_BATCH, MAX_BLOCKS, MAX_PREFETCH, MODES, MemoryOptions
+from ..memory.options import MEMORY, MEMORY_OPTIONS
+from ..memory.planner import MemoryOptions
+from .option_flags import add_option_flags, config_values
 from .progress import progress_bar
 from .text_encoders import open_model
 
-V2_KNOBS = ("vram_mode", "blocks_in_gpu", "batch_size", "prefetch_ahead", "memory_threshold",
-            "memory_log")
+V2_KNOBS = tuple(o.name for o in MEMORY_OPTIONS)
 
 
 def add_device_option(p: argparse.ArgumentParser) -> None:
@@ -31,22 +32,7 @@ def add_v2_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "V2 block-swap manager (the LoraExtractV2 node; any of these selects it; same ranks and factors as V1)")
     g.add_argument("--v2", action="store_true", help="use the V2 engine with the mode's defaults")
-    g.add_argument("--vram-mode", choices=tuple(MODES), default=None,
-                   help="share of free VRAM the run may use: conservative ~50%% (sequential), "
-                        "balanced ~75%% (default with --v2), aggressive ~90%%, maximum ~95%%")
-    g.add_argument("--blocks-in-gpu", type=int, default=None, metavar="N",
-                   help=f"model blocks kept on the GPU (0..{MAX_BLOCKS}; default: the mode's)")
-    g.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help=f"layers per batch; same-shaped ones share one batched SVD on a GPU "
-                        f"(1..{MAX_BATCH}; default: the mode's)")
-    g.add_argument("--prefetch-ahead", type=int, default=None, metavar="N",
-                   help=f"batches read and moved in the background (0..{MAX_PREFETCH}; "
-                        "default: the mode's)")
-    g.add_argument("--memory-threshold", type=float, default=None, metavar="SHARE",
-                   help="used-VRAM share above which kept blocks are offloaded and batches "
-                        "halved (0.5..0.95, default 0.85)")
-    g.add_argument("--memory-log", action="store_true",
-                   help="print the V2 memory log (budget, blocks kept, per-batch time and VRAM)")
+    add_option_flags(g, MEMORY_OPTIONS)
 
 
 def wants_v2(a: argparse.Namespace) -> bool:
@@ -56,11 +42,11 @@ def wants_v2(a: argparse.Namespace) -> bool:
 
 def memory_options(a: argparse.Namespace) -> MemoryOptions:
     """The node's ``MemoryOptions`` from the flags; unset knobs take the mode's defaults."""
-    return MemoryOptions(
-        mode=a.vram_mode or "balanced", blocks_in_gpu=a.blocks_in_gpu, batch_size=a.batch_size,
-        prefetch_ahead=a.prefetch_ahead,
-        memory_threshold=0.85 if a.memory_threshold is None else a.memory_threshold,
-        debug=a.memory_log).validate()
+    values = config_values(a, MEMORY_OPTIONS)
+    values["mode"] = values["mode"] or MEMORY["vram_usage_mode"].default
+    if values["memory_threshold"] is None:
+        values["memory_threshold"] = MEMORY["memory_threshold"].default
+    return MemoryOptions(**values).validate()
 
 
 def run_extract_v2(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,

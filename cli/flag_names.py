@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import re
 
+from ..extract.options import EXTRACT_OPTIONS
+from ..memory.options import MEMORY_OPTIONS
+from .option_flags import flag_names
+
 # Phrases whose wording changes with the flag (switches that turn something off).
 _PHRASES: tuple[tuple[str, str], ...] = (
     (r"\bturn bias_diff off\b", "pass --no-bias-diff"),
@@ -20,35 +24,14 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     (r"\brank and conv_rank\b", "--rank and --conv-rank"),
 )
 
-# Field (and node input) -> flag. Names with an underscore are unambiguous anywhere in a
-# message; plain words (rank, alpha, ...) only where a message starts with the field, its
-# value and a verdict ("rank 0 is out of range"), so "rank 1 in each layer" keeps its meaning.
-FIELD_FLAGS: dict[str, str] = {
-    "target_size_mb": "--target-size",
-    "size_objective": "--size-objective",
-    "dora": "--dora",
-    "layer_preset": "--layer-preset",
-    "min_change_rel": "--min-change",
-    "min_change_abs": "--min-change-abs",
-    "new_tensors": "--new-tensors",
-    "conv_rank": "--conv-rank",
-    "text_encoder_rank": "--text-encoder-rank",
-    "lora_type": "--lora-type",
-    "adaptive_param": "--adaptive-param",
-    "lowrank_iters": "--lowrank-iters",
-    "output_dtype": "--dtype",
-    "clamp_quantile": "--clamp-quantile",
-    "key_style": "--key-style",
-    "bias_diff": "--no-bias-diff",
-    "vram_usage_mode": "--vram-mode",
-    "blocks_in_gpu": "--blocks-in-gpu",
-    "batch_size": "--batch-size",
-    "prefetch_ahead": "--prefetch-ahead",
-    "memory_threshold": "--memory-threshold",
-}
-_LEADING_WORDS: dict[str, str] = {
-    "rank": "--rank", "alpha": "--alpha", "algorithm": "--algorithm", "device": "--device",
-}
+# Field (and node input) -> flag, from the option declarations. Names with an underscore are
+# unambiguous anywhere in a message; plain words (rank, alpha, ...) only where a message starts
+# with the field, its value and a verdict ("rank 0 is out of range"), so "rank 1 in each layer"
+# keeps its meaning.
+_ALL_FLAGS = {**flag_names(EXTRACT_OPTIONS), **flag_names(MEMORY_OPTIONS)}
+FIELD_FLAGS: dict[str, str] = {n: f for n, f in _ALL_FLAGS.items() if "_" in n}
+_LEADING_WORDS: dict[str, str] = {**{n: f for n, f in _ALL_FLAGS.items() if "_" not in n},
+                                  "device": "--device"}
 
 _LEADING = re.compile(rf"^({'|'.join(_LEADING_WORDS)}) \S+ (is|must)\b")
 

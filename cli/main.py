@@ -13,19 +13,10 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from ..extract import (
-    ALGORITHMS,
-    LORA_TYPES,
-    OUTPUT_DTYPES,
-    ExtractConfig,
-    ExtractionInputError,
-    extract_to_file,
-)
-from ..extract.budget import SIZE_OBJECTIVES
-from ..extract.config import DORA_OPTIONS
+from ..extract import ExtractConfig, ExtractionInputError, extract_to_file
 from ..extract.devices import resolve_device
 from ..extract.errors import ExtractionStalled
-from ..extract.keys import KEY_STYLES
+from ..extract.options import EXTRACT_OPTIONS
 from ..extract.tempfiles import write_text_atomic
 from ..extract.waits import DEFAULT_STALL_S, STALL_ENV
 from .dry_run import run_dry
@@ -33,10 +24,10 @@ from .extract_v2 import add_device_option, add_v2_options, memory_options, run_e
 from .flag_names import with_flag_names
 from .help_format import DefaultsHelpFormatter
 from .merge import add_parser as add_merge_parser
+from .option_flags import add_option_flags, config_values
 from .output_checks import check_distinct, check_output_file, check_output_folder
 from .progress import progress_bar
 from .resize import add_parser as add_resize_parser
-from .selection import add_selection_options, selection_fields
 from .text_encoders import add_text_encoder_options, open_model
 from .validate import add_parser as add_validate_parser
 
@@ -44,64 +35,19 @@ log = logging.getLogger("lora_extract")
 
 
 def _add_extract_options(p: argparse.ArgumentParser) -> None:
-    d = ExtractConfig()
-    p.add_argument("--rank", type=int, default=d.rank, metavar="N",
-                   help="rank of every LoRA layer; the cap with an adaptive --lora-type or "
-                        "--target-size")
-    p.add_argument("--conv-rank", type=int, default=d.conv_rank, metavar="N",
-                   help="rank (cap) of conv layers (0: same as --rank)")
-    p.add_argument("--lora-type", choices=LORA_TYPES, default=d.lora_type,
-                   help="standard: fixed rank; adaptive_*: rank per layer from its spectrum "
-                        "(--adaptive-param); full: store whole differences")
-    p.add_argument("--adaptive-param", type=float, default=d.adaptive_param, metavar="X",
-                   help="parameter of the adaptive rank rule, 0..1")
-    p.add_argument("--algorithm", choices=ALGORITHMS, default=d.algorithm,
-                   help="svd_linalg: exact SVD; svd_lowrank: randomized, faster on large layers")
-    p.add_argument("--lowrank-iters", type=int, default=d.lowrank_iters, metavar="N",
-                   help="power iterations of svd_lowrank (1..100)")
-    p.add_argument("--dtype", choices=tuple(OUTPUT_DTYPES), default=d.output_dtype,
-                   help="data type of the saved factors")
-    p.add_argument("--no-bias-diff", action="store_true", help="do not store bias / 1-D differences")
-    p.add_argument("--clamp-quantile", type=float, default=d.clamp_quantile, metavar="Q",
-                   help="q of the outlier clamp: in each rank component, entries of up and down "
-                        "beyond 2x the q quantile of their own vector are clipped")
-    p.add_argument("--no-clamp", action="store_true", help="do not clamp factor outliers")
-    p.add_argument("--alpha", type=float, default=d.alpha, metavar="A",
-                   help="LoRA alpha stored in the file (0: equal to each layer's rank, scale 1)")
-    p.add_argument("--key-style", choices=KEY_STYLES, default=d.key_style,
-                   help="key names written; auto: diffusers for a diffusers-named model, else comfy")
+    # The extraction options' flags come from their declarations (extract/options.py); the
+    # ones below are the command line's own.
+    add_option_flags(p, EXTRACT_OPTIONS)
     add_device_option(p)
     p.add_argument("--report", metavar="JSON", help="write the per-layer report as JSON here")
     p.add_argument("--prefetch", type=int, default=2, metavar="N",
                    help="layers read ahead in the background (V1 engine)")
-    p.add_argument("--target-size", type=float, default=d.target_size_mb, metavar="MIB",
-                   help="allocate ranks (capped by --rank/--conv-rank) for the least error whose "
-                        "tensors fit this many MiB (0: off, fixed ranks; the safetensors header "
-                        "comes on top)")
-    p.add_argument("--size-objective", choices=SIZE_OBJECTIVES, default=d.size_objective,
-                   help="with --target-size: mean = the least average layer error; worst = the "
-                        "least worst-layer error (no layer left far behind)")
-    p.add_argument("--dora", choices=DORA_OPTIONS, default=d.dora,
-                   help="off: plain LoRA; output / input: DoRA, a LoRA plus a float32 magnitude "
-                        "per output or input channel (dora_scale, read by ComfyUI's loader); the "
-                        "report compares each layer with plain LoRA in the same bytes")
-    p.add_argument("--skip-noise-layers", action="store_true",
-                   help="quantized inputs: leave out layers whose difference is at the "
-                        "estimated rounding-noise level (docs/model-formats.md)")
-    add_selection_options(p)
     add_v2_options(p)
 
 
 def _config(a: argparse.Namespace) -> ExtractConfig:
-    return ExtractConfig(
-        rank=a.rank, conv_rank=a.conv_rank, lora_type=a.lora_type,
-        adaptive_param=a.adaptive_param, algorithm=a.algorithm, lowrank_iters=a.lowrank_iters,
-        output_dtype=a.dtype, bias_diff=not a.no_bias_diff,
-        clamp_quantile=None if a.no_clamp else a.clamp_quantile, alpha=a.alpha,
-        key_style=a.key_style, device=resolve_device(a.device),
-        target_size_mb=a.target_size, size_objective=a.size_objective,
-        text_encoder_rank=getattr(a, "text_encoder_rank", 0), dora=a.dora,
-        skip_noise_layers=a.skip_noise_layers, **selection_fields(a)).validate()
+    return ExtractConfig(**config_values(a, EXTRACT_OPTIONS),
+                         device=resolve_device(a.device)).validate()
 
 
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,

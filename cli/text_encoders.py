@@ -22,8 +22,6 @@ TE_LORA_PREFIXES = ("text_encoders.", "lora_te", "text_encoder.", "text_encoder_
 def add_text_encoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-text-encoder", action="store_true",
                    help="extract the diffusion model only, even from whole checkpoints")
-    p.add_argument("--text-encoder-rank", type=int, default=0, metavar="N",
-                   help="rank (cap) for text-encoder layers (0: same as --rank)")
 
 
 def open_model(path: str, text_encoders: bool, role: str = "model") -> WeightSource:

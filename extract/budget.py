@@ -63,10 +63,6 @@ def rank_unit_bytes(shape: Sequence[int], itemsize: int) -> int:
     return (int(shape[0]) + math.prod(int(d) for d in shape[1:])) * itemsize
 
 
-def lora_layer_bytes(shape: Sequence[int], rank: int, itemsize: int) -> int:
-    return rank * rank_unit_bytes(shape, itemsize) + ALPHA_BYTES
-
-
 def _priorities(layers: Sequence[LayerSpectrum]) -> list[torch.Tensor]:
     """Gain per byte of ranks 2..cap of each layer (rank 1 is required)."""
     out = []

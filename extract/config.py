@@ -7,26 +7,30 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .budget import SIZE_OBJECTIVES, check_target_size
+from .budget import check_target_size
 from .errors import ExtractionInputError
-from .keys import KEY_STYLES
+from .options import (
+    ALGORITHMS,
+    DORA_OPTIONS,
+    EXTRACT,
+    LORA_TYPES,
+    MAX_RANK,
+    NEW_TENSOR_MODES,
+    OUTPUT_DTYPES,
+)
 from .rank_rules import RANK_RULES
 from .size_types import MIB
 
-LORA_TYPES = ("standard", "full", "adaptive_ratio", "adaptive_quantile", "adaptive_energy",
-              "adaptive_fro")
-ALGORITHMS = ("svd_linalg", "svd_lowrank")
-OUTPUT_DTYPES: dict[str, torch.dtype] = {
-    "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-}
-MAX_RANK = 4096
-# DoRA output (extract/dora.py): off, or the axis of the stored magnitude as ComfyUI reads it.
-DORA_OPTIONS = ("off", "output", "input")
+__all__ = ["ALGORITHMS", "DORA_OPTIONS", "LORA_TYPES", "MAX_RANK", "OUTPUT_DTYPES", "ExtractConfig"]
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Every knob of an extraction. Defaults are those of the LoraExtract node."""
+    """Every knob of an extraction. Defaults are those of the LoraExtract node.
+
+    Names, defaults, choices and ranges are declared in ``options.py``; a test checks the
+    defaults here against it (a dataclass default has to be written out).
+    """
 
     rank: int = 8
     lora_type: str = "standard"
@@ -59,36 +63,22 @@ class ExtractConfig:
     def validate(self) -> ExtractConfig:
         def bad(what: str) -> ExtractionInputError:
             return ExtractionInputError(what)
-        if self.lora_type not in LORA_TYPES:
-            raise bad(f"lora_type {self.lora_type!r} is not one of {', '.join(LORA_TYPES)}.")
+        EXTRACT["lora_type"].check(self.lora_type)
         if self.lora_type != "full" and self.lora_type not in RANK_RULES:
             raise bad(f"lora_type {self.lora_type!r} has no rank rule.")
-        if self.algorithm not in ALGORITHMS:
-            raise bad(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
-            raise bad(f"rank {self.rank!r} is out of range: use 1..{MAX_RANK}.")
-        if not isinstance(self.conv_rank, int) or not 0 <= self.conv_rank <= MAX_RANK:
-            raise bad(f"conv_rank {self.conv_rank!r} is out of range: use 0 (same as rank) "
-                      f"or 1..{MAX_RANK}.")
-        if not isinstance(self.text_encoder_rank, int) or not 0 <= self.text_encoder_rank <= MAX_RANK:
-            raise bad(f"text_encoder_rank {self.text_encoder_rank!r} is out of range: use 0 (same "
-                      f"as rank) or 1..{MAX_RANK}.")
-        if not 1 <= self.lowrank_iters <= 100:
-            raise bad(f"lowrank_iters {self.lowrank_iters!r} is out of range: use 1..100.")
-        if not 0.0 <= self.adaptive_param <= 1.0 or self.adaptive_param != self.adaptive_param:
-            raise bad(f"adaptive_param {self.adaptive_param!r} is out of range: use 0.0..1.0.")
+        for name in ("algorithm", "rank", "conv_rank", "text_encoder_rank", "lowrank_iters",
+                     "adaptive_param"):
+            EXTRACT[name].check(getattr(self, name))
         if self.clamp_quantile is not None and not 0.0 < self.clamp_quantile <= 1.0:
             raise bad(f"clamp_quantile {self.clamp_quantile!r} is out of range: use a value in "
                       "(0, 1], e.g. 0.99, or turn clamping off.")
-        if self.output_dtype not in OUTPUT_DTYPES:
-            raise bad(f"output_dtype {self.output_dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}.")
+        EXTRACT["output_dtype"].check(self.output_dtype)
         if not self.alpha >= 0 or self.alpha != self.alpha:
             raise bad(f"alpha {self.alpha!r} must be >= 0 (0 means alpha = rank).")
         self._validate_target_size()
         self._validate_dora()
         self._validate_selection()
-        if self.key_style not in KEY_STYLES:
-            raise bad(f"key_style {self.key_style!r} is not one of {', '.join(KEY_STYLES)}.")
+        EXTRACT["key_style"].check(self.key_style)
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError) as e:
@@ -100,9 +90,10 @@ class ExtractConfig:
 
     def _validate_target_size(self) -> None:
         check_target_size(self.target_size_mb)
-        if self.size_objective not in SIZE_OBJECTIVES:
+        if self.size_objective not in EXTRACT["size_objective"].values():
             raise ExtractionInputError(
-                f"size_objective {self.size_objective!r} is not one of {', '.join(SIZE_OBJECTIVES)}: "
+                f"size_objective {self.size_objective!r} is not one of "
+                f"{', '.join(EXTRACT['size_objective'].values())}: "
                 "mean (the least average layer error) or worst (the least worst-layer error).")
         if self.target_size_mb and self.lora_type != "standard":
             fix = ("store the whole difference without a budget" if self.lora_type == "full" else
@@ -130,7 +121,6 @@ class ExtractConfig:
                 "(or an adaptive lora_type) with DoRA, or dora off with the budget.")
 
     def _validate_selection(self) -> None:
-        from .new_tensors import NEW_TENSOR_MODES
         from .selection import check_selection_options
 
         check_selection_options(self.layer_preset, self.include, self.exclude)

@@ -35,7 +35,6 @@ from .report import STATUS_DIFF, STATUS_SKIPPED, ExtractionReport, LayerReport
 from .sources import WeightSource
 from .te_keys import is_te_key
 
-NEW_TENSOR_MODES = ("set_weight", "skip")
 SET_NOTE = ("only in the fine-tuned model: stored as {key} (ComfyUI sets the weight to it "
             "whatever the strength, where the model it patches has this parameter)")
 SKIP_OPTION = "only in the fine-tuned model (new_tensors is skip)"

@@ -18,14 +18,11 @@ from collections.abc import Mapping
 import torch
 
 from .errors import ExtractionInputError
+from .sources import SAFETENSORS_DTYPES
 from .tempfiles import create_temp_file, give_default_permissions
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+# The reader's table, inverted: a file we write is always one we can read back.
+_DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

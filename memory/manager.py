@@ -51,7 +51,7 @@ from ..extract.sources import WeightSource
 from ..extract.te_keys import layer_config
 from ..extract.waits import RunWatch, join_for
 from ..extract.writer import save_safetensors_atomic
-from .blocks import block_of
+from .blocks import block_of, group_by_block
 from .buffers import StagingPool
 from .cache import RESIDENT, ResidentCache, source_identity
 from .layer_store import LayerStore
@@ -340,16 +340,15 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     if budget is not None:
         progress = budget.second_pass_progress(progress)
     sizes = [pair_bytes(p.shape) for p in plan.common]
-    blocks: dict[str, int] = {}
-    for p, size in zip(plan.common, sizes, strict=True):
-        blocks[block_of(p.tuned_key)] = blocks.get(block_of(p.tuned_key), 0) + size
+    size_of = dict(zip((p.tuned_key for p in plan.common), sizes, strict=True))
     largest = max(sizes)
     identity = (source_identity(base), source_identity(tuned), str(device))
     stale = cache.keep_only(identity)
     if stale:
         release_accelerator_cache(cfg.device)
     initial = monitor.read()
-    sized = [BlockSize(n, b) for n, b in blocks.items()]
+    sized = [BlockSize(n, sum(size_of[k] for k in keys))
+             for n, keys in group_by_block(size_of).items()]
     if free_memory is not None and initial is not None:
         # What the plan would use if the whole device were free; ComfyUI unloads models to make
         # that room (instead of us loading both inputs whole), and the plan keeps what it got.

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..extract.errors import ExtractionInputError
 from .blocks import block_priority
 
 
@@ -55,18 +54,14 @@ class MemoryOptions:
     debug: bool = False
 
     def validate(self) -> MemoryOptions:
-        if self.mode not in MODES:
-            raise ExtractionInputError(
-                f"vram_usage_mode {self.mode!r} is not one of {', '.join(MODES)}.")
-        for name, value, hi in (("blocks_in_gpu", self.blocks_in_gpu, MAX_BLOCKS),
-                                ("batch_size", self.batch_size, MAX_BATCH),
-                                ("prefetch_ahead", self.prefetch_ahead, MAX_PREFETCH)):
-            lo = 1 if name == "batch_size" else 0
-            if value is not None and not lo <= value <= hi:
-                raise ExtractionInputError(f"{name} {value!r} is out of range: use {lo}..{hi}.")
-        if not 0.5 <= self.memory_threshold <= 0.95:
-            raise ExtractionInputError(
-                f"memory_threshold {self.memory_threshold!r} is out of range: use 0.5..0.95.")
+        from .options import MEMORY  # the declarations import this module's limits
+
+        MEMORY["vram_usage_mode"].check(self.mode)
+        for name in ("blocks_in_gpu", "batch_size", "prefetch_ahead"):
+            value = getattr(self, name)
+            if value is not None:
+                MEMORY[name].check(value)
+        MEMORY["memory_threshold"].check(self.memory_threshold)
         return self
 
 

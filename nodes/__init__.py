@@ -1,5 +1,11 @@
-"""ComfyUI nodes: thin glue over the core. Nothing here imports ComfyUI at import time."""
+"""ComfyUI nodes (V3 schema): thin glue over the core.
 
+Importing this package imports ComfyUI's node API (``comfy_api.latest``, through
+``comfy_io.py``); the pack imports it only when ComfyUI loads the pack
+(``comfy_entrypoint`` in the pack's ``__init__.py``), never for the command line.
+"""
+
+from .comfy_io import ComfyExtension, io
 from .extract_node import LoraExtract
 from .extract_v2_node import LoraExtractV2
 from .load_complete_node import LoraLoadComplete
@@ -7,19 +13,18 @@ from .merge_node import LoraMerge
 from .resize_node import LoraResize
 from .validate_node import LoraValidate
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {
-    "LoraExtract": LoraExtract,
-    "LoraExtractV2": LoraExtractV2,
-    "LoraResize": LoraResize,
-    "LoraMerge": LoraMerge,
-    "LoraValidate": LoraValidate,
-    "LoraLoadComplete": LoraLoadComplete,
-}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
-    "LoraExtract": "LoRA Extract (fine-tuned - original)",
-    "LoraExtractV2": "LoRA Extract V2 (block-swap VRAM manager)",
-    "LoraResize": "LoRA Resize (base-model aware)",
-    "LoraMerge": "LoRA Merge (weighted, to a rank or size)",
-    "LoraValidate": "LoRA Validate (original + LoRA = fine-tuned?)",
-    "LoraLoadComplete": "Load LoRA (complete)",
-}
+# In the order ComfyUI lists them.
+NODE_LIST: list[type[io.ComfyNode]] = [
+    LoraExtract, LoraExtractV2, LoraResize, LoraMerge, LoraValidate, LoraLoadComplete,
+]
+# Node id -> class, as ComfyUI registers them (the ids saved workflows refer to; each class is
+# named as its schema's node_id, which a test checks). Not built from the schemas, which list
+# the model folders.
+NODE_CLASS_MAPPINGS: dict[str, type[io.ComfyNode]] = {cls.__name__: cls for cls in NODE_LIST}
+
+
+class LoraExtractExtension(ComfyExtension):
+    """The pack as a ComfyUI extension: its node list."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_LIST)

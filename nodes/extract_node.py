@@ -15,11 +15,14 @@ from ..extract.pipeline import extract_to_file
 from ..extract.report import ExtractionReport
 from . import comfy_adapter as comfy
 from .chart_output import chart_outputs
+from .comfy_io import io, unique_id
 from .extract_inputs import build_config, extraction_inputs, save_root_and_prefix
 from .model_inputs import node_sources
 from .summary_lines import extraction_key_lines, with_key_lines
 
 log = logging.getLogger(__name__)
+
+CATEGORY = "LoRA extraction"
 
 
 @dataclass
@@ -76,46 +79,57 @@ def run_node_extraction(finetuned_model, original_model, filename_prefix: str, n
     return NodeExtraction(path, text, report, chart, preview)
 
 
-class LoraExtract:
+OUTPUT_TOOLTIPS = ("Full path of the saved LoRA file.", "Per-layer extraction summary.",
+                   "Chart: rank and relative error per layer by block, and the spectra of the "
+                   "largest layers with the cut marked.")
+
+
+def extraction_outputs(report_tooltip: str) -> list[io.Output]:
+    """lora_path, report and chart: the outputs of both extraction nodes."""
+    return [io.String.Output("lora_path", display_name="lora_path", tooltip=OUTPUT_TOOLTIPS[0]),
+            io.String.Output("report", display_name="report", tooltip=report_tooltip),
+            io.Image.Output("chart", display_name="chart", tooltip=OUTPUT_TOOLTIPS[2])]
+
+
+class LoraExtract(io.ComfyNode):
     """Extract a LoRA from the difference of two models and save it."""
 
-    DESCRIPTION = ("Extracts the difference between a fine-tuned and an original model as a LoRA "
-                   "file (SVD per layer), with a per-layer report of ranks and errors.")
-    CATEGORY = "LoRA extraction"
-    FUNCTION = "extract"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING", "IMAGE")
-    RETURN_NAMES = ("lora_path", "report", "chart")
-    OUTPUT_TOOLTIPS = ("Full path of the saved LoRA file.", "Per-layer extraction summary.",
-                       "Chart: rank and relative error per layer by block, and the spectra of "
-                       "the largest layers with the cut marked.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraExtract",
+            display_name="LoRA Extract (fine-tuned - original)",
+            category=CATEGORY,
+            description=("Extracts the difference between a fine-tuned and an original model as "
+                         "a LoRA file (SVD per layer), with a per-layer report of ranks and "
+                         "errors."),
+            inputs=extraction_inputs("loras/ComfyUI_extracted_lora"),
+            outputs=extraction_outputs(OUTPUT_TOOLTIPS[1]),
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return extraction_inputs("loras/ComfyUI_extracted_lora")
-
-    def extract(self, filename_prefix: str, rank: int, lora_type: str, algorithm: str,
+    def execute(cls, filename_prefix: str, rank: int, lora_type: str, algorithm: str,
                 lowrank_iters: int, output_dtype: str, bias_diff: bool, adaptive_param: float,
                 clamp_quantile: bool, finetuned_model=None, original_model=None,
                 finetuned_clip=None, original_clip=None, text_encoder_rank: int = 0,
                 conv_rank: int = 0, alpha: float = 0.0, key_style: str = "auto",
                 save_to: str = "output", target_size_mb: float = 0.0,
-                size_objective: str = "mean", dora: str = "off",
-                layer_preset: str = "all", include: str = "", exclude: str = "",
-                min_change_rel: float = 0.0, min_change_abs: float = 0.0,
-                new_tensors: str = "set_weight", unique_id: str | None = None) -> dict:
-        cfg = build_config(rank=rank, lora_type=lora_type, algorithm=algorithm,
-                           lowrank_iters=lowrank_iters, output_dtype=output_dtype,
-                           bias_diff=bias_diff, adaptive_param=adaptive_param,
-                           clamp_quantile=clamp_quantile, conv_rank=conv_rank, alpha=alpha,
-                           key_style=key_style, device=str(comfy.compute_device()),
+                size_objective: str = "mean", dora: str = "off", layer_preset: str = "all",
+                include: str = "", exclude: str = "", min_change_rel: float = 0.0,
+                min_change_abs: float = 0.0, new_tensors: str = "set_weight") -> io.NodeOutput:
+        cfg = build_config(str(comfy.compute_device()), rank=rank, lora_type=lora_type,
+                           algorithm=algorithm, lowrank_iters=lowrank_iters,
+                           output_dtype=output_dtype, bias_diff=bias_diff,
+                           adaptive_param=adaptive_param, clamp_quantile=clamp_quantile,
+                           conv_rank=conv_rank, alpha=alpha, key_style=key_style,
                            target_size_mb=target_size_mb, text_encoder_rank=text_encoder_rank,
-                           size_objective=size_objective, dora=dora,
-                           layer_preset=layer_preset, include=include, exclude=exclude,
-                           min_change_rel=min_change_rel, min_change_abs=min_change_abs,
-                           new_tensors=new_tensors)
+                           size_objective=size_objective, dora=dora, layer_preset=layer_preset,
+                           include=include, exclude=exclude, min_change_rel=min_change_rel,
+                           min_change_abs=min_change_abs, new_tensors=new_tensors)
         res = run_node_extraction(
             finetuned_model, original_model, filename_prefix,
-            f"{cfg.name_tag()}_{output_dtype}", cfg, save_to, unique_id,
+            f"{cfg.name_tag()}_{output_dtype}", cfg, save_to, unique_id(cls),
             finetuned_clip=finetuned_clip, original_clip=original_clip)
-        return {"ui": res.ui(), "result": (res.path, res.text, res.chart)}
+        return io.NodeOutput(res.path, res.text, res.chart, ui=res.ui())

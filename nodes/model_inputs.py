@@ -11,17 +11,25 @@ from ..extract.sources import WeightSource
 from ..extract.te_keys import encoders_in
 from ..extract.te_sources import CombinedSource
 from . import comfy_adapter as comfy
+from .comfy_io import io
 
-MODEL_AND_CLIP_INPUTS = {
-    "finetuned_model": ("MODEL", {"tooltip": "The fine-tuned model: the LoRA will hold what it "
-                                             "changed. Optional when a CLIP pair is connected."}),
-    "original_model": ("MODEL", {"tooltip": "The base model the fine-tune started from."}),
-    "finetuned_clip": ("CLIP", {"tooltip": "The fine-tuned text encoder (CLIP output of Load "
-                                           "Checkpoint / Load CLIP). Its changes go into the same "
-                                           "file, under the keys LoraLoader applies to the CLIP."}),
-    "original_clip": ("CLIP", {"tooltip": "The text encoder the fine-tune started from (same "
-                                          "type as finetuned_clip)."}),
-}
+
+def model_and_clip_inputs() -> list[io.Input]:
+    """The optional MODEL and CLIP pairs (either pair alone is enough, checked below)."""
+    return [
+        io.Model.Input("finetuned_model", optional=True,
+                       tooltip="The fine-tuned model: the LoRA will hold what it changed. "
+                               "Optional when a CLIP pair is connected."),
+        io.Model.Input("original_model", optional=True,
+                       tooltip="The base model the fine-tune started from."),
+        io.Clip.Input("finetuned_clip", optional=True,
+                      tooltip="The fine-tuned text encoder (CLIP output of Load Checkpoint / Load "
+                              "CLIP). Its changes go into the same file, under the keys "
+                              "LoraLoader applies to the CLIP."),
+        io.Clip.Input("original_clip", optional=True,
+                      tooltip="The text encoder the fine-tune started from (same type as "
+                              "finetuned_clip)."),
+    ]
 
 
 def _pair_state(tuned, base, tuned_name: str, base_name: str) -> bool:

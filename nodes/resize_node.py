@@ -6,8 +6,8 @@ import logging
 import os
 from functools import partial
 
-from ..extract.config import OUTPUT_DTYPES
 from ..extract.errors import ExtractionInputError
+from ..extract.options import EXTRACT
 from ..resize import (
     DEFAULT_RECIPES,
     BaseModel,
@@ -18,13 +18,14 @@ from ..resize import (
     resize_lora,
 )
 from . import comfy_adapter as comfy
+from .comfy_io import io, option_input, unique_id
+from .extract_node import CATEGORY
 from .file_inputs import listed_file
 
 log = logging.getLogger(__name__)
 
 NONE = "none"
 DEVICES = ("default", "cpu")
-SAVE_TO = ("output", "models/loras")
 
 
 MERGE_FIX = "write the names as lora_name lists them, e.g. 'style.safetensors:0.7,char.safetensors:0.3'."
@@ -58,54 +59,76 @@ def _base_model(model, ckpt_name: str, unet_name: str) -> BaseModel:
         "trained on).")
 
 
-class LoraResize:
+def base_model_inputs() -> list[io.Input]:
+    """The base model of a resize or merge: a MODEL, or a checkpoint / diffusion model file."""
+    return [
+        io.Model.Input("model", optional=True,
+                       tooltip="Base model, if no checkpoint file is chosen (UNet layers only)."),
+        io.Combo.Input("ckpt_name", options=[NONE, *comfy.model_file_names("checkpoints")],
+                       default=NONE, optional=True,
+                       tooltip="Base checkpoint file (text encoders included); its norms are "
+                               "cached in ComfyUI's user folder."),
+        io.Combo.Input("unet_name", options=[NONE, *comfy.model_file_names("diffusion_models")],
+                       default=NONE, optional=True, tooltip="Or a base diffusion model file."),
+    ]
+
+
+def output_inputs() -> list[io.Input]:
+    """output_dtype, device and verbose: how a resize or merge writes and reports."""
+    return [
+        option_input(EXTRACT["output_dtype"]),
+        io.Combo.Input("device", options=list(DEVICES), default="default",
+                       tooltip="default: ComfyUI's compute device. cpu: keep the GPU free."),
+        io.Boolean.Input("verbose", default=False,
+                         tooltip="Per-layer ranks and errors in the report."),
+    ]
+
+
+def resize_outputs(report_tooltip: str) -> list[io.Output]:
+    return [io.String.Output("lora_paths", display_name="lora_paths",
+                             tooltip="Full paths of the saved LoRA files, one per line (one per "
+                                     "recipe)."),
+            io.String.Output("report", display_name="report", tooltip=report_tooltip)]
+
+
+class LoraResize(io.ComfyNode):
     """Resize a LoRA by scoring its SVD dimensions against the base model."""
 
-    DESCRIPTION = ("Compresses a LoRA: exact SVD of every layer, dimensions scored against the base "
-                   "model's layers (or the LoRA itself) by score recipes, kept by threshold or target "
-                   "size. One file per recipe.")
-    CATEGORY = "LoRA extraction"
-    FUNCTION = "resize"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("lora_paths", "report")
-    OUTPUT_TOOLTIPS = ("Full paths of the saved LoRA files, one per line (one per recipe).",
-                       "What was kept per recipe: thresholds, ranks, errors, skipped layers.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraResize",
+            display_name="LoRA Resize (base-model aware)",
+            category=CATEGORY,
+            description=("Compresses a LoRA: exact SVD of every layer, dimensions scored against "
+                         "the base model's layers (or the LoRA itself) by score recipes, kept by "
+                         "threshold or target size. One file per recipe."),
+            inputs=[
+                io.Combo.Input("lora_name", options=comfy.lora_file_names(),
+                               tooltip="The LoRA to resize (ignored when merge is set)."),
+                io.String.Input(
+                    "score_recipes", default=DEFAULT_RECIPES,
+                    tooltip="Recipes separated by ':'. Methods spn_ckpt, fro_ckpt, spn_lora, "
+                            "fro_lora, subspace, params (weights normalised to 1), then thr=X "
+                            "(keep score >= X) or size=MiB, optional rescale=Z. E.g. "
+                            "fro_ckpt=1,thr=-3.5:spn_ckpt=1,size=32"),
+                *output_inputs(),
+                *base_model_inputs(),
+                io.String.Input("merge", default="", optional=True,
+                                tooltip="Weighted merge resized instead of lora_name, e.g. "
+                                        "'style.safetensors:0.7,char.safetensors:0.3'."),
+                option_input(EXTRACT["save_to"]),
+            ],
+            outputs=resize_outputs("What was kept per recipe: thresholds, ranks, errors, "
+                                   "skipped layers."),
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "lora_name": (comfy.lora_file_names(), {"tooltip": "The LoRA to resize (ignored when merge is set)."}),
-                "score_recipes": ("STRING", {
-                    "default": DEFAULT_RECIPES,
-                    "tooltip": "Recipes separated by ':'. Methods spn_ckpt, fro_ckpt, spn_lora, fro_lora, "
-                               "subspace, params (weights normalised to 1), then thr=X (keep score >= X) or "
-                               "size=MiB, optional rescale=Z. E.g. fro_ckpt=1,thr=-3.5:spn_ckpt=1,size=32"}),
-                "output_dtype": (list(OUTPUT_DTYPES), {"default": "fp16",
-                                                       "tooltip": "Data type of the saved LoRA."}),
-                "device": (list(DEVICES), {"default": "default",
-                                           "tooltip": "default: ComfyUI's compute device. cpu: keep the GPU free."}),
-                "verbose": ("BOOLEAN", {"default": False, "tooltip": "Per-layer ranks and errors in the report."}),
-            },
-            "optional": {
-                "model": ("MODEL", {"tooltip": "Base model, if no checkpoint file is chosen (UNet layers only)."}),
-                "ckpt_name": ([NONE, *comfy.model_file_names("checkpoints")], {
-                    "default": NONE, "tooltip": "Base checkpoint file (text encoders included); its norms are cached in ComfyUI's user folder."}),
-                "unet_name": ([NONE, *comfy.model_file_names("diffusion_models")], {
-                    "default": NONE, "tooltip": "Or a base diffusion model file."}),
-                "merge": ("STRING", {"default": "", "tooltip": "Weighted merge resized instead of lora_name, "
-                                                               "e.g. 'style.safetensors:0.7,char.safetensors:0.3'."}),
-                "save_to": (list(SAVE_TO), {"default": "output",
-                                            "tooltip": "output: ComfyUI's output folder. models/loras: "
-                                                       "LoraLoader lists the file at once."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    def resize(self, lora_name: str, score_recipes: str, output_dtype: str, device: str, verbose: bool,
-               model=None, ckpt_name: str = NONE, unet_name: str = NONE, merge: str = "",
-               save_to: str = "output", unique_id: str | None = None) -> dict:
+    def execute(cls, lora_name: str, score_recipes: str, output_dtype: str, device: str,
+                verbose: bool, model=None, ckpt_name: str = NONE, unet_name: str = NONE,
+                merge: str = "", save_to: str = "output") -> io.NodeOutput:
         recipes = parse_recipes(score_recipes)
         dev = str(comfy.compute_device()) if device == "default" else "cpu"
         opts = ResizeOptions(output_dtype=output_dtype, device=dev, rename_existing=True).validate()
@@ -113,18 +136,24 @@ class LoraResize:
         base = _base_model(model, ckpt_name, unet_name)
         folder = (comfy.loras_directory() if save_to == "models/loras"
                   else os.path.join(comfy.output_directory(), "loras"))
-        bar = comfy.progress_bar(max(1, len(lora.prefixes) + len(recipes)))
-
-        def progress(done: int, total: int, key: str) -> None:
-            bar(done, total, key)
-            comfy.send_progress_text(f"{done}/{total}: {key}", unique_id)
-
-        try:
-            report = resize_lora(base, lora, recipes, folder, opts, progress=progress,
-                                 check_interrupt=comfy.check_interrupt)
-        finally:
-            if dev != "cpu":
-                comfy.soft_empty_cache()
+        report = run_resize(base, lora, recipes, folder, opts, unique_id(cls))
         text = report.format_text(per_layer=verbose)
         log.info("LoRA resize finished:\n%s", text)
-        return {"ui": {"text": [text]}, "result": ("\n".join(report.output_paths), text)}
+        return io.NodeOutput("\n".join(report.output_paths), text, ui={"text": [text]})
+
+
+def run_resize(base: BaseModel, lora: LoraInput, recipes: list, folder: str,
+               opts: ResizeOptions, node_id: str | None):
+    """``resize_lora`` with the node's progress bar, live text, Cancel and cache release."""
+    bar = comfy.progress_bar(max(1, len(lora.prefixes) + len(recipes)))
+
+    def progress(done: int, total: int, key: str) -> None:
+        bar(done, total, key)
+        comfy.send_progress_text(f"{done}/{total}: {key}", node_id)
+
+    try:
+        return resize_lora(base, lora, recipes, folder, opts, progress=progress,
+                           check_interrupt=comfy.check_interrupt)
+    finally:
+        if opts.device != "cpu":
+            comfy.soft_empty_cache()

@@ -14,6 +14,8 @@ from ..extract.sources import open_source
 from ..validation.validate import LOADER_COMPLETE, LOADERS, validate_lora
 from . import comfy_adapter as comfy
 from .chart_output import chart_outputs
+from .comfy_io import io, unique_id
+from .extract_node import CATEGORY
 from .file_inputs import listed_file
 from .summary_lines import validation_key_lines, with_key_lines
 
@@ -52,47 +54,54 @@ def resolve_lora_file(lora_name: str, lora_path: str) -> str:
     return listed_file("lora_name", lora_name, fix="refresh the node (R) and pick an existing file.")
 
 
-class LoraValidate:
+class LoraValidate(io.ComfyNode):
     """Apply a LoRA to the original model and compare every weight with the fine-tuned one."""
 
-    DESCRIPTION = ("Checks that original + LoRA = fine-tuned, per layer: relative error, which "
-                   "changed weights the LoRA covers, LoRA keys that match nothing, and a chart.")
-    CATEGORY = "LoRA extraction"
-    FUNCTION = "validate"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "IMAGE")
-    RETURN_NAMES = ("report", "chart")
-    OUTPUT_TOOLTIPS = ("Validation summary: coverage, errors, quality bands, worst layers.",
-                       "Chart: rank and relative error per layer by block, and the spectra of the "
-                       "largest differences with the LoRA's rank marked.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraValidate",
+            display_name="LoRA Validate (original + LoRA = fine-tuned?)",
+            category=CATEGORY,
+            description=("Checks that original + LoRA = fine-tuned, per layer: relative error, "
+                         "which changed weights the LoRA covers, LoRA keys that match nothing, "
+                         "and a chart."),
+            inputs=[
+                io.Model.Input("finetuned_model",
+                               tooltip="The fine-tuned model the LoRA should reproduce."),
+                io.Model.Input("original_model",
+                               tooltip="The base model the LoRA is applied to."),
+                io.Combo.Input("lora_name", options=[FROM_PATH, *comfy.lora_file_names()],
+                               default=FROM_PATH,
+                               tooltip="A LoRA from the loras folder, or '(from lora_path)' to "
+                                       "check the file connected to lora_path."),
+                io.String.Input("lora_path", force_input=True, optional=True,
+                                tooltip="Path of a LoRA file, e.g. LoraExtract's lora_path "
+                                        "output; takes precedence over lora_name."),
+                io.Combo.Input("loader", options=list(LOADERS), default=LOADER_COMPLETE,
+                               optional=True,
+                               tooltip="Score the LoRA as 'Load LoRA' applies it (comfyui: diffs "
+                                       "on parameters of modules with sub-modules, e.g. WAN "
+                                       "modulation, are not applied) or as 'Load LoRA "
+                                       "(complete)' does (complete)."),
+            ],
+            outputs=[
+                io.String.Output("report", display_name="report",
+                                 tooltip="Validation summary: coverage, errors, quality bands, "
+                                         "worst layers."),
+                io.Image.Output("chart", display_name="chart",
+                                tooltip="Chart: rank and relative error per layer by block, and "
+                                        "the spectra of the largest differences with the LoRA's "
+                                        "rank marked."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "finetuned_model": ("MODEL", {"tooltip": "The fine-tuned model the LoRA should reproduce."}),
-                "original_model": ("MODEL", {"tooltip": "The base model the LoRA is applied to."}),
-                "lora_name": ([FROM_PATH, *comfy.lora_file_names()], {
-                    "default": FROM_PATH,
-                    "tooltip": "A LoRA from the loras folder, or '(from lora_path)' to check the "
-                               "file connected to lora_path."}),
-            },
-            "optional": {
-                "lora_path": ("STRING", {
-                    "forceInput": True,
-                    "tooltip": "Path of a LoRA file, e.g. LoraExtract's lora_path output; takes "
-                               "precedence over lora_name."}),
-                "loader": (list(LOADERS), {
-                    "default": LOADER_COMPLETE,
-                    "tooltip": "Score the LoRA as 'Load LoRA' applies it (comfyui: diffs on "
-                               "parameters of modules with sub-modules, e.g. WAN modulation, are "
-                               "not applied) or as 'Load LoRA (complete)' does (complete)."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    def validate(self, finetuned_model, original_model, lora_name: str, lora_path: str = "",
-                 loader: str = LOADER_COMPLETE, unique_id: str | None = None) -> dict:
+    def execute(cls, finetuned_model, original_model, lora_name: str, lora_path: str = "",
+                loader: str = LOADER_COMPLETE) -> io.NodeOutput:
+        node_id = unique_id(cls)
         path = resolve_lora_file(lora_name, lora_path or "")
         tuned = comfy.ComfyModelSource(finetuned_model, "finetuned_model")
         base = comfy.ComfyModelSource(original_model, "original_model")
@@ -106,7 +115,7 @@ class LoraValidate:
 
         def progress(done: int, total: int, key: str) -> None:
             bar(done, total, key)
-            comfy.send_progress_text(f"validating layer {done}/{total}: {key}", unique_id)
+            comfy.send_progress_text(f"validating layer {done}/{total}: {key}", node_id)
 
         try:
             report = validate_lora(base, tuned, lora, device=device, progress=progress,
@@ -118,4 +127,4 @@ class LoraValidate:
         log.info("LoRA validation finished:\n%s", text)
         chart, preview = chart_outputs(validation_chart(report), "lora_validate_chart")
         summary = with_key_lines(validation_key_lines(report, path), text)
-        return {"ui": {"text": [summary], "images": preview}, "result": (text, chart)}
+        return io.NodeOutput(text, chart, ui={"text": [summary], "images": preview})

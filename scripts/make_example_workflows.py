@@ -221,7 +221,7 @@ WORKFLOWS = {
 
 def main() -> int:
     folder_paths._set_base_dir(tempfile.mkdtemp(prefix="lora-extract-wf-"))
-    from lora_extract import NODE_CLASS_MAPPINGS
+    from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
     model_dirs = [folder_paths.get_folder_paths(f)[0] for f in ("loras", "checkpoints", "diffusion_models")]
     defs = load_definitions(NODE_CLASS_MAPPINGS, model_dirs)

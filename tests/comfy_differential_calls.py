@@ -140,7 +140,8 @@ def record(work: str, flavour: str, pack, run_node) -> None:
         out["calculate_warnings"] = sorted(warnings.messages[n:])
         save_file(calc, os.path.join(work, f"{flavour}_calc.safetensors"))
 
-        source = pack.nodes.comfy_adapter.ComfyModelSource(patcher, "model")
+        adapter = importlib.import_module(pack.__name__ + ".nodes.comfy_adapter")
+        source = adapter.ComfyModelSource(patcher, "model")
         save_file({k: source.get(k).contiguous() for k in source.keys()},
                   os.path.join(work, f"{flavour}_source_unloaded.safetensors"))
         mm.load_models_gpu([patcher], force_patch_weights=True)
@@ -185,12 +186,90 @@ def record(work: str, flavour: str, pack, run_node) -> None:
         node_base = comfy.model_patcher.ModelPatcher(module_from_state_dict(base), torch.device("cpu"),
                                                      torch.device("cpu"))
         node_inputs["original_model"] = node_base
-        res = run_node(pack.NODE_CLASS_MAPPINGS["LoraExtract"], node_inputs)
+        nodes = node_classes(pack)
+        res = run_node(nodes["LoraExtract"], node_inputs)
         out["node_file"] = res["result"][0]
+        out["node_result_types"] = [type(v).__name__ for v in res["result"]]
+        out["node_ui_keys"] = sorted(res["ui"])
+
+        # The V3 schema as ComfyUI serves it (/object_info) and runs it.
+        out["node_info"] = {name: _comparable_info(cls.GET_NODE_INFO_V1())
+                            for name, cls in sorted(nodes.items())}
+        out["node_v1_attrs"] = {name: {
+            "FUNCTION": cls.FUNCTION, "RETURN_TYPES": list(cls.RETURN_TYPES),
+            "RETURN_NAMES": list(cls.RETURN_NAMES), "OUTPUT_TOOLTIPS": list(cls.OUTPUT_TOOLTIPS),
+            "OUTPUT_NODE": cls.OUTPUT_NODE, "CATEGORY": cls.CATEGORY,
+            "DESCRIPTION": cls.DESCRIPTION} for name, cls in sorted(nodes.items())}
+        out["v3_protocol"] = v3_protocol(nodes["LoraLoadComplete"])
     finally:
         logging.getLogger().removeHandler(warnings)
     with open(os.path.join(work, f"{flavour}.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1, sort_keys=True)
+
+
+def node_classes(pack) -> dict:
+    """The pack's nodes as ComfyUI registers them: through ``comfy_entrypoint`` (V3)."""
+    import asyncio
+
+    from comfy_api.latest import ComfyExtension
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    asyncio.run(extension.on_load())
+    return {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(extension.get_node_list())}
+
+
+# The node-info fields both ComfyUI versions serve the same way (newer ones add more fields,
+# e.g. is_input_list, which the pack does not use).
+INFO_FIELDS = ("input", "input_order", "output", "output_is_list", "output_name",
+               "output_tooltips", "name", "display_name", "description", "category",
+               "output_node", "deprecated", "experimental", "api_node")
+
+
+def _comparable_info(info: dict) -> dict:
+    return json.loads(json.dumps({k: info[k] for k in INFO_FIELDS}))
+
+
+def class_clone(node_cls, hidden: dict):
+    """The class clone the executor runs a node on: 0.3.64 passes the hidden inputs, newer
+    versions a dict holding them under "hidden_inputs" (its V3 execution data)."""
+    from comfy_api.latest import io
+
+    if hasattr(io.HiddenHolder, "from_v3_data"):
+        return node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    return node_cls.PREPARE_CLASS_CLONE(hidden)
+
+
+def v3_protocol(node_cls) -> dict:
+    """What a V3 node sees and returns through the class clone ComfyUI runs it on."""
+    from comfy_api.latest import io
+
+    clone = class_clone(node_cls, {io.Hidden.unique_id: "12"})
+    out: dict = {"unique_id": clone.hidden.unique_id, "prompt_is_none": clone.hidden.prompt is None}
+    try:   # the real executor locks the clone when it calls execute; the stub's clone is locked
+        from comfy_api.internal import lock_class
+        locked = lock_class(clone)
+    except ImportError:
+        locked = clone
+    try:
+        locked.anything = 1
+        out["locked"] = False
+    except AttributeError:
+        out["locked"] = True
+    normalized = {}
+    # (A returned dict is left out: 0.3.64 fails on it, newer versions take it; the pack returns
+    # NodeOutput.)
+    for name, value in (("tuple", (1, 2)), ("none", None)):
+        class Probe(node_cls):
+            @classmethod
+            def execute(cls, _value=value, **_kw):
+                return _value
+        r = Probe.EXECUTE_NORMALIZED()
+        normalized[name] = [list(r.result) if r.result is not None else None, r.ui]
+    out["normalized"] = normalized
+    made = io.NodeOutput(1, "x", ui={"text": ["t"]})
+    out["node_output"] = [list(made.result), made.ui, made[1]]
+    return out
 
 
 def _jsonable(v):
@@ -251,12 +330,20 @@ def _real_main(comfy_root: str, pack_dir: str, work: str) -> None:
         mm.throw_exception_if_processing_interrupted()
 
     def run_node(cls, inputs):
-        # execution.py: interrupt flag cleared per prompt, hook installed, inference mode
+        # execution.py: interrupt flag cleared per prompt, hook installed, inference mode; a V3
+        # node runs on a locked clone of its class carrying the hidden inputs.
+        from comfy_api.internal import make_locked_method_func
+        from comfy_api.latest import io
+
         comfy.utils.set_progress_bar_global_hook(hook)
         mm.interrupt_current_processing(False)
-        hidden = {k: "7" for k, v in cls.INPUT_TYPES().get("hidden", {}).items() if v == "UNIQUE_ID"}
+        schema = cls.GET_SCHEMA()    # (0.3.64 also offers INPUT_TYPES(return_schema=True))
+        hidden = {h: "7" if h == io.Hidden.unique_id else None for h in schema.hidden or []}
+        cls.VALIDATE_CLASS()
+        f = make_locked_method_func(cls, cls.FUNCTION, class_clone(cls, hidden))
         with torch.inference_mode():
-            return getattr(cls(), cls.FUNCTION)(**inputs, **hidden)
+            r = f(**inputs)
+        return {"result": r.result, "ui": r.ui}
 
     record(work, "real", pack, run_node)
     with open(os.path.join(work, "real.json"), encoding="utf-8") as f:

@@ -90,3 +90,11 @@ def make_toy_patcher(seed: int = 0, dtype: torch.dtype = torch.float32) -> Model
 
     torch.manual_seed(seed)
     return ModelPatcher(ToyBase().to(dtype), torch.device("cpu"), torch.device("cpu"))
+
+
+def call_node(node_cls: type, *args, **inputs) -> dict:
+    """Call a V3 node's ``execute`` as ComfyUI's executor does, outside a prompt (no progress
+    hook, interrupt flag left as it is, hidden inputs ``None``): through ``EXECUTE_NORMALIZED`` on
+    a locked clone of the class. Returns ``{"result": output values, "ui": ui dict}``."""
+    out = node_cls.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(*args, **inputs)
+    return {"result": out.result, "ui": out.ui}

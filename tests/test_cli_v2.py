@@ -8,17 +8,17 @@ import os
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
-from helpers import module_from_state_dict
+from helpers import call_node, module_from_state_dict
 from safetensors.torch import load_file
 
 import lora_extract.cli.extract_v2 as cli_v2
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.cli import main
 from lora_extract.cli.main import build_parser
 from lora_extract.extract.devices import resolve_device
 from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.extract.synthetic import demo_layers, write_pair
 from lora_extract.memory.cache import ResidentCache
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_cli_v2_writes_the_node_file_byte_for_byte(bf16_pair, comfy_dirs, tmp_pa
                                                    extra_cli) -> None:
     monkeypatch.setattr("lora_extract.memory.cache.RESIDENT", ResidentCache())
     base_path, tuned_path = bf16_pair
-    node_path = NODE_CLASS_MAPPINGS["LoraExtractV2"]().extract(
+    node_path = call_node(NODE_CLASS_MAPPINGS["LoraExtractV2"],
         finetuned_model=_patcher(tuned_path), original_model=_patcher(base_path),
         filename_prefix="loras/v2", **{**NODE_ARGS, **extra_node}, vram_usage_mode=mode,
         blocks_in_gpu=blocks, batch_size=batch, prefetch_ahead=ahead)["result"][0]

@@ -142,6 +142,24 @@ def test_the_node_writes_the_same_file(real, stub) -> None:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_the_v3_nodes_are_served_and_run_the_same(real, stub) -> None:
+    """The stub's comfy_api.latest against the real one: the V1 view of every node's V3 schema
+    (what /object_info serves and the executor validates against: input sections and order,
+    widget options, hidden inputs, outputs), the legacy attributes ComfyUI reads, and how a node
+    runs (hidden inputs on a locked clone, return values normalized to NodeOutput)."""
+    _, r, _ = real
+    _, s = stub
+    assert set(r["node_info"]) == {"LoraExtract", "LoraExtractV2", "LoraResize", "LoraMerge",
+                                   "LoraValidate", "LoraLoadComplete"}
+    for name in r["node_info"]:
+        assert s["node_info"][name] == r["node_info"][name], name
+        assert s["node_v1_attrs"][name] == r["node_v1_attrs"][name], name
+    assert s["v3_protocol"] == r["v3_protocol"]
+    assert r["v3_protocol"]["locked"] and r["v3_protocol"]["unique_id"] == "12"
+    assert s["node_result_types"] == r["node_result_types"] == ["str", "str", "Tensor"]
+    assert s["node_ui_keys"] == r["node_ui_keys"] == ["images", "text"]
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sd3"])
 def test_key_maps_of_real_models_accept_what_the_pack_writes(real, arch: str) -> None:
     _, _, archs = real

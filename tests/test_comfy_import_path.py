@@ -9,8 +9,11 @@ ComfyUI 0.3.64 ``nodes.load_custom_node`` (unchanged in 0.33) does, for a folder
     sys.modules[sys_module_name] = module
     module_spec.loader.exec_module(module)
 
-then registers ``NODE_CLASS_MAPPINGS`` / ``NODE_DISPLAY_NAME_MAPPINGS`` and the folder
-``WEB_DIRECTORY`` names (relative to the pack) if it exists. An absolute ``import lora_extract...``
+then registers the folder ``WEB_DIRECTORY`` names (relative to the pack) if it exists, and the
+nodes: a legacy ``NODE_CLASS_MAPPINGS`` if the module has one, else (V3) it awaits
+``comfy_entrypoint()``, requires a ``ComfyExtension``, awaits ``on_load()`` and
+``get_node_list()``, and registers each class under its schema's ``node_id`` with the schema's
+display name. An absolute ``import lora_extract...``
 anywhere in the pack works under pytest (the package is pip-installed) and fails there.
 """
 
@@ -23,7 +26,7 @@ import site
 import subprocess
 import sys
 
-import lora_extract
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUB = os.path.join(ROOT, "tests", "comfy_stub")
@@ -47,12 +50,24 @@ if getattr(module, "WEB_DIRECTORY", None) is not None:
     web_dir = os.path.abspath(os.path.join(module_path, module.WEB_DIRECTORY))
     if os.path.isdir(web_dir):
         web = sorted(os.listdir(web_dir))
-nodes = {}
-for name, cls in module.NODE_CLASS_MAPPINGS.items():
+import asyncio, inspect
+from comfy_api.latest import ComfyExtension
+assert not hasattr(module, "NODE_CLASS_MAPPINGS"), "ComfyUI would take the legacy path"
+entry = module.comfy_entrypoint
+extension = asyncio.run(entry()) if inspect.iscoroutinefunction(entry) else entry()
+assert isinstance(extension, ComfyExtension), type(extension)
+asyncio.run(extension.on_load())
+node_list = asyncio.run(extension.get_node_list())
+assert isinstance(node_list, list)
+nodes, display = {}, {}
+for cls in node_list:
+    schema = cls.GET_SCHEMA()
     spec = cls.INPUT_TYPES()          # what /object_info calls when the browser opens
-    nodes[name] = {"module": cls.__module__, "function": cls.FUNCTION,
-                   "callable": callable(getattr(cls(), cls.FUNCTION)), "required": list(spec["required"])}
-print(json.dumps({"nodes": nodes, "display": module.NODE_DISPLAY_NAME_MAPPINGS, "web": web,
+    nodes[schema.node_id] = {"module": cls.__module__, "function": cls.FUNCTION,
+                             "callable": callable(getattr(cls, cls.FUNCTION)),
+                             "required": list(spec["required"])}
+    display[schema.node_id] = schema.display_name
+print(json.dumps({"nodes": nodes, "display": display, "web": web,
                   "lora_extract_loaded": sorted(m for m in sys.modules if m.split(".")[0] == "lora_extract"),
                   "module_name": sys_module_name}))
 """
@@ -79,7 +94,7 @@ def test_comfyui_loads_the_pack_by_path(tmp_path) -> None:
                        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    expected = set(lora_extract.NODE_CLASS_MAPPINGS)
+    expected = set(NODE_CLASS_MAPPINGS)
     assert {"LoraExtract", "LoraExtractV2", "LoraResize", "LoraValidate"} <= expected
     assert set(out["nodes"]) == expected
     assert set(out["display"]) == expected

@@ -22,7 +22,6 @@ from lora_extract.extract.synthetic import LayerSpec, make_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
-from lora_extract.nodes.selection_inputs import SELECTION_INPUTS
 from lora_extract.resize.adapters import DenseModule, dense_change
 
 SHAPES = [(48, 32), (40, 40), (24, 8, 3, 3), (32, 12, 1, 2, 2)]
@@ -239,13 +238,15 @@ def test_output_names_say_dora() -> None:
 
 @pytest.mark.parametrize("node_id", ["LoraExtract", "LoraExtractV2"])
 def test_nodes_offer_dora_last_and_off_by_default(node_id) -> None:
-    from lora_extract import NODE_CLASS_MAPPINGS
+    from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
     optional = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]
-    choices, opts = optional["dora"]
-    assert choices == ["off", "output", "input"] and opts["default"] == "off"
+    kind, opts = optional["dora"]
+    assert kind == "COMBO" and opts["options"] == ["off", "output", "input"]
+    assert opts["default"] == "off"
     names = list(optional)   # saved workflows keep their widget values: only later inputs follow
-    assert names[names.index("dora") + 1:] == list(SELECTION_INPUTS)
+    assert names[names.index("dora") + 1:] == ["layer_preset", "include", "exclude",
+                                               "min_change_rel", "min_change_abs", "new_tensors"]
 
 
 def test_command_line_writes_a_dora_file(tmp_path) -> None:

@@ -11,7 +11,7 @@ import folder_paths
 import pytest
 from workflow_check import check_api, check_ui, load_definitions, ui_to_api
 
-from lora_extract import NODE_CLASS_MAPPINGS
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WF_DIR = os.path.join(ROOT, "example_workflows")

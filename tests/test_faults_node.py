@@ -11,7 +11,7 @@ import comfy.model_management as mm
 import pytest
 import torch
 from fault_injection import NewComfyInterrupt, OnNthCall, files_under
-from helpers import patched_pair
+from helpers import call_node, patched_pair
 from test_node_extract import _run
 
 import lora_extract.extract.pipeline as pipeline
@@ -24,14 +24,14 @@ def patchers():
 
 
 def _run_node(node_name: str, inputs: dict) -> dict:
-    from lora_extract import NODE_CLASS_MAPPINGS
+    from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
     if node_name == "LoraExtract":
         return _run(inputs)
     defaults = dict(filename_prefix="loras/v2", rank=8, lora_type="standard", algorithm="svd_linalg",
                     lowrank_iters=7, output_dtype="fp16", bias_diff=True, adaptive_param=0.15,
                     clamp_quantile=True, batch_size=3)
-    return NODE_CLASS_MAPPINGS[node_name]().extract(**{**defaults, **inputs})
+    return call_node(NODE_CLASS_MAPPINGS[node_name], **{**defaults, **inputs})
 
 
 @pytest.mark.parametrize("node_name", ["LoraExtract", "LoraExtractV2"])

@@ -16,15 +16,15 @@ import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
 from emulated_cuda import on_device
-from helpers import module_from_state_dict
+from helpers import call_node, module_from_state_dict
 from safetensors.torch import load_file
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.synthetic import demo_layers, make_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyModelSource
 from lora_extract.validation.validate import validate_lora
 
@@ -118,7 +118,7 @@ def _node_file(kind: str, patcher, tuned_patcher, **extra) -> dict[str, torch.Te
     inputs = dict(NODE_DEFAULTS, finetuned_model=tuned_patcher, original_model=patcher, **extra)
     if kind == "LoraExtractV2":
         inputs.update(vram_usage_mode="aggressive", blocks_in_gpu=20, batch_size=4)
-    path = NODE_CLASS_MAPPINGS[kind]().extract(**inputs)["result"][0]
+    path = call_node(NODE_CLASS_MAPPINGS[kind], **inputs)["result"][0]
     return load_file(path)
 
 
@@ -151,7 +151,7 @@ def test_validate_node_on_the_gpu(comfy_on_gpu) -> None:
     path = os.path.join(folder_paths.get_output_directory(), "l.safetensors")
     save_file(lora, path)
     moved = comfy_on_gpu.moved_to_device
-    text, _chart = NODE_CLASS_MAPPINGS["LoraValidate"]().validate(
+    text, _chart = call_node(NODE_CLASS_MAPPINGS["LoraValidate"],
         tuned_patcher, patcher, "(from lora_path)", lora_path=path)["result"]
     assert comfy_on_gpu.moved_to_device > moved
     ref = validate_lora(StateDictSource(base), StateDictSource(tuned), StateDictSource(lora, "l"))

@@ -3,15 +3,17 @@ plus the non-leaf parameters ComfyUI's load skips, restored on unload and on a s
 
 from __future__ import annotations
 
+import os
+
 import comfy.sd
 import pytest
 import torch
 from comfy.sd import CLIP, ClipTarget
-from helpers import make_toy_patcher
+from helpers import call_node, make_toy_patcher
 from safetensors.torch import save_file
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.extract import ExtractionInputError
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 P = "diffusion_model."
 NAME = "toy_lora.safetensors"
@@ -35,7 +37,12 @@ def setup(comfy_dirs, gen):
 
 
 def _node():
-    return NODE_CLASS_MAPPINGS["LoraLoadComplete"]()
+    return NODE_CLASS_MAPPINGS["LoraLoadComplete"]
+
+
+def _load(node, *args, **inputs) -> tuple:
+    """The node's (MODEL, CLIP) outputs."""
+    return tuple(call_node(node, *args, **inputs)["result"])
 
 
 def _loaded(model) -> dict[str, torch.Tensor]:
@@ -58,7 +65,7 @@ def test_applies_what_lora_loader_applies_plus_the_skipped_parameter(setup) -> N
     reference, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 0.5, 0)
     ref = _loaded(reference)
     reference.unpatch_model()
-    model, clip = _node().load_lora(patcher, NAME, 0.5)
+    model, clip = _load(_node(), patcher, NAME, 0.5)
     assert clip is None
     sd = _loaded(model)
     for k in base:
@@ -74,13 +81,13 @@ def test_applies_what_lora_loader_applies_plus_the_skipped_parameter(setup) -> N
 def test_unload_and_strength_change_restore_the_skipped_parameter(setup) -> None:
     patcher, base, lora = setup
     node = _node()
-    half, _ = node.load_lora(patcher, NAME, 0.5)
+    half, _ = _load(node, patcher, NAME, 0.5)
     _loaded(half)
     half.unpatch_model()
     after = patcher.model.state_dict()
     for k, v in base.items():
         assert torch.equal(after[k], v), k                       # exactly the base again
-    minus, _ = node.load_lora(patcher, NAME, -1.0)
+    minus, _ = _load(node, patcher, NAME, -1.0)
     sd = _loaded(minus)
     torch.testing.assert_close(sd[P + "pos_embed"], base[P + "pos_embed"] - lora[P + "pos_embed.diff"],
                                rtol=0, atol=1e-6)
@@ -94,20 +101,20 @@ def test_clip_gets_its_strength_and_zero_strengths_change_nothing(setup) -> None
     enc.enc = torch.nn.Linear(3, 3, bias=False)
     clip = CLIP(ClipTarget(tokenizer=None, clip=lambda: enc))
     w0 = enc.enc.weight.detach().clone()
-    model, new_clip = _node().load_lora(patcher, NAME, 1.0, clip=clip, strength_clip=0.25)
+    model, new_clip = _load(_node(), patcher, NAME, 1.0, clip=clip, strength_clip=0.25)
     assert new_clip is not clip and model is not patcher
     new_clip.patcher.patch_model(torch.device("cpu"))
     torch.testing.assert_close(enc.enc.weight.detach(), w0 + 0.25 * lora["text_encoders.enc.diff"],
                                rtol=0, atol=1e-6)
     new_clip.patcher.unpatch_model()
-    same_model, same_clip = _node().load_lora(patcher, NAME, 0.0, clip=clip, strength_clip=0.0)
+    same_model, same_clip = _load(_node(), patcher, NAME, 0.0, clip=clip, strength_clip=0.0)
     assert same_model is patcher and same_clip is clip
 
 
 def test_unknown_lora_name_is_a_clear_error(setup) -> None:
     patcher, _base, _lora = setup
     with pytest.raises(ExtractionInputError, match=r"lora_name 'nope.safetensors' is not in the loras folder"):
-        _node().load_lora(patcher, "nope.safetensors", 1.0)
+        _load(_node(), patcher, "nope.safetensors", 1.0)
 
 
 # --- which parameters ComfyUI's load skips (the module that owns each patched key) -----------
@@ -140,7 +147,7 @@ def test_partly_loaded_model_gets_the_skipped_parameter_too(setup) -> None:
 
     patcher, base, lora = setup
     _mark_comfy_ops(patcher.model)
-    model, _ = _node().load_lora(patcher, NAME, 0.5)
+    model, _ = _load(_node(), patcher, NAME, 0.5)
     sizes = sorted((mm.module_size(m) for m in model.model.modules() if hasattr(m, "comfy_cast_weights")),
                    reverse=True)
     model.partially_load(torch.device("cpu"), extra_memory=sizes[0] + 1)
@@ -181,3 +188,22 @@ def test_skipped_keys_are_reported_with_a_clip_connected(setup) -> None:
     _model, new_clip, extra = load_lora_complete(patcher, clip, lora, 1.0, 1.0)
     assert new_clip is not None and new_clip is not clip
     assert extra == [P + "pos_embed"]      # the model's; the CLIP has none
+
+
+def test_a_file_is_read_once_until_it_changes(setup, comfy_dirs, monkeypatch) -> None:
+    """As LoraLoader keeps its last file: a strength change does not read the LoRA again, a
+    rewritten file is read again (V3 nodes keep no instance, so the pack keeps the last one)."""
+    import lora_extract.nodes.comfy_adapter as adapter
+
+    patcher, _base, lora = setup
+    reads = []
+    real = adapter.load_lora_file
+    monkeypatch.setattr(adapter, "load_lora_file", lambda path: reads.append(path) or real(path))
+    _load(_node(), patcher, NAME, 0.5)
+    _load(_node(), patcher, NAME, 0.7)
+    assert len(reads) == 1
+    path = comfy_dirs / "models" / "loras" / NAME
+    save_file({k: v * 2 for k, v in lora.items()}, str(path))
+    os.utime(path, (1, 1))     # a different mtime even within the filesystem's time resolution
+    _load(_node(), patcher, NAME, 0.5)
+    assert len(reads) == 2

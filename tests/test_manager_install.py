@@ -99,7 +99,7 @@ def test_manager_style_install_keeps_torch_and_lists_every_node(tmp_path) -> Non
         assert after[name][2] == before[name][2], f"{name}: files changed by the install"
 
     # 3. ComfyUI from the copied venv on the temporary base directory: every node is listed
-    from lora_extract import NODE_CLASS_MAPPINGS
+    from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(

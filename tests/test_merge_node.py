@@ -7,11 +7,12 @@ import folder_paths
 import numpy as np
 import pytest
 import torch
+from helpers import call_node
 from safetensors.torch import load_file, save_file
 from test_resize_fixtures import kohya_layer, lora_pair, make_base, spectrum
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.extract.errors import ExtractionInputError
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 PREFIX = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 
@@ -37,7 +38,7 @@ def _change(sd, prefix=PREFIX):
 
 def test_node_merges_weighted_loras_with_block_weights(comfy_dirs) -> None:
     tmp_path, sds = comfy_dirs
-    res = NODE_CLASS_MAPPINGS["LoraMerge"]().merge(
+    res = call_node(NODE_CLASS_MAPPINGS["LoraMerge"],
         loras="a:0.5\nb.safetensors:2", score_recipes="rank=8", output_dtype="fp32", device="cpu",
         verbose=True, block_weights="2:*attn1*=0.25", ckpt_name="sdxl_base.safetensors", name="mix")
     path = res["result"][0]
@@ -49,5 +50,5 @@ def test_node_merges_weighted_loras_with_block_weights(comfy_dirs) -> None:
 
 def test_node_with_no_loras_is_a_clear_error(comfy_dirs) -> None:
     with pytest.raises(ExtractionInputError, match="loras is empty"):
-        NODE_CLASS_MAPPINGS["LoraMerge"]().merge(loras=" \n ", score_recipes="rank=8", output_dtype="fp16",
+        call_node(NODE_CLASS_MAPPINGS["LoraMerge"], loras=" \n ", score_recipes="rank=8", output_dtype="fp16",
                                                  device="cpu", verbose=False, ckpt_name="sdxl_base.safetensors")

@@ -15,7 +15,7 @@ from execution import run_node
 from helpers import patched_pair
 from safetensors.torch import load_file
 
-from lora_extract import NODE_CLASS_MAPPINGS
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 
 @pytest.fixture
@@ -45,11 +45,12 @@ def test_input_definitions_match_the_documented_node() -> None:
     assert [opt[k][0] for k in list(opt)[:4]] == ["MODEL", "MODEL", "CLIP", "CLIP"]
     assert opt["text_encoder_rank"][1].items() >= {"default": 0, "min": 0, "max": 4096}.items()
     assert req["rank"][1].items() >= {"default": 8, "min": 1, "max": 4096}.items()
-    assert req["lora_type"][0] == ["standard", "full", "adaptive_ratio", "adaptive_quantile",
+    assert req["lora_type"][0] == "COMBO"
+    assert req["lora_type"][1]["options"] == ["standard", "full", "adaptive_ratio", "adaptive_quantile",
                                    "adaptive_energy", "adaptive_fro"]
-    assert req["algorithm"][0] == ["svd_linalg", "svd_lowrank"]
+    assert req["algorithm"][1]["options"] == ["svd_linalg", "svd_lowrank"]
     assert req["lowrank_iters"][1]["default"] == 7
-    assert req["output_dtype"][0] == ["fp16", "bf16", "fp32"]
+    assert req["output_dtype"][1]["options"] == ["fp16", "bf16", "fp32"]
     assert req["adaptive_param"][1].items() >= {"default": 0.15, "min": 0.0, "max": 1.0}.items()
     assert req["filename_prefix"][1]["default"] == "loras/ComfyUI_extracted_lora"
     for spec in list(req.values()) + list(NODE_CLASS_MAPPINGS["LoraExtract"].INPUT_TYPES()["optional"].values()):
@@ -119,7 +120,7 @@ def test_save_to_models_loras(comfy_dirs, models) -> None:
 def test_each_save_to_choice_lands_in_its_folder(comfy_dirs, models) -> None:
     # The choices as the widget offers them: each one the user can pick goes where it says.
     _base, _tuned, patcher, tuned_patcher = models
-    choices = NODE_CLASS_MAPPINGS["LoraExtract"].INPUT_TYPES()["optional"]["save_to"][0]
+    choices = NODE_CLASS_MAPPINGS["LoraExtract"].INPUT_TYPES()["optional"]["save_to"][1]["options"]
     folders = {c: os.path.dirname(_run(dict(finetuned_model=tuned_patcher, original_model=patcher,
                                              save_to=c))["result"][0]) for c in choices}
     assert folders == {"output": os.path.join(folder_paths.get_output_directory(), "loras"),

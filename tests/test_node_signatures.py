@@ -1,10 +1,10 @@
 """What ComfyUI sends a node is what the node's function takes.
 
-ComfyUI calls ``FUNCTION`` with one keyword argument per declared input (required, optional
-and hidden). An input renamed on one side only is a TypeError in the user's queue, and a
-widget default that differs from the function's default means the API (which may omit an
-optional input) and the UI extract differently. Unit tests that call ``extract(**kwargs)``
-directly see neither.
+ComfyUI calls a V3 node's ``execute`` with one keyword argument per declared input (required and
+optional); hidden inputs (UNIQUE_ID) arrive on the class it runs on, not as arguments. An input
+renamed on one side only is a TypeError in the user's queue, and a widget default that differs
+from the function's default means the API (which may omit an optional input) and the UI extract
+differently. Unit tests that call ``execute(**kwargs)`` directly see neither.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import inspect
 
 import pytest
 
-from lora_extract import NODE_CLASS_MAPPINGS
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
-SECTIONS = ("required", "optional", "hidden")
+SECTIONS = ("required", "optional")
 
 
 def _declared(cls) -> dict[str, tuple]:
@@ -26,20 +26,22 @@ def _declared(cls) -> dict[str, tuple]:
 @pytest.mark.parametrize("name", sorted(NODE_CLASS_MAPPINGS))
 def test_every_declared_input_is_a_parameter_and_back(name: str) -> None:
     cls = NODE_CLASS_MAPPINGS[name]
-    params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters)[1:]  # no self
+    params = list(inspect.signature(cls.execute).parameters)   # a classmethod: no cls
     assert set(_declared(cls)) == set(params)
+    assert cls.FUNCTION == "EXECUTE_NORMALIZED"   # ComfyUI runs execute through its wrapper
 
 
 @pytest.mark.parametrize("name", ["LoraExtract", "LoraExtractV2"])
 def test_extraction_nodes_get_their_node_id_for_progress_text(name: str) -> None:
     # ComfyUI fills a hidden input only for the names it knows: UNIQUE_ID is the node's id.
-    assert NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["hidden"] == {"unique_id": "UNIQUE_ID"}
+    # (Output nodes also get PROMPT and EXTRA_PNGINFO, which ComfyUI adds to every output node.)
+    assert NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["hidden"]["unique_id"] == ("UNIQUE_ID",)
 
 
 @pytest.mark.parametrize("name", sorted(NODE_CLASS_MAPPINGS))
 def test_widget_defaults_are_the_functions_defaults(name: str) -> None:
     cls = NODE_CLASS_MAPPINGS[name]
-    sig = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    sig = inspect.signature(cls.execute).parameters
     checked = 0
     for key, spec in _declared(cls).items():
         opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
@@ -198,8 +200,8 @@ def test_extraction_node_descriptions_and_outputs() -> None:
            "docs/performance.md in the pack." in v2.DESCRIPTION
     chart = ("Chart: rank and relative error per layer by block, and the spectra of the largest "
              "layers with the cut marked.")
-    assert v1.OUTPUT_TOOLTIPS == ("Full path of the saved LoRA file.", "Per-layer extraction summary.", chart)
-    assert v2.OUTPUT_TOOLTIPS == ("Full path of the saved LoRA file.",
+    assert tuple(v1.OUTPUT_TOOLTIPS) == ("Full path of the saved LoRA file.", "Per-layer extraction summary.", chart)
+    assert tuple(v2.OUTPUT_TOOLTIPS) == ("Full path of the saved LoRA file.",
                                   "Per-layer extraction summary (plus the memory log with debug_mode).",
                                   chart)
 
@@ -236,10 +238,11 @@ def test_each_widget_sends_the_type_the_function_takes(name: str) -> None:
     # A widget of another type (or an unknown one, which ComfyUI shows as an input socket) would
     # hand the function a value it does not expect; choice lists send the chosen string.
     cls = NODE_CLASS_MAPPINGS[name]
-    params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    params = inspect.signature(cls.execute).parameters
     for key, spec in _visible(cls).items():
         kind = spec[0]
-        if isinstance(kind, list):
+        if kind == "COMBO":
+            assert isinstance(_options(spec)["options"], list), key
             assert params[key].annotation == "str", key
         elif kind in ("MODEL", "CLIP"):
             assert params[key].annotation is inspect.Parameter.empty, key
@@ -251,5 +254,5 @@ def test_each_widget_sends_the_type_the_function_takes(name: str) -> None:
 def test_extraction_nodes_output_path_report_and_a_chart_image(name: str) -> None:
     # The chart output must be an IMAGE, or ComfyUI refuses a link to Preview/Save Image.
     cls = NODE_CLASS_MAPPINGS[name]
-    assert cls.RETURN_TYPES == ("STRING", "STRING", "IMAGE")
-    assert cls.RETURN_NAMES == ("lora_path", "report", "chart")
+    assert tuple(cls.RETURN_TYPES) == ("STRING", "STRING", "IMAGE")
+    assert tuple(cls.RETURN_NAMES) == ("lora_path", "report", "chart")

@@ -6,10 +6,10 @@ import os
 
 import comfy.utils
 import pytest
-from helpers import patched_pair
+from helpers import call_node, patched_pair
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.extract import ExtractionInputError
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 BASE = dict(filename_prefix="loras/sized", rank=16, lora_type="standard",
             algorithm="svd_linalg", lowrank_iters=7, output_dtype="fp16", bias_diff=True,
@@ -22,7 +22,7 @@ def test_node_writes_a_file_named_by_its_size_within_the_budget(comfy_dirs, node
     assert spec[0] == "FLOAT" and spec[1]["default"] == 0.0 and spec[1]["min"] == 0.0
     _base, _tuned, patcher, tuned_patcher = patched_pair(width=48, seed=5)
     comfy.utils._reset()
-    out = NODE_CLASS_MAPPINGS[node_id]().extract(
+    out = call_node(NODE_CLASS_MAPPINGS[node_id],
         finetuned_model=tuned_patcher, original_model=patcher, target_size_mb=0.02, **BASE)
     path, text, _chart = out["result"]
     name = os.path.basename(path)
@@ -36,6 +36,6 @@ def test_node_writes_a_file_named_by_its_size_within_the_budget(comfy_dirs, node
 def test_node_refuses_a_budget_with_full(comfy_dirs) -> None:
     _base, _tuned, patcher, tuned_patcher = patched_pair(width=48, seed=5)
     with pytest.raises(ExtractionInputError, match="lora_type 'full'"):
-        NODE_CLASS_MAPPINGS["LoraExtract"]().extract(
+        call_node(NODE_CLASS_MAPPINGS["LoraExtract"],
             finetuned_model=tuned_patcher, original_model=patcher, target_size_mb=1.0,
             **{**BASE, "lora_type": "full"})

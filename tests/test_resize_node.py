@@ -11,12 +11,12 @@ import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
 from execution import run_node
-from helpers import module_from_state_dict
+from helpers import call_node, module_from_state_dict
 from safetensors.torch import load_file, save_file
 from test_resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.extract.errors import ExtractionInputError
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 PREFIX = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 
@@ -35,7 +35,7 @@ def comfy_dirs(tmp_path, gen):
 
 
 def _node():
-    return NODE_CLASS_MAPPINGS["LoraResize"]()
+    return NODE_CLASS_MAPPINGS["LoraResize"]
 
 
 def _inputs(**kw) -> dict:
@@ -47,14 +47,14 @@ def _inputs(**kw) -> dict:
 
 def test_input_types_list_the_model_folders(comfy_dirs) -> None:
     types = NODE_CLASS_MAPPINGS["LoraResize"].INPUT_TYPES()
-    assert types["required"]["lora_name"][0] == ["a.safetensors", "b.safetensors"]
-    assert types["optional"]["ckpt_name"][0] == ["none", "sdxl_base.safetensors"]
+    assert types["required"]["lora_name"][1]["options"] == ["a.safetensors", "b.safetensors"]
+    assert types["optional"]["ckpt_name"][1]["options"] == ["none", "sdxl_base.safetensors"]
     assert types["required"]["score_recipes"][1]["default"] == "fro_ckpt=1,thr=-3.5"
 
 
 def test_node_resizes_against_a_checkpoint_file(comfy_dirs) -> None:
     tmp_path, _ = comfy_dirs
-    res = _node().resize(**_inputs(ckpt_name="sdxl_base.safetensors"))
+    res = call_node(_node(), **_inputs(ckpt_name="sdxl_base.safetensors"))
     paths = res["result"][0].split("\n")
     assert len(paths) == 2 and all(os.path.dirname(p) == str(tmp_path / "output" / "loras") for p in paths)
     assert os.path.basename(paths[0]) == "a_spnlora1.00_th-1.00.safetensors"
@@ -106,11 +106,11 @@ def test_node_with_model_input_and_merge_saved_to_loras(comfy_dirs) -> None:
 
 def test_node_errors_are_clear(comfy_dirs) -> None:
     with pytest.raises(ExtractionInputError, match="no base model"):
-        _node().resize(**_inputs())
+        call_node(_node(), **_inputs())
     with pytest.raises(ExtractionInputError, match="not in the loras folder"):
-        _node().resize(**_inputs(merge="missing:1", ckpt_name="sdxl_base.safetensors"))
+        call_node(_node(), **_inputs(merge="missing:1", ckpt_name="sdxl_base.safetensors"))
     with pytest.raises(ExtractionInputError, match="exactly one of thr= and size="):
-        _node().resize(**_inputs(score_recipes="fro_ckpt", ckpt_name="sdxl_base.safetensors"))
+        call_node(_node(), **_inputs(score_recipes="fro_ckpt", ckpt_name="sdxl_base.safetensors"))
 
 
 def test_interrupt_stops_between_layers_without_files(comfy_dirs, monkeypatch) -> None:

@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_size_target import CAP, LAYERS, MIB, cfg_for, constructed_pair, rel_sq, unit_bytes
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
 from lora_extract.extract.allocate import allocate
@@ -26,7 +25,7 @@ from lora_extract.extract.synthetic import demo_layers, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
-from lora_extract.nodes.selection_inputs import SELECTION_INPUTS
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
@@ -163,11 +162,12 @@ def test_command_line_takes_the_objective(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("node_id", ["LoraExtract", "LoraExtractV2"])
 def test_nodes_offer_the_objective_last_with_mean_by_default(node_id) -> None:
     optional = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]
-    choices, opts = optional["size_objective"]
-    assert choices == ["mean", "worst"] and opts["default"] == "mean"
+    kind, opts = optional["size_objective"]
+    assert kind == "COMBO" and opts["options"] == ["mean", "worst"] and opts["default"] == "mean"
     # Last: workflows saved before it keep their widget values in place.
     names = list(optional)
     at = names.index("size_objective")
     # each appended after the last; only later optional inputs follow
     assert names[at:at + 2] == ["size_objective", "dora"]
-    assert names[at + 2:] == list(SELECTION_INPUTS)
+    assert names[at + 2:] == ["dora", "layer_preset", "include", "exclude", "min_change_rel",
+                              "min_change_abs", "new_tensors"][1:]

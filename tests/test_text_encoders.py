@@ -9,13 +9,13 @@ import os
 import comfy.lora
 import pytest
 import torch
-from helpers import optimal_rel_error, patched_pair
+from helpers import call_node, optimal_rel_error, patched_pair
 from safetensors.torch import load_file
 from te_helpers import SD1ClipModel, SD3ClipModel, SDXLClipModel, make_clip, tuned_clip
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.extract import ExtractionInputError
 from lora_extract.extract.te_keys import encoders_in, lora_keys_for
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyClipSource
 
 V1_DEFAULTS = dict(filename_prefix="loras/te", rank=8, lora_type="standard", algorithm="svd_linalg",
@@ -24,7 +24,7 @@ V1_DEFAULTS = dict(filename_prefix="loras/te", rank=8, lora_type="standard", alg
 
 
 def _extract(node: str = "LoraExtract", **inputs) -> dict:
-    return NODE_CLASS_MAPPINGS[node]().extract(**{**V1_DEFAULTS, **inputs})
+    return call_node(NODE_CLASS_MAPPINGS[node], **{**V1_DEFAULTS, **inputs})
 
 
 def _load_into_clip(clip, lora: dict[str, torch.Tensor], extra_map: dict | None = None):

@@ -24,7 +24,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from server import PromptServer
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.layer import extract_matrix
@@ -33,6 +32,7 @@ from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
 from lora_extract.memory.rolling import stream_rolling
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyModelSource
 
 NODE_DEFAULTS = dict(filename_prefix="loras/opt", rank=8, lora_type="standard",

@@ -10,11 +10,11 @@ import pytest
 import torch
 from comfy_keymap import apply_lora
 from execution import run_node
-from helpers import patched_pair
+from helpers import call_node, patched_pair
 from safetensors.torch import load_file
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.memory.cache import ResidentCache
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 V1_DEFAULTS = dict(filename_prefix="loras/ComfyUI_extracted_lora", rank=8, lora_type="standard",
                    algorithm="svd_linalg", lowrank_iters=7, output_dtype="fp16", bias_diff=True,
@@ -33,7 +33,7 @@ def test_inputs_are_v1_plus_memory_knobs() -> None:
     assert list(req)[: len(v1["required"])] == list(v1["required"])
     assert v2["optional"] == v1["optional"]
     assert req["filename_prefix"][1]["default"] == "loras/ComfyUI_v2_extracted_lora"
-    assert req["vram_usage_mode"][0] == ["conservative", "balanced", "aggressive", "maximum"]
+    assert req["vram_usage_mode"][1]["options"] == ["conservative", "balanced", "aggressive", "maximum"]
     assert req["vram_usage_mode"][1]["default"] == "balanced"
     expect = {"blocks_in_gpu": (10, 0, 40), "batch_size": (4, 1, 8), "prefetch_ahead": (2, 0, 10),
               "memory_threshold": (0.85, 0.5, 0.95)}
@@ -41,6 +41,7 @@ def test_inputs_are_v1_plus_memory_knobs() -> None:
         assert (req[name][1]["default"], req[name][1]["min"], req[name][1]["max"]) == (d, lo, hi)
     assert req["debug_mode"][1]["default"] is False
     assert NODE_CLASS_MAPPINGS["LoraExtractV2"].RETURN_NAMES == NODE_CLASS_MAPPINGS["LoraExtract"].RETURN_NAMES
+    assert len(NODE_CLASS_MAPPINGS["LoraExtract"].RETURN_NAMES) == 3
 
 
 def test_v2_node_writes_the_v1_file_with_its_name(comfy_dirs, models, monkeypatch) -> None:
@@ -85,7 +86,7 @@ def test_bad_mode_is_refused_before_any_file(comfy_dirs, models) -> None:
 
     base, tuned, patcher, tuned_patcher = models
     with pytest.raises(ExtractionInputError, match="vram_usage_mode 'fast'"):
-        NODE_CLASS_MAPPINGS["LoraExtractV2"]().extract(
+        call_node(NODE_CLASS_MAPPINGS["LoraExtractV2"],
             **V1_DEFAULTS, finetuned_model=tuned_patcher, original_model=patcher,
             vram_usage_mode="fast")
     assert [f for _, _, fs in os.walk(str(comfy_dirs)) for f in fs] == []

@@ -11,14 +11,14 @@ import folder_paths
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
-from helpers import module_from_state_dict
+from helpers import call_node, module_from_state_dict
 from safetensors.torch import save_file
 
-from lora_extract import NODE_CLASS_MAPPINGS
 from lora_extract.charts import HEIGHT, WIDTH
 from lora_extract.cli import main
 from lora_extract.extract import ExtractionInputError
 from lora_extract.extract.synthetic import LayerSpec, make_pair, write_pair
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.validate_node import FROM_PATH
 
 LAYERS = [
@@ -48,7 +48,7 @@ def _extract(tuned_patcher, patcher, **kw) -> dict:
                 algorithm="svd_linalg", lowrank_iters=7, output_dtype="fp32", bias_diff=True,
                 adaptive_param=0.15, clamp_quantile=False)
     args.update(kw)
-    return NODE_CLASS_MAPPINGS["LoraExtract"]().extract(**args)
+    return call_node(NODE_CLASS_MAPPINGS["LoraExtract"], **args)
 
 
 def _check_chart(image: torch.Tensor, ui_images: list[dict]) -> None:
@@ -64,7 +64,7 @@ def test_extract_then_validate_chained(setup) -> None:
     out = _extract(tuned_patcher, patcher)
     path, _text, chart = out["result"]
     _check_chart(chart, out["ui"]["images"])
-    res = NODE_CLASS_MAPPINGS["LoraValidate"]().validate(tuned_patcher, patcher, FROM_PATH, path)
+    res = call_node(NODE_CLASS_MAPPINGS["LoraValidate"], tuned_patcher, patcher, FROM_PATH, path)
     text, vchart = res["result"]
     _check_chart(vchart, res["ui"]["images"])
     # Rank-4 deltas extracted at rank 4 in fp32: reproduced; the untouched layer is not needed.
@@ -89,13 +89,13 @@ def test_validate_a_file_from_the_loras_folder_with_a_dropped_layer(setup) -> No
     out = _extract(tuned_patcher, patcher, save_to="models/loras")
     path = out["result"][0]
     name = os.path.basename(path)
-    assert name in NODE_CLASS_MAPPINGS["LoraValidate"].INPUT_TYPES()["required"]["lora_name"][0]
+    assert name in NODE_CLASS_MAPPINGS["LoraValidate"].INPUT_TYPES()["required"]["lora_name"][1]["options"]
     from safetensors.torch import load_file
 
     lora = load_file(path)
     dropped = {k: v for k, v in lora.items() if "middle_block" not in k}
     save_file(dropped, os.path.join(os.path.dirname(path), "dropped.safetensors"))
-    text = NODE_CLASS_MAPPINGS["LoraValidate"]().validate(tuned_patcher, patcher, "dropped.safetensors")["result"][0]
+    text = call_node(NODE_CLASS_MAPPINGS["LoraValidate"], tuned_patcher, patcher, "dropped.safetensors")["result"][0]
     assert "coverage: 3/4 changed weights patched (75.0%), 1 uncovered" in text
     assert "100.00%  uncovered" in text and "middle_block.1.proj_out.weight" in text
 
@@ -104,11 +104,11 @@ def test_validate_refuses_paths_outside_comfy_folders(setup, tmp_path_factory) -
     _tmp, _base, _tuned, patcher, tuned_patcher = setup
     outside = tmp_path_factory.mktemp("elsewhere") / "x.safetensors"
     save_file({"a": torch.zeros(1)}, str(outside))
-    node = NODE_CLASS_MAPPINGS["LoraValidate"]()
+    node = NODE_CLASS_MAPPINGS["LoraValidate"]
     with pytest.raises(ExtractionInputError, match="outside ComfyUI's output"):
-        node.validate(tuned_patcher, patcher, FROM_PATH, str(outside))
+        call_node(node, tuned_patcher, patcher, FROM_PATH, str(outside))
     with pytest.raises(ExtractionInputError, match="no LoRA given"):
-        node.validate(tuned_patcher, patcher, FROM_PATH, "")
+        call_node(node, tuned_patcher, patcher, FROM_PATH, "")
 
 
 def test_cli_validate_report_chart_and_exit_codes(tmp_path, capsys) -> None:
@@ -145,7 +145,7 @@ def test_validate_node_honours_interrupt_between_layers(setup, monkeypatch) -> N
 
     monkeypatch.setattr(validate, "validate_layer", interrupting)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        NODE_CLASS_MAPPINGS["LoraValidate"]().validate(tuned_patcher, patcher, FROM_PATH, path)
+        call_node(NODE_CLASS_MAPPINGS["LoraValidate"], tuned_patcher, patcher, FROM_PATH, path)
     assert len(seen) == 2  # stopped at the next layer boundary
 
 
@@ -176,9 +176,9 @@ def test_loader_option_scores_the_parameter_comfyui_skips(tmp_path, capsys) -> N
 def test_validate_node_loader_input(setup) -> None:
     _tmp, _base, _tuned, patcher, tuned_patcher = setup
     path = _extract(tuned_patcher, patcher)["result"][0]
-    node = NODE_CLASS_MAPPINGS["LoraValidate"]()
-    assert node.INPUT_TYPES()["optional"]["loader"] == (["comfyui", "complete"], node.INPUT_TYPES()["optional"]["loader"][1])
+    node = NODE_CLASS_MAPPINGS["LoraValidate"]
+    assert node.INPUT_TYPES()["optional"]["loader"][1]["options"] == ["comfyui", "complete"]
     assert node.INPUT_TYPES()["optional"]["loader"][1]["default"] == "complete"
     for loader in ("comfyui", "complete"):   # no parameter of a module with sub-modules here
-        text = node.validate(tuned_patcher, patcher, FROM_PATH, path, loader=loader)["result"][0]
+        text = call_node(node, tuned_patcher, patcher, FROM_PATH, path, loader=loader)["result"][0]
         assert "coverage: 4/4" in text

@@ -170,7 +170,7 @@ def test_live_status_follows_progress_text(tmp_path) -> None:
 
 
 def test_every_node_has_a_help_page_naming_its_inputs_and_outputs() -> None:
-    from lora_extract import NODE_CLASS_MAPPINGS
+    from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
     for name, cls in NODE_CLASS_MAPPINGS.items():
         path = os.path.join(WEB, "docs", f"{name}.md")

@@ -68,7 +68,12 @@ def _inputs(input_types: dict) -> list[InputDef]:
     for section in ("required", "optional"):
         for name, spec in (input_types.get(section) or {}).items():
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            out.append(InputDef(name, spec[0], opts, section == "optional"))
+            kind = spec[0]
+            if kind == "COMBO" and "options" in opts:
+                # A V3 combo ("COMBO", {"options": [...]}) is the legacy (list, {...}) combo to
+                # the frontend and the executor: same widget, same value check.
+                kind = list(opts["options"])
+            out.append(InputDef(name, kind, opts, section == "optional"))
     return out
 
 

@@ -9,9 +9,14 @@ What the real runtime does around a node's function, and the stub therefore does
 - ``execution.py``'s ``PromptExecutor.execute_async`` clears the interrupt flag when a prompt
   starts and runs the whole prompt under ``torch.inference_mode()``: tensors a node creates are
   inference tensors (no in-place update of them outside inference mode, no autograd).
-- Hidden inputs: ``UNIQUE_ID`` is the node's id as a string.
+- Hidden inputs: ``UNIQUE_ID`` is the node's id as a string. A V3 node (``io.ComfyNode``)
+  gets them on the class clone it runs on (``cls.hidden.unique_id``; PROMPT ``{}`` and
+  EXTRA_PNGINFO ``None`` outside a real prompt), a legacy node as keyword arguments.
+- A V3 node's ``execute`` runs through ``EXECUTE_NORMALIZED`` on that locked clone; what the
+  executor keeps is the output values (``NodeOutput.result``) and the ``ui`` dict.
 
-``run_node`` (stub-only) does all of that for one node and returns what its function returned.
+``run_node`` (stub-only) does all of that for one node and returns ``{"result": ..., "ui": ...}``
+as the executor takes them from the node (for a legacy node: what its function returned).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import comfy.model_management
 import comfy.utils
 import torch
+from comfy_api.latest import io
 from comfy_execution.utils import CurrentNodeContext, get_executing_context
 from server import PromptServer
 
@@ -64,7 +70,18 @@ def run_node(node_cls: type, inputs: dict[str, Any], node_id: str = "7",
         hijack_progress(server)
     comfy.model_management.interrupt_current_processing(False)   # a new prompt starts
     server.last_prompt_id, server.last_node_id = prompt_id, node_id
-    kwargs = {**inputs, **_hidden_inputs(node_cls, node_id)}
     with torch.inference_mode(), CurrentNodeContext(prompt_id, node_id):
+        if issubclass(node_cls, io.ComfyNode):
+            return _run_v3(node_cls, inputs, node_id)
+        kwargs = {**inputs, **_hidden_inputs(node_cls, node_id)}
         obj = node_cls()
         return getattr(obj, node_cls.FUNCTION)(**kwargs)
+
+
+def _run_v3(node_cls: type, inputs: dict[str, Any], node_id: str) -> dict[str, Any]:
+    schema = node_cls.GET_SCHEMA()
+    given = {io.Hidden.unique_id: node_id, io.Hidden.prompt: {}, io.Hidden.extra_pnginfo: None}
+    hidden = {h: given.get(h) for h in schema.hidden or []}
+    clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    out = getattr(clone, node_cls.FUNCTION)(**inputs)
+    return {"result": out.result, "ui": out.ui}

@@ -4,7 +4,7 @@
 For each tiny architecture (sd15, sd3, flux_like, wan21):
   1. load base and tuned with ComfyUI's own loader, as UNETLoader does
      (folder_paths.get_full_path_or_raise + comfy.sd.load_diffusion_model -> ModelPatcher);
-  2. LoraExtract.extract(...) and LoraExtractV2.extract(...) with the node defaults, except
+  2. LoraExtract.execute(...) and LoraExtractV2.execute(...) with the node defaults, except
      rank 8, algorithm svd_linalg, output_dtype fp32, clamp_quantile False (V2: vram_usage_mode
      aggressive), called as ComfyUI calls a node (instance, FUNCTION, inputs checked against
      INPUT_TYPES, under torch.inference_mode());
@@ -243,6 +243,8 @@ def node_inputs(cls, overrides: dict, unique_id: str) -> dict:
         for name, entry in spec.get(section, {}).items():
             typ = entry[0]
             opts = entry[1] if len(entry) > 1 else {}
+            if typ == "COMBO":                 # a V3 combo: its choices are in the options
+                typ = list(opts.get("options", []))
             if name in overrides:
                 v = overrides[name]
             elif isinstance(typ, (list, tuple)):
@@ -257,9 +259,7 @@ def node_inputs(cls, overrides: dict, unique_id: str) -> dict:
                 if "min" in opts and v < opts["min"] or "max" in opts and v > opts["max"]:
                     problems.append(f"{name}={v} outside [{opts.get('min')}, {opts.get('max')}]")
             out[name] = v
-    for name, val in spec.get("hidden", {}).items():
-        if val == "UNIQUE_ID":
-            out[name] = unique_id
+    out["__hidden__"] = {"UNIQUE_ID": unique_id}   # V3: given on the class clone, not as inputs
     unknown = [k for k in overrides if k not in out]
     if unknown:
         problems.append(f"overrides not among the inputs: {unknown}")
@@ -271,18 +271,32 @@ def node_inputs(cls, overrides: dict, unique_id: str) -> dict:
 _STACKS = {"file": None, "after": 90.0}
 
 
+def _class_clone(cls, hidden: dict):
+    """The class clone ComfyUI runs a V3 node on (0.3.64 passes the hidden inputs, newer
+    versions a dict holding them under "hidden_inputs"; the stub takes both)."""
+    from comfy_api.latest import io
+
+    hidden = {io.Hidden.unique_id: hidden.get("UNIQUE_ID")}
+    if hasattr(io.HiddenHolder, "from_v3_data"):
+        return cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    return cls.PREPARE_CLASS_CLONE(hidden)
+
+
 def call_node(cls, inputs: dict):
-    """As ComfyUI's executor does: a new instance, its FUNCTION, under inference_mode.
+    """As ComfyUI's executor does for a V3 node: execute through its FUNCTION on a class clone
+    carrying the hidden inputs, under inference_mode; returns {"result", "ui"}.
     A call still running after --stack-dump-after seconds gets every thread's stack in the log."""
     import faulthandler
 
     import torch
-    obj = cls()
+    inputs = dict(inputs)
+    clone = _class_clone(cls, inputs.pop("__hidden__", {}))
     if _STACKS["file"] is not None:
         faulthandler.dump_traceback_later(_STACKS["after"], repeat=False, file=_STACKS["file"])
     try:
         with torch.inference_mode():
-            return getattr(obj, cls.FUNCTION)(**inputs)
+            out = getattr(clone, cls.FUNCTION)(**inputs)
+            return {"result": out.result, "ui": out.ui}
     finally:
         if _STACKS["file"] is not None:
             faulthandler.cancel_dump_traceback_later()
@@ -803,7 +817,8 @@ def main() -> int:
                 os.symlink(os.path.abspath(a.pack), link)
             sys.path.insert(0, link_dir)
             import lora_extract  # noqa: F401
-        nodes_map = dict(lora_extract.NODE_CLASS_MAPPINGS)
+        import lora_extract.nodes
+        nodes_map = dict(lora_extract.nodes.NODE_CLASS_MAPPINGS)
         results["env"]["pack"] = os.path.realpath(os.path.dirname(lora_extract.__file__))
         # what /object_info does for every node: INPUT_TYPES() must work
         bad_info = []
