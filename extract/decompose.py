@@ -4,14 +4,19 @@ Both return the top singular triplets of a 2-D float32 matrix. The exact path ne
 full matrices and always factorizes the tall orientation, which is what makes it several times
 faster than ``torch.linalg.svd(W)`` on the wide/tall layers of diffusion models. The randomized
 path sketches with a Gaussian test matrix, runs power iterations with re-orthonormalization
-(QR each half-step: without it the sketch collapses onto the top singular vector in float32),
-and finishes with an exact SVD of the small projected matrix (the Rayleigh-Ritz step, always on
-the float32 matrix). In float32 the iterations stop as soon as the kept spectrum has converged;
-on CUDA they run in bfloat16 on the tensor cores (see ``power_dtype``).
+each half-step (without it the sketch collapses onto the top singular vector in float32), and
+finishes with an exact SVD of the small projected matrix (the Rayleigh-Ritz step, always on the
+float32 matrix). On the CPU the half-steps are normalised by Cholesky-QR (one Gram matmul, one
+tiny Cholesky, one triangular solve) and a Householder QR runs once, at the end; the iterations
+stop as soon as the kept spectrum has converged, and their big matmuls run in bfloat16 where
+the CPU has bfloat16 instructions. On CUDA they run in bfloat16 on the tensor cores (see
+``power_dtype``).
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +102,34 @@ def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     return q
 
 
+# Cholesky-QR falls back to Householder QR when the smallest pivot of R is below this share of
+# the largest: past it the float32 triangular solve would lose the basis' weak directions
+# (orthogonality error ~ float32 eps x the pivot ratio), and an exactly rank-deficient block
+# (a difference of lower rank than the sketch) has no Cholesky factor at all.
+CHOLQR_MIN_PIVOT = 1e-4
+
+
+def _cholesky_qr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A basis ``q`` of the columns of ``y`` ``[..., M, w]`` and ``r`` (float64) with ``y = q r``.
+
+    Between power iterations only the span of the basis matters, not its exact orthogonality:
+    a float64 Gram matrix (``w x w``), its Cholesky factor and one float32 triangular solve
+    replace LAPACK's Householder QR, which on a tall ``M x 48`` block is a sequence of small
+    level-2 steps (measured 1.5-10x slower, the most on a busy machine, where each step's
+    thread barrier waits for a core). ``r`` has the singular values of ``y`` (float64), which
+    is what the convergence test reads. Householder QR when the pivots say Cholesky is unsafe.
+    """
+    y64 = y.double()
+    r, info = torch.linalg.cholesky_ex(y64.mT @ y64, upper=True)
+    del y64
+    pivots = r.diagonal(dim1=-2, dim2=-1)
+    if bool((info != 0).any()) or bool(
+            (pivots.amin(-1) <= CHOLQR_MIN_PIVOT * pivots.amax(-1)).any()):
+        q, rq = torch.linalg.qr(y, mode="reduced")
+        return q, rq.double()
+    return torch.linalg.solve_triangular(r.to(y.dtype), y, upper=True, left=False), r
+
+
 def sketch_width(shape: tuple[int, ...], k: int, oversample: int) -> int:
     """Columns of the Gaussian test matrix for the top-``k`` triplets of an ``m x n`` matrix."""
     return min(k + oversample, shape[-2], shape[-1])
@@ -134,57 +167,112 @@ def kept_energy(r: torch.Tensor, k: int) -> torch.Tensor:
     return (s[..., :k] ** 2).sum(-1)
 
 
-def converged(energies: list[torch.Tensor], fro2: torch.Tensor) -> torch.Tensor:
-    """Per matrix: whether the kept energy has converged (see STOP_TOL), from its history."""
+def converged(energies: list[torch.Tensor], fro2: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+    """Per matrix: whether the kept energy has converged (see STOP_TOL), from its history.
+
+    ``ahead``: iterations that will run after the stop anyway (the float32 step that ends
+    bfloat16 iterations); the gain they deliver is not counted as still to come.
+    """
     if len(energies) < MIN_ITERS + 1:
         return torch.zeros_like(fro2, dtype=torch.bool)
     e0, e1, e2 = energies[-3:]
     d1, d2 = e1 - e0, e2 - e1
     rate = torch.where(d1 > 0, d2 / d1.clamp_min(1e-300), torch.zeros_like(d1)).clamp_min(0)
     # Gains that do not shrink (rate >= 1) are never taken for convergence.
-    still = torch.where(rate < 1, d2.clamp_min(0) * rate / (1 - rate).clamp_min(1e-12),
+    still = torch.where(rate < 1, d2.clamp_min(0) * rate ** (1 + ahead) / (1 - rate).clamp_min(1e-12),
                         torch.full_like(d2, float("inf")))
     left_out = torch.maximum(fro2 - e2, ENERGY_FLOOR * fro2)
     return still <= STOP_TOL * left_out
 
 
-def _power_iterations(mat: torch.Tensor, q: torch.Tensor, k: int, niter: int,
-                      fro2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 subspace iteration from ``q`` until converged or ``niter``; returns ``q`` and
-    ``y = mat^T q`` (the projected matrix, transposed, for the Rayleigh-Ritz step).
+def _product(low: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``low @ x`` in ``low``'s dtype, returned in ``x``'s (float32: the bases stay float32)."""
+    return (low @ x.to(low.dtype)).to(x.dtype)
 
-    In a stack each matrix stops on its own (its ``q`` is frozen once converged), so a layer
-    gets the same iterations whether it is decomposed alone or in a batch.
+
+def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int,
+                      fro2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subspace iteration from the sketch ``mat @ omega`` until converged or ``niter``;
+    returns an orthonormal
+    ``q`` and ``y = mat^T q`` in float32 (the projected matrix, transposed, for the
+    Rayleigh-Ritz step).
+
+    The big matmuls run in ``dtype`` (float32, or bfloat16 where the CPU has bfloat16
+    instructions: 3-4x the float32 rate); the bases stay float32 and the convergence test reads
+    float64 estimates. Normalisation by Cholesky-QR each half-step, one Householder QR at the
+    end. In a stack each matrix stops on its own (its ``q`` is frozen once converged), so a
+    layer gets the same iterations whether it is decomposed alone or in a batch.
     """
     batch = mat.shape[:-2]
+    low = mat if dtype == mat.dtype else mat.to(dtype)
+
     done = torch.zeros(batch, dtype=torch.bool, device=fro2.device)
     energies: list[torch.Tensor] = []
-    y = mat.mT @ q
+    q, _ = _cholesky_qr(_product(low, omega))               # [..., M, width]
+    y = _product(low.mT, q)
     for _ in range(niter):
-        z, r = torch.linalg.qr(y, mode="reduced")
+        z, r = _cholesky_qr(y)
         energies.append(kept_energy(r, k).to(fro2.device))
-        done = done | converged(energies, fro2)
+        done = done | converged(energies, fro2, 0 if dtype == mat.dtype else 1)
         if bool(done.all()):
             break
-        q_next = _orthonormal(mat @ z)
-        y_next = mat.mT @ q_next
+        q_next, _ = _cholesky_qr(_product(low, z))
+        y_next = _product(low.mT, q_next)
         if batch:
             keep = done.to(q.device).view(*batch, 1, 1)
             q, y = torch.where(keep, q, q_next), torch.where(keep, y, y_next)
         else:
             q, y = q_next, y_next
-    return q, y
+    del low
+    if dtype != mat.dtype:
+        # A last iteration in float32. bfloat16 products leave the basis within ~1e-3 of the
+        # dominant subspace: harmless where the spectrum decays slowly (the left-out energy
+        # dwarfs that), but a clean low-rank difference kept past its rank leaves out so
+        # little that the leak alone measured 1.018x the optimum. One float32 step shrinks the
+        # leak by (sigma_width / sigma_k)^2 and puts y on the exact matrix.
+        z, _ = _cholesky_qr(y)
+        q, _ = _cholesky_qr(mat @ z)
+        y = mat.mT @ q
+    # The Rayleigh-Ritz step needs an orthonormal basis: one Householder QR, q = Q R, and
+    # mat^T Q = y R^-1 (R is within rounding of the identity: no new matmul).
+    q_orth, r_final = torch.linalg.qr(q, mode="reduced")
+    y = torch.linalg.solve_triangular(r_final, y, upper=True, left=False)
+    return q_orth, y
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX-BF16).
+
+    There bfloat16 matmuls run at 3-4x the float32 rate (measured 840 vs 190 GFLOP/s on 2
+    cores); without those instructions bfloat16 is emulated and slower than float32, so the
+    iterations stay float32. Read from ``/proc/cpuinfo`` (Linux); elsewhere assumed absent.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return False
+    return False
 
 
 def power_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the power iterations' big matmuls on ``device``.
 
-    bfloat16 on CUDA (tensor cores; the final Rayleigh-Ritz step runs on the float32 matrix,
-    which keeps the accuracy: on the CPU, where this was measured, bf16 iterations gave the
-    same error / optimum to 1e-6 as float32 ones). float32 elsewhere, where the iterations
-    stop early on convergence instead (bf16 rounding would blur that test).
+    bfloat16 on CUDA (tensor cores) and on CPUs with bfloat16 instructions
+    (``cpu_has_bf16_matmul``); float32 elsewhere. The final Rayleigh-Ritz step runs on the
+    float32 matrix, which keeps the accuracy: bf16 iterations gave the same error / optimum to
+    1e-5 as float32 ones and stopped after the same number of iterations (DiT-like layers at
+    rank 32; tests/test_randomized_accuracy.py bounds both at 1.001x on constructed spectra).
     """
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _low_precision_iterations(mat: torch.Tensor, q: torch.Tensor, niter: int,
@@ -214,15 +302,15 @@ def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int
     mat = a.mT if transposed else a           # [..., M, N] with M >= N
     k = min(k, omega.shape[-1])
     dtype = iteration_dtype or power_dtype(a.device)
-    if dtype != mat.dtype:
+    if a.device.type != "cpu" and dtype != mat.dtype:
+        # CUDA: all ``niter`` bfloat16 iterations, no per-iteration host sync.
         q = _orthonormal((mat.to(dtype) @ omega.to(a.device, dtype)).float())
         q, y = _low_precision_iterations(mat, q, niter, dtype)
     else:
-        q = _orthonormal(mat @ omega.to(a.device))  # [..., M, width]
         if fro2 is None:
             fro2 = torch.linalg.vector_norm(mat, dim=(-2, -1), dtype=torch.float64) ** 2
         f2 = torch.as_tensor(fro2, dtype=torch.float64).to("cpu")
-        q, y = _power_iterations(mat, q, k, niter, f2)
+        q, y = _power_iterations(mat, omega.to(a.device, mat.dtype), k, niter, f2, dtype)
     # y = (q^T mat)^T is tall: LAPACK is slower on wide matrices (5-18% of a whole randomized
     # SVD at 320..1280 wide layers, measured), so factorize it and swap its factors.
     vb, s, ubt = torch.linalg.svd(y, full_matrices=False)

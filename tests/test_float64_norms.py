@@ -52,6 +52,16 @@ def test_sum_of_squares_is_exact_on_28m_entries(big: torch.Tensor, exact: float)
     assert float(t) == pytest.approx(exact, rel=1e-12)
 
 
+def test_chunked_route_is_exact_on_28m_entries(big: torch.Tensor, exact: float,
+                                              monkeypatch) -> None:
+    # The torch chunk loop (GPUs, bfloat16 and other dtypes numpy cannot read), run on the CPU.
+    from lora_extract.extract import norms
+    monkeypatch.setattr(norms, "_NUMPY_DTYPES", ())
+    assert sum_of_squares(big) == pytest.approx(exact, rel=1e-12)
+    assert sum_of_squares(big[:1000].bfloat16()) == pytest.approx(
+        float((big[:1000].bfloat16().double() ** 2).sum()), rel=1e-14)
+
+
 def test_frobenius_norm_is_exact_on_28m_entries(big: torch.Tensor, exact: float) -> None:
     assert frobenius_norm(big) == pytest.approx(math.sqrt(exact), rel=1e-12)
     t = frobenius_norm_tensor(big)
