@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 
 from ..extract.errors import ExtractionInputError
-from ..extract.sources import open_source
-from ..resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
+from ..resize import ResizeOptions, open_lora_input, parse_recipes, resize_lora
 from .help_format import DefaultsHelpFormatter
 from .output_checks import check_output_folder
 from .progress import progress_bar
-from .resize import DTYPES, EXAMPLES, add_common_options
-from .text_encoders import refuse_lora_as_model
+from .resize import DTYPES, EXAMPLES, add_common_options, open_base_model
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
@@ -36,10 +34,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     if a.name:
         lora.name = a.name
     check_output_folder(a.output_folder, "-o")
-    source = open_source(a.checkpoint)
-    refuse_lora_as_model(source, a.checkpoint, "base model (CHECKPOINT comes first, then the "
-                                               "LoRAs)")
-    base = BaseModel(source, a.checkpoint, a.cache_dir)
+    base = open_base_model(a)
     report = resize_lora(base, lora, recipes, a.output_folder, opts,
                          progress=progress_bar(f"merge {lora.name}"))
     print(report.format_text(per_layer=a.merge_verbose >= 1))

@@ -79,6 +79,14 @@ def _check_inputs_and_outputs(a: argparse.Namespace, loras, recipes) -> None:
                     "-o folder.")
 
 
+def open_base_model(a: argparse.Namespace) -> BaseModel:
+    """CHECKPOINT as the base model (refused when it is a LoRA), norms cached in --cache-dir."""
+    source = open_source(a.checkpoint)
+    refuse_lora_as_model(source, a.checkpoint, "base model (CHECKPOINT comes first, then the "
+                                               "LoRAs)")
+    return BaseModel(source, a.checkpoint, a.cache_dir)
+
+
 def cmd_resize(a: argparse.Namespace) -> int:
     if a.resize_verbose:
         level = logging.INFO if a.resize_verbose == 1 else logging.DEBUG
@@ -92,10 +100,7 @@ def cmd_resize(a: argparse.Namespace) -> int:
     if not given:
         raise _missing_recipe(loras)
     _check_inputs_and_outputs(a, loras, recipes)
-    source = open_source(a.checkpoint)
-    refuse_lora_as_model(source, a.checkpoint, "base model (CHECKPOINT comes first, then the "
-                                               "LoRAs)")
-    base = BaseModel(source, a.checkpoint, a.cache_dir)
+    base = open_base_model(a)
     for lora in loras:
         report = resize_lora(base, lora, recipes, a.output_folder, opts,
                              progress=progress_bar(f"resize {lora.name}"))
