@@ -64,15 +64,24 @@ def test_the_root_init_loads_as_a_lone_file() -> None:
 
 
 def _relative_imports(pkg: str) -> list[tuple[str, str]]:
-    """(file, imported pack module) for every relative import in one package of the pack."""
+    """(file, top-level pack package it imports) for every relative import that leaves its own
+    top-level package (``from ..x`` in ``extract/`` is ``x``; in ``extract/formats/`` it is
+    ``extract``, its own)."""
     found = []
     for dirpath, _dirs, files in os.walk(os.path.join(ROOT, pkg)):
+        here = os.path.relpath(dirpath, ROOT).split(os.sep)      # e.g. ["extract", "formats"]
         for f in files:
             if f.endswith(".py"):
                 for line in open(os.path.join(dirpath, f), encoding="utf-8"):
                     s = line.strip()
-                    if s.startswith("from .."):
-                        found.append((f, s.split()[1][2:].split(".")[0]))
+                    if not s.startswith("from ."):
+                        continue
+                    spec = s.split()[1]
+                    dots = len(spec) - len(spec.lstrip("."))
+                    target = here[:len(here) - (dots - 1)] + [p for p in spec[dots:].split(".") if p]
+                    top = target[0] if target else ""
+                    if top != pkg:
+                        found.append((f, top))
     return found
 
 
