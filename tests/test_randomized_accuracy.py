@@ -71,7 +71,8 @@ def test_early_stop_saves_iterations_and_keeps_the_error(shape, kind, cpu_dtype,
     monkeypatch.setattr(dec, "converged", lambda e, f, *ahead: torch.zeros_like(f, dtype=torch.bool))
     calls.clear()
     full = _rel_error(a, randomized_svd_with(a, omega, k, 7))
-    assert len(calls) == 7
+    # All 7 iterations; with bfloat16 products the 7th is the float32 one, which has no check.
+    assert len(calls) == (7 if cpu_dtype == torch.float32 else 6)
     assert dec.MIN_ITERS <= used <= 7
     # STOP_TOL bounds the energy still to come relative to the energy left out: error within
     # ~1e-4 of what all iterations give.
