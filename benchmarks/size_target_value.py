@@ -36,8 +36,8 @@ from bench_pairs import SDXL_DIT_MIX, specs, write_pair
 from size_frontier import frontier
 
 from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_lora
-from lora_extract.extract.budget import ALPHA_BYTES, plan_ranks
-from lora_extract.extract.budget_run import spectra_only
+from lora_extract.extract.budget.passes import spectra_only
+from lora_extract.extract.budget.rank_math import ALPHA_BYTES, plan_ranks
 from lora_extract.extract.pipeline import _layer_generator
 from lora_extract.extract.rank_rules import SpectrumTotals, select_rank
 
@@ -154,7 +154,7 @@ def _frontier_line(layers, fixed: int, cap: int, budget: int, results) -> None:
 
 
 def _as_spectrum(x: Layer, cap: int):
-    from lora_extract.extract.budget import LayerSpectrum
+    from lora_extract.extract.budget.rank_math import LayerSpectrum
 
     return LayerSpectrum(x.key, x.sigma, x.energy, x.unit, min(cap, x.n))
 

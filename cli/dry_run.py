@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..extract import ExtractConfig
-from ..extract.budget import plan_ranks
-from ..extract.budget_run import chosen_point, spectra_only
+from ..extract.budget.passes import chosen_point, spectra_only
+from ..extract.budget.rank_math import plan_ranks
+from ..extract.budget.size_text import budget_lines, curve_lines
+from ..extract.budget.size_types import MIB
 from ..extract.pipeline import _layer_generator
-from ..extract.size_text import budget_lines, curve_lines
-from ..extract.size_types import MIB
 from .progress import progress_bar
 from .text_encoders import open_model
 

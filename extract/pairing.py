@@ -13,11 +13,11 @@ import torch
 
 from .difference import difference_into
 from .errors import ExtractionInputError
+from .keys.te_keys import encoders_in, left_out_reason, model_path
 from .norms import frobenius_norm
 from .selection import SelectionOutcome
 from .source_info import describe, noise_floor
 from .sources import WeightSource
-from .te_keys import encoders_in, left_out_reason, model_path
 
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
 SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .budget.report_curve import curve_from_report
 from .change_threshold import small_change_reason
 from .config import ExtractConfig
-from .diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
 from .dora import extract_dora_matrix
 from .errors import ExtractionInputError
+from .keys.diffusers_keys import UNMAPPED_PREFIX, resolve_for_plan, unmapped_note
+from .keys.te_keys import UNPATCHABLE_NOTE, layer_config, lora_keys_for
 from .layer import LayerExtraction, extract_matrix, layer_kind
 from .new_tensors import store_new_tensors
 from .norms import frobenius_norm
@@ -30,10 +32,8 @@ from .report import (
     ExtractionReport,
     LayerReport,
 )
-from .report_curve import curve_from_report
 from .source_info import NOISE_FLAG_FACTOR
 from .sources import WeightSource
-from .te_keys import UNPATCHABLE_NOTE, layer_config, lora_keys_for
 from .waits import RunWatch
 from .writer import save_safetensors_atomic
 
@@ -227,7 +227,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     cfg.validate()
     if cfg.target_size_mb:
         # Imported here: the budgeted pipeline builds on this module.
-        from .budget_pipeline import extract_lora_budgeted
+        from .budget.loop import extract_lora_budgeted
         return extract_lora_budgeted(base, tuned, cfg, progress=progress,
                                      check_interrupt=check_interrupt, prefetch=prefetch)
     t0 = time.perf_counter()

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from ..extract import batched
-from ..extract.budget_run import BudgetPass
+from ..extract.budget.passes import BudgetPass
 from ..extract.config import ExtractConfig
-from ..extract.diffusers_keys import resolve_for_plan
+from ..extract.keys.diffusers_keys import resolve_for_plan
+from ..extract.keys.te_keys import layer_config
 from ..extract.layer import LayerExtraction, extract_matrix
 from ..extract.new_tensors import store_new_tensors
 from ..extract.oom_fallback import OOM_ERRORS, OomFallback, release_accelerator_cache
@@ -48,7 +49,6 @@ from ..extract.pipeline import (
 from ..extract.plan_options import plan_for
 from ..extract.report import ExtractionReport
 from ..extract.sources import WeightSource
-from ..extract.te_keys import layer_config
 from ..extract.waits import RunWatch, join_for
 from ..extract.writer import save_safetensors_atomic
 from .blocks import block_of, group_by_block

@@ -36,7 +36,7 @@ MUTMUT = os.path.join(os.path.dirname(sys.executable), "mutmut")
 UO, MR = "tests/test_user_options.py", "tests/test_memory_runtime.py"
 # name: (files to mutate, fast tests that cover them)
 CHUNKS: dict[str, tuple[list[str], list[str]]] = {
-    "extract-config": (["extract/config.py", "extract/keys.py"],
+    "extract-config": (["extract/config.py", "extract/keys/lora_keys.py"],
                        ["tests/test_user_options.py", "tests/test_pipeline.py", "tests/test_bad_input.py",
                         "tests/test_config_errors.py"]),
     "extract-layer": (["extract/layer.py", "extract/rank_rules.py"],

@@ -19,12 +19,12 @@ import torch
 from ..extract.decompose import randomized_svd, singular_values
 from ..extract.devices import checked_device
 from ..extract.errors import ExtractionInputError
+from ..extract.keys.te_keys import model_path
 from ..extract.layer import SPECTRUM_KEEP, layer_kind
 from ..extract.norms import frobenius_norm
 from ..extract.pairing import KeyPair, plan_pair
 from ..extract.prefetch import Prefetcher
 from ..extract.sources import WeightSource
-from ..extract.te_keys import model_path
 from ..extract.waits import RunWatch
 from .lora_apply import LoraIndex, PatchNotMerged, index_lora, patched_weight
 from .report import (

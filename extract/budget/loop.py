@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import time
 
-from .budget_run import (
-    BudgetPass,
-    InterruptFn,
-    ProgressFn,
-)
-from .config import ExtractConfig
-from .diffusers_keys import resolve_for_plan
-from .new_tensors import store_new_tensors
-from .oom_fallback import OomFallback
-from .pairing import KeyPair, load_difference
-from .pipeline import (
+from ..config import ExtractConfig
+from ..keys.diffusers_keys import resolve_for_plan
+from ..new_tensors import store_new_tensors
+from ..oom_fallback import OomFallback
+from ..pairing import KeyPair, load_difference
+from ..pipeline import (
     ExtractionResult,
     _layer_generator,
     finish_result,
@@ -23,9 +18,14 @@ from .pipeline import (
     process_pair,
     run_layers,
 )
-from .plan_options import plan_for
-from .report import LayerReport
-from .sources import WeightSource
+from ..plan_options import plan_for
+from ..report import LayerReport
+from ..sources import WeightSource
+from .passes import (
+    BudgetPass,
+    InterruptFn,
+    ProgressFn,
+)
 
 
 def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,

@@ -24,8 +24,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import replace
 
-from .config import ExtractConfig
-from .keys import LoraKeys, diffusion_path, keys_for_param
+from ..config import ExtractConfig
+from .lora_keys import LoraKeys, diffusion_path, keys_for_param
 
 TE_PREFIX = "text_encoders."
 

@@ -17,25 +17,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budget import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_curve
-from .budget_check import check_budget_fits
-from .change_threshold import small_change_reason
-from .config import ExtractConfig
-from .decompose import TruncatedSVD, exact_svd, randomized_svd
-from .diffusers_keys import resolve_for_plan
-from .layer import finish_extraction, svd_plan
-from .new_tensors import new_tensor_bytes
-from .oom_fallback import OomFallback
-from .pairing import KeyPair, PairPlan, load_difference
-from .pipeline import left_out_as_noise, needs_svd, stored_role
-from .plan_options import plan_for
-from .prefetch import Prefetcher
-from .report import ExtractionReport
+from ..change_threshold import small_change_reason
+from ..config import ExtractConfig
+from ..decompose import TruncatedSVD, exact_svd, randomized_svd
+from ..keys.diffusers_keys import resolve_for_plan
+from ..keys.te_keys import layer_config
+from ..layer import finish_extraction, svd_plan
+from ..new_tensors import new_tensor_bytes
+from ..oom_fallback import OomFallback
+from ..pairing import KeyPair, PairPlan, load_difference
+from ..pipeline import left_out_as_noise, needs_svd, stored_role
+from ..plan_options import plan_for
+from ..prefetch import Prefetcher
+from ..report import ExtractionReport
+from ..sources import WeightSource
+from ..waits import RunWatch
+from .fit_check import check_budget_fits
+from .rank_math import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_curve
 from .report_curve import stored_diff_bytes
 from .size_types import CurvePoint, SizeCurve
-from .sources import WeightSource
-from .te_keys import layer_config
-from .waits import RunWatch
 
 ProgressFn = Callable[[int, int, str], None]
 InterruptFn = Callable[[], None]

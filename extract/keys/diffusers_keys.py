@@ -27,11 +27,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .errors import ExtractionInputError
+from ..errors import ExtractionInputError
 
 if TYPE_CHECKING:  # config imports keys, which imports this module
-    from .config import ExtractConfig
-    from .pairing import PairPlan
+    from ..config import ExtractConfig
+    from ..pairing import PairPlan
 
 # Naming families (the value of ``detect_diffusers_naming``).
 FLUX, SD3, UNET = "flux", "sd3", "unet"
