@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 
 import torch
 
+from ..extract.callbacks import InterruptFn, ProgressFn
 from ..extract.decompose import randomized_svd, singular_values
 from ..extract.devices import checked_device
 from ..extract.errors import ExtractionInputError
@@ -36,9 +36,6 @@ from .report import (
     LayerValidation,
     ValidationReport,
 )
-
-ProgressFn = Callable[[int, int, str], None]
-InterruptFn = Callable[[], None]
 
 # How the LoRA is applied. "comfyui": as ComfyUI's LoraLoader does, which never patches a
 # parameter that sits directly on a module with sub-modules (WAN blocks.N.modulation, SD3

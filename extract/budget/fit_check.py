@@ -18,8 +18,8 @@ import torch
 
 from ..change_threshold import small_change_reason
 from ..config import ExtractConfig
+from ..pair_output import needs_svd, stored_role
 from ..pairing import KeyPair, PairPlan
-from ..pipeline import needs_svd, stored_role
 from .rank_math import ALPHA_BYTES, rank_unit_bytes, too_small_error
 from .report_curve import stored_diff_bytes
 
