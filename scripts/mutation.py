@@ -43,7 +43,7 @@ CHUNKS: dict[str, tuple[list[str], list[str]]] = {
                       ["tests/test_layer_extraction.py", "tests/test_rank_rules.py", "tests/test_clamp.py",
                        "tests/test_extract_edges.py",
                        f"{UO}::test_lowrank_iters_buys_accuracy"]),
-    "extract-pipeline": (["extract/pipeline.py"],
+    "extract-pipeline": (["extract/pipeline.py", "extract/pair_output.py", "extract/result.py"],
                          ["tests/test_pipeline.py", "tests/test_user_options.py", "tests/test_bad_input.py",
                           "tests/test_text_encoders.py", "tests/test_diffusers_keys.py",
                           "tests/test_faults_oom.py", "tests/test_size_target.py",
