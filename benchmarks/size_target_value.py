@@ -36,9 +36,9 @@ from bench_pairs import SDXL_DIT_MIX, specs, write_pair
 from size_frontier import frontier
 
 from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_lora
-from lora_extract.extract.budget import ALPHA_BYTES, plan_ranks
-from lora_extract.extract.budget_run import spectra_only
-from lora_extract.extract.pipeline import _layer_generator
+from lora_extract.extract.budget.passes import spectra_only
+from lora_extract.extract.budget.rank_math import ALPHA_BYTES, plan_ranks
+from lora_extract.extract.pair_output import layer_generator
 from lora_extract.extract.rank_rules import SpectrumTotals, select_rank
 
 RULES = ("adaptive_ratio", "adaptive_quantile", "adaptive_energy", "adaptive_fro")
@@ -60,7 +60,7 @@ def load(varied: bool, scale: float, cap: int):
     bp, tp = write_pair(specs(SDXL_DIT_MIX, scale), varied=varied)
     cfg = ExtractConfig(rank=cap, algorithm="svd_linalg", clamp_quantile=None)
     spectra, _ = spectra_only(SafetensorsSource(bp), SafetensorsSource(tp), cfg,
-                              lambda path: _layer_generator(cfg, path))
+                              lambda path: layer_generator(cfg, path))
     layers = []
     for x in spectra.layers:
         svd, fro = spectra.kept[x.key]
@@ -154,7 +154,7 @@ def _frontier_line(layers, fixed: int, cap: int, budget: int, results) -> None:
 
 
 def _as_spectrum(x: Layer, cap: int):
-    from lora_extract.extract.budget import LayerSpectrum
+    from lora_extract.extract.budget.rank_math import LayerSpectrum
 
     return LayerSpectrum(x.key, x.sigma, x.energy, x.unit, min(cap, x.n))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..extract.size_types import SizeCurve
+from ..extract.budget.size_types import SizeCurve
 from .canvas import INK, MUTED, Box, fit_text, font, new_image
 from .layer_chart import draw_block_labels, draw_error_panel, draw_rank_panel
 from .rows import ChartLayer, SpectrumSeries

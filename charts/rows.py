@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..extract.keys import diffusion_path
+from ..extract.keys.lora_keys import diffusion_path
 from ..extract.report import STATUS_DIFF, STATUS_LORA, ExtractionReport
 from ..memory.blocks import block_label
 from ..validation.report import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import ImageDraw
 
-from ..extract.size_types import MIB, SizeCurve
+from ..extract.budget.size_types import MIB, SizeCurve
 from .canvas import GRID, INK, MUTED, Axis, Box, fit_text, font
 
 LINE = (70, 110, 190)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..extract import ExtractConfig
-from ..extract.budget import plan_ranks
-from ..extract.budget_run import chosen_point, spectra_only
-from ..extract.pipeline import _layer_generator
-from ..extract.size_text import budget_lines, curve_lines
-from ..extract.size_types import MIB
+from ..extract.budget.passes import chosen_point, spectra_only
+from ..extract.budget.rank_math import plan_ranks
+from ..extract.budget.size_text import budget_lines, curve_lines
+from ..extract.budget.size_types import MIB
+from ..extract.pair_output import layer_generator
 from .progress import progress_bar
 from .text_encoders import open_model
 
@@ -26,7 +26,7 @@ def run_dry(base_path: str, tuned_path: str, cfg: ExtractConfig, prefetch: int,
     ``text_encoders``: include a whole checkpoint's text encoders, as the extraction would."""
     spectra, plan = spectra_only(open_model(base_path, text_encoders, "base model"),
                                   open_model(tuned_path, text_encoders, "fine-tuned model"), cfg,
-                                  lambda path: _layer_generator(cfg, path),
+                                  lambda path: layer_generator(cfg, path),
                                   progress=progress_bar("spectra"), prefetch=prefetch)
     curve = spectra.curve()
     lines = [f"dry run: {len(spectra.layers)} LoRA layers, caps rank {cfg.rank}"

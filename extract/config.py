@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .budget import check_target_size
+from .budget.rank_math import check_target_size
+from .budget.size_types import MIB
 from .errors import ExtractionInputError
 from .options import (
     ALGORITHMS,
@@ -19,7 +20,6 @@ from .options import (
     OUTPUT_DTYPES,
 )
 from .rank_rules import RANK_RULES
-from .size_types import MIB
 
 __all__ = ["ALGORITHMS", "DORA_OPTIONS", "LORA_TYPES", "MAX_RANK", "OUTPUT_DTYPES", "ExtractConfig"]
 

@@ -28,12 +28,12 @@ import torch
 
 from .config import ExtractConfig
 from .errors import ExtractionInputError
+from .keys.te_keys import is_te_key
 from .layer import layer_kind
 from .norms import frobenius_norm
 from .pairing import KeyPair, PairPlan
 from .report import STATUS_DIFF, STATUS_SKIPPED, ExtractionReport, LayerReport
 from .sources import WeightSource
-from .te_keys import is_te_key
 
 SET_NOTE = ("only in the fine-tuned model: stored as {key} (ComfyUI sets the weight to it "
             "whatever the strength, where the model it patches has this parameter)")

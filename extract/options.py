@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .budget import MAX_TARGET_MB, SIZE_OBJECTIVES
-from .keys import KEY_STYLES
+from .budget.rank_math import MAX_TARGET_MB, SIZE_OBJECTIVES
+from .keys.lora_keys import KEY_STYLES
 from .option_spec import Option, by_name
 from .rank_rules import RANK_RULES
 from .selection import LAYER_PRESETS

@@ -13,11 +13,11 @@ import torch
 
 from .difference import difference_into
 from .errors import ExtractionInputError
+from .keys.te_keys import encoders_in, left_out_reason, model_path
 from .norms import frobenius_norm
 from .selection import SelectionOutcome
 from .source_info import describe, noise_floor
 from .sources import WeightSource
-from .te_keys import encoders_in, left_out_reason, model_path
 
 # Keys ComfyUI adds next to quantized weights; they are not parameters of the network.
 SYNTHETIC_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".scale_weight",
@@ -46,7 +46,7 @@ class PairPlan:
     # directly on such modules (e.g. WAN ``blocks.N.modulation``, a DiT root ``pos_embed``).
     nonleaf_modules: set[str] = field(default_factory=set)
     # Parameters ComfyUI's loader cannot apply in the diffusers key style, with the reason; set
-    # by diffusers_keys.resolve_for_plan when it resolves the key style to diffusers.
+    # by key_style.resolve_for_plan when it resolves the key style to diffusers.
     comfy_unmapped: dict[str, str] = field(default_factory=dict)
     encoders: tuple[str, ...] = ()  # text encoders paired (clip_l, clip_g, t5xxl...)
     # How each model is stored, one line each ("base: ...", "fine-tuned: ..."), for the report.

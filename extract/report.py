@@ -10,9 +10,9 @@ import json
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from .size_text import budget_lines, curve_lines
-from .size_types import BudgetOutcome, SizeCurve
-from .te_keys import is_te_key
+from .budget.size_text import budget_lines, curve_lines
+from .budget.size_types import BudgetOutcome, SizeCurve
+from .keys.te_keys import is_te_key
 
 STATUS_LORA = "lora"
 STATUS_DIFF = "diff"

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import torch
 
 from .errors import ExtractionInputError
-from .key_slice import KeySlice
+from .keys.key_slice import KeySlice
+from .keys.te_keys import TE_PREFIX, encoders_in
 from .sources import WeightSource
-from .te_keys import TE_PREFIX, encoders_in
 
 _RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 _OPENCLIP_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",

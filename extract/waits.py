@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TypeVar
 
+from .callbacks import InterruptFn
 from .errors import ExtractionInputError, ExtractionStalled
 
 T = TypeVar("T")
@@ -54,8 +55,6 @@ def stall_timeout_s() -> float:
             f"{STALL_ENV}={raw!r} is not a number of seconds: use e.g. 600, or 0 for no bound.")
     return value
 
-
-InterruptFn = Callable[[], None]
 
 
 class RunWatch:

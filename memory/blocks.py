@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ..extract.keys import diffusion_path
-from ..extract.te_keys import is_te_key, te_block
+from ..extract.keys.lora_keys import diffusion_path
+from ..extract.keys.te_keys import is_te_key, te_block
 
 OTHER_BLOCK = "other"
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..extract.callbacks import InterruptFn, ProgressFn
 from ..extract.config import ExtractConfig
 from ..extract.layer import LayerExtraction
+from ..extract.pair_output import process_pair
 from ..extract.pairing import PairPlan
-from ..extract.pipeline import InterruptFn, ProgressFn, process_pair
 from ..extract.report import ExtractionReport
 from ..extract.waits import RunWatch
 from .streamer import LoadedLayer

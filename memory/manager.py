@@ -28,27 +28,19 @@ from dataclasses import dataclass
 import torch
 
 from ..extract import batched
-from ..extract.budget_run import BudgetPass
+from ..extract.budget.passes import BudgetPass
+from ..extract.callbacks import InterruptFn, ProgressFn
 from ..extract.config import ExtractConfig
-from ..extract.diffusers_keys import resolve_for_plan
 from ..extract.layer import LayerExtraction, extract_matrix
+from ..extract.layer_config import layer_config
 from ..extract.new_tensors import store_new_tensors
 from ..extract.oom_fallback import OOM_ERRORS, OomFallback, release_accelerator_cache
+from ..extract.pair_output import extract_layer, layer_generator, needs_svd
 from ..extract.pairing import KeyPair, PairPlan
-from ..extract.pipeline import (
-    ExtractionResult,
-    InterruptFn,
-    ProgressFn,
-    _layer_generator,
-    extract_layer,
-    finish_result,
-    needs_svd,
-    new_report,
-)
-from ..extract.plan_options import plan_for
 from ..extract.report import ExtractionReport
+from ..extract.result import ExtractionResult, finish_result
+from ..extract.run_setup import set_up_run
 from ..extract.sources import WeightSource
-from ..extract.te_keys import layer_config
 from ..extract.waits import RunWatch, join_for
 from ..extract.writer import save_safetensors_atomic
 from .blocks import block_of, group_by_block
@@ -151,7 +143,7 @@ class _Run:
             return extract_layer(layer.pair, layer.diff, layer.fro, self.cfg,
                                  None if bw is None else (lambda dev: bw(layer.pair, dev)))
         return extract_matrix(layer.diff, layer_config(self.cfg, layer.pair.path), fro=layer.fro,
-                              generator=_layer_generator(self.cfg, layer.pair.path))
+                              generator=layer_generator(self.cfg, layer.pair.path))
 
     def _decompose(self, chunk: list[LoadedLayer]) -> list[LayerExtraction]:
         if self.finish is not None or self.cfg.dora != "off":
@@ -159,7 +151,7 @@ class _Run:
             if self.workers is not None and len(chunk) > 1:
                 return list(self.workers.map(self.one, chunk))
             return [self.one(layer) for layer in chunk]
-        gens = [_layer_generator(self.cfg, layer.pair.path) for layer in chunk]
+        gens = [layer_generator(self.cfg, layer.pair.path) for layer in chunk]
         if self.workers is not None and len(chunk) > 1:
             futures = [self.workers.submit(
                 extract_matrix, layer.diff, layer_config(self.cfg, layer.pair.path),
@@ -309,7 +301,7 @@ def budget_first_pass(base: WeightSource, tuned: WeightSource, cfg: ExtractConfi
     """
     if not cfg.target_size_mb:
         return None
-    return BudgetPass(base, tuned, cfg, plan, lambda path: _layer_generator(cfg, path),
+    return BudgetPass(base, tuned, cfg, plan, lambda path: layer_generator(cfg, path),
                       fallback=OomFallback(cfg.device), progress=progress,
                       check_interrupt=check_interrupt, prefetch=2)
 
@@ -333,9 +325,8 @@ def extract_lora_v2(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     t0 = time.perf_counter()
     device = torch.device(cfg.device)
     monitor = VramMonitor(probe or torch_probe(device), opts.memory_threshold)
-    plan = plan_for(base, tuned, cfg)
-    cfg, style_notes = resolve_for_plan(cfg, plan)
-    report = new_report(cfg, plan, style_notes)
+    run = set_up_run(base, tuned, cfg)
+    cfg, plan, report = run.cfg, run.plan, run.report
     budget = budget_first_pass(base, tuned, cfg, plan, progress, check_interrupt)
     if budget is not None:
         progress = budget.second_pass_progress(progress)

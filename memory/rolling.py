@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ..extract.callbacks import InterruptFn
 from ..extract.layer import LayerExtraction
-from ..extract.pipeline import InterruptFn
 from ..extract.waits import RunWatch, wait_futures
 from .streamer import LoadedBatch, LoadedLayer
 

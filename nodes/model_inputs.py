@@ -7,8 +7,8 @@ two different text-encoder types is refused before any work, with the inputs nam
 from __future__ import annotations
 
 from ..extract.errors import ExtractionInputError
+from ..extract.keys.te_keys import encoders_in
 from ..extract.sources import WeightSource
-from ..extract.te_keys import encoders_in
 from ..extract.te_sources import CombinedSource
 from . import comfy_adapter as comfy
 from .comfy_io import io

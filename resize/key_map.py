@@ -21,8 +21,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..extract.key_slice import KeySlice
-from ..extract.keys import diffusion_path
+from ..extract.keys.key_slice import KeySlice
+from ..extract.keys.lora_keys import diffusion_path
 from ..extract.sources import WeightSource
 from .unet_names import ldm_to_diffusers
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..extract.errors import ExtractionInputError
-from ..extract.keys import UP_DOWN_FORMATS
+from ..extract.keys.lora_keys import UP_DOWN_FORMATS
 from ..extract.sources import WeightSource, open_source
 from .adapters import DORA_SCALE, FAMILY_NAMES, LOHA_PARTS, LOKR_PARTS, DenseModule
 

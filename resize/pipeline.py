@@ -15,11 +15,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..extract.callbacks import InterruptFn, ProgressFn
 from ..extract.config import OUTPUT_DTYPES
 from ..extract.errors import ExtractionInputError
 from ..extract.writer import save_safetensors_atomic
@@ -35,8 +35,6 @@ from .scoring import select
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int, str], None]
-InterruptFn = Callable[[], None]
 # A layer whose largest singular value is below this is all zeros (the seed's rule): SDXL
 # trainers create text-encoder layers that are never trained.
 ZERO_SIGMA = 1e-6

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..extract.allocate import BudgetTooSmall, allocate
+from ..extract.budget.allocate import BudgetTooSmall, allocate
 from ..extract.errors import ExtractionInputError
 from .decompose import DecomposedLayer
 from .recipe import Recipe
@@ -111,7 +111,7 @@ def _size_threshold(layers: list[DecomposedLayer], scores: list[torch.Tensor], f
                     recipe: Recipe, elem_size: int, fixed_bytes: int) -> float:
     """Keep dimensions by score, best first, while the running bytes fit the target.
 
-    The shared allocator (``extract/allocate.py``, also behind extraction's ``target_size_mb``)
+    The shared allocator (``extract/budget/allocate.py``, also behind extraction's ``target_size_mb``)
     does the cut. Returns the score of the last dimension kept (so ``score >= threshold`` keeps
     exactly those, ties aside), or -inf when everything fits.
     """

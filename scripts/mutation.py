@@ -36,14 +36,14 @@ MUTMUT = os.path.join(os.path.dirname(sys.executable), "mutmut")
 UO, MR = "tests/test_user_options.py", "tests/test_memory_runtime.py"
 # name: (files to mutate, fast tests that cover them)
 CHUNKS: dict[str, tuple[list[str], list[str]]] = {
-    "extract-config": (["extract/config.py", "extract/keys.py"],
+    "extract-config": (["extract/config.py", "extract/keys/lora_keys.py"],
                        ["tests/test_user_options.py", "tests/test_pipeline.py", "tests/test_bad_input.py",
                         "tests/test_config_errors.py"]),
     "extract-layer": (["extract/layer.py", "extract/rank_rules.py"],
                       ["tests/test_layer_extraction.py", "tests/test_rank_rules.py", "tests/test_clamp.py",
                        "tests/test_extract_edges.py",
                        f"{UO}::test_lowrank_iters_buys_accuracy"]),
-    "extract-pipeline": (["extract/pipeline.py"],
+    "extract-pipeline": (["extract/pipeline.py", "extract/pair_output.py", "extract/result.py"],
                          ["tests/test_pipeline.py", "tests/test_user_options.py", "tests/test_bad_input.py",
                           "tests/test_text_encoders.py", "tests/test_diffusers_keys.py",
                           "tests/test_faults_oom.py", "tests/test_size_target.py",

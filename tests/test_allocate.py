@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_extract.extract.allocate import BudgetTooSmall, allocate, greedy_order
+from lora_extract.extract.budget.allocate import BudgetTooSmall, allocate, greedy_order
 
 PROPS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 

@@ -190,7 +190,7 @@ def test_output_files_get_the_users_permissions(small_pair, tmp_path, capsys) ->
 def _no_svd(monkeypatch) -> None:
     def fail(*_a, **_k):
         raise AssertionError("an SVD ran for a budget that cannot fit")
-    monkeypatch.setattr("lora_extract.extract.budget_run.decompose_at_cap", fail)
+    monkeypatch.setattr("lora_extract.extract.budget.passes.decompose_at_cap", fail)
 
 
 def test_impossible_budget_refused_before_any_svd(small_pair, tmp_path, capsys, monkeypatch) -> None:

@@ -25,7 +25,7 @@ from execution import run_node
 from safetensors.torch import load_file
 
 import lora_extract
-from lora_extract.extract.keys import keys_for_param
+from lora_extract.extract.keys.lora_keys import keys_for_param
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")

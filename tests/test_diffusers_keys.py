@@ -14,13 +14,13 @@ from comfy_flux_diffusers import convert_diffusers_flux, flux_lora_key_map, flux
 from diffusers_flux_model import flux_pair, flux_shapes
 
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
-from lora_extract.extract.diffusers_keys import (
+from lora_extract.extract.keys.diffusers_keys import (
     UNMAPPED_BIAS,
     UNMAPPED_PARAM,
     detect_diffusers_naming,
     diffusers_prefix,
 )
-from lora_extract.extract.keys import keys_for_param
+from lora_extract.extract.keys.lora_keys import keys_for_param
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
 
@@ -159,7 +159,7 @@ def test_validate_reads_the_diffusers_style_against_the_diffusers_named_pair(flu
 def test_sd3_flags_exactly_the_biases_comfyui_maps_to_slices_or_swaps() -> None:
     """The expected set is what ComfyUI 0.3.64's ``mmdit_to_diffusers`` maps to a non-string
     target among the biases of a 2-block diffusers SD3 (checked against the real code)."""
-    from lora_extract.extract.diffusers_keys import comfy_unmapped
+    from lora_extract.extract.keys.diffusers_keys import comfy_unmapped
 
     paths = ["pos_embed.proj.weight", "pos_embed.proj.bias", "norm_out.linear.weight", "norm_out.linear.bias"]
     for i in range(2):

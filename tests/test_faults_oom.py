@@ -12,7 +12,7 @@ import pytest
 import torch
 from fault_injection import OnNthCall
 
-import lora_extract.extract.pipeline as pipeline
+import lora_extract.extract.pair_output as pair_output
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.oom_fallback import OomFallback
 from lora_extract.extract.synthetic import demo_layers, make_pair
@@ -94,7 +94,7 @@ def test_oom_in_the_middle_of_an_svd_redoes_that_layer_on_cpu(models, cpu_result
         diff.mul_(0.5)  # the failed attempt had already started overwriting the difference
         raise OOM("CUDA out of memory")
 
-    monkeypatch.setattr(pipeline, "extract_matrix", OnNthCall(pipeline.extract_matrix, 2, runs_out))
+    monkeypatch.setattr(pair_output, "extract_matrix", OnNthCall(pair_output.extract_matrix, 2, runs_out))
     tuned_src = PretendAccelerator(StateDictSource(tuned, "tuned"))
     res = extract_lora(PretendAccelerator(StateDictSource(base, "base")), tuned_src,
                        ExtractConfig(rank=4, device="cuda"), prefetch=2)

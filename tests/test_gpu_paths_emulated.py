@@ -17,7 +17,7 @@ from fault_injection import OnNthCall
 from safetensors.torch import load_file, save_file
 from test_streamer_order import ModelLikeSource, RecordingStreams
 
-import lora_extract.extract.pipeline as pipeline
+import lora_extract.extract.pair_output as pair_output
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.sources import SafetensorsSource
@@ -179,7 +179,7 @@ def test_v1_oom_fallback_on_the_device(emulated_gpu, pair, monkeypatch) -> None:
     def runs_out(diff, *_a, **_k) -> None:
         assert on_device(diff)
         raise OOM("CUDA out of memory")
-    monkeypatch.setattr(pipeline, "extract_matrix", OnNthCall(pipeline.extract_matrix, 2, runs_out))
+    monkeypatch.setattr(pair_output, "extract_matrix", OnNthCall(pair_output.extract_matrix, 2, runs_out))
     res = extract_lora(base, tuned, cfg, prefetch=2)
     assert emulated_gpu.empty_cache_calls > calls      # the cache was released before the retry
     _close(res.tensors, ref.tensors)

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_to_file
-from lora_extract.extract.pipeline import NONLEAF_NOTE
+from lora_extract.extract.pair_output import NONLEAF_NOTE
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV")

@@ -216,7 +216,7 @@ def test_parameters_comfyui_ignores_are_flagged(pair_dir) -> None:
 def test_text_encoder_vae_and_ema_keys_are_not_diffusion_model_paths(key: str) -> None:
     """Keys of a whole checkpoint's other parts (and encoder-only files) never pair as
     diffusion-model layers: they are extracted as text encoders or skipped with a reason."""
-    from lora_extract.extract.keys import diffusion_path
+    from lora_extract.extract.keys.lora_keys import diffusion_path
 
     assert diffusion_path(key) is None
     assert diffusion_path("model.diffusion_model.input_blocks.0.0.weight") == "input_blocks.0.0.weight"

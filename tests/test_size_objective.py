@@ -19,8 +19,8 @@ from test_size_target import CAP, LAYERS, MIB, cfg_for, constructed_pair, rel_sq
 
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
-from lora_extract.extract.allocate import allocate
-from lora_extract.extract.budget import LayerSpectrum, plan_ranks
+from lora_extract.extract.budget.allocate import allocate
+from lora_extract.extract.budget.rank_math import LayerSpectrum, plan_ranks
 from lora_extract.extract.synthetic import demo_layers, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2

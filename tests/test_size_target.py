@@ -13,7 +13,7 @@ import torch
 from helpers import matrix_with_spectrum
 
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
-from lora_extract.extract.allocate import BudgetTooSmall
+from lora_extract.extract.budget.allocate import BudgetTooSmall
 from lora_extract.extract.pipeline import extract_to_file
 from lora_extract.extract.synthetic import demo_layers, make_pair
 from lora_extract.memory.cache import ResidentCache

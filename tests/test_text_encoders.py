@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from te_helpers import SD1ClipModel, SD3ClipModel, SDXLClipModel, make_clip, tuned_clip
 
 from lora_extract.extract import ExtractionInputError
-from lora_extract.extract.te_keys import encoders_in, lora_keys_for
+from lora_extract.extract.keys.te_keys import encoders_in, lora_keys_for
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyClipSource
 

@@ -15,9 +15,9 @@ from test_text_encoders import _extract
 
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, ExtractionInputError
+from lora_extract.extract.keys.te_keys import TE_UNMAPPED_NOTE, encoders_in, lora_keys_for, te_unmapped
 from lora_extract.extract.pairing import plan_pair
 from lora_extract.extract.pipeline import extract_lora
-from lora_extract.extract.te_keys import TE_UNMAPPED_NOTE, encoders_in, lora_keys_for, te_unmapped
 from lora_extract.nodes.model_inputs import node_sources
 
 MIB = 2**20

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..extract.diffusers_keys import detect_diffusers_naming, diffusers_prefix
 from ..extract.errors import ExtractionInputError
-from ..extract.keys import UP_DOWN_FORMATS
+from ..extract.keys.diffusers_keys import detect_diffusers_naming, diffusers_prefix
+from ..extract.keys.lora_keys import UP_DOWN_FORMATS
+from ..extract.keys.te_keys import is_te_key, te_key_map
 from ..extract.sources import WeightSource
-from ..extract.te_keys import is_te_key, te_key_map
 
 DIFFUSION_PREFIX = "diffusion_model."
 KOHYA_UNET_PREFIX = "lora_unet_"

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 
 import torch
 
+from ..extract.callbacks import InterruptFn, ProgressFn
 from ..extract.decompose import randomized_svd, singular_values
 from ..extract.devices import checked_device
 from ..extract.errors import ExtractionInputError
+from ..extract.keys.te_keys import model_path
 from ..extract.layer import SPECTRUM_KEEP, layer_kind
 from ..extract.norms import frobenius_norm
 from ..extract.pairing import KeyPair, plan_pair
 from ..extract.prefetch import Prefetcher
 from ..extract.sources import WeightSource
-from ..extract.te_keys import model_path
 from ..extract.waits import RunWatch
 from .lora_apply import LoraIndex, PatchNotMerged, index_lora, patched_weight
 from .report import (
@@ -36,9 +36,6 @@ from .report import (
     LayerValidation,
     ValidationReport,
 )
-
-ProgressFn = Callable[[int, int, str], None]
-InterruptFn = Callable[[], None]
 
 # How the LoRA is applied. "comfyui": as ComfyUI's LoraLoader does, which never patches a
 # parameter that sits directly on a module with sub-modules (WAN blocks.N.modulation, SD3

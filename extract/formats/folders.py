@@ -19,7 +19,7 @@ import os
 import torch
 
 from ..errors import ExtractionInputError
-from ..te_keys import TE_PREFIX
+from ..keys.te_keys import TE_PREFIX
 from .sharded import ShardedSafetensorsSource, open_index
 
 DENOISER_FOLDERS = ("transformer", "unet")

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_extract.cli.main import main as cli_main
-from lora_extract.extract.diffusers_keys import UNMAPPED_PREFIX
+from lora_extract.extract.keys.diffusers_keys import UNMAPPED_PREFIX
 
 NAME = "tiny_flux_diffusers"
 RANK = 16

@@ -6,7 +6,7 @@ As in ComfyUI 0.3.64: ``cond_stage_model`` is the text-encoder module (``SD1Clip
 through ``add_patches`` with keys of ``cond_stage_model.state_dict()``. ``clone()`` shares the
 module and clones the patcher. No tokenizer, encoding or device placement. The CLIP key map of
 ``load_lora_for_models`` is the generic one (``text_encoders.<module>`` for ``.weight`` keys);
-the real one adds kohya/diffusers names (``extract/te_keys.py`` models those).
+the real one adds kohya/diffusers names (``extract/keys/te_keys.py`` models those).
 """
 
 from __future__ import annotations

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import replace
 
-from .config import ExtractConfig
-from .keys import LoraKeys, diffusion_path, keys_for_param
+from .lora_keys import LoraKeys, diffusion_path, keys_for_param
 
 TE_PREFIX = "text_encoders."
 
@@ -177,8 +175,3 @@ def te_key_map(te_paths: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def layer_config(cfg: ExtractConfig, path: str) -> ExtractConfig:
-    """The options one layer is extracted with: text encoders use ``text_encoder_rank``."""
-    if not is_te_key(path) or not cfg.text_encoder_rank:
-        return cfg
-    return replace(cfg, rank=cfg.text_encoder_rank, conv_rank=0)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ExtractionInputError
+from ..errors import ExtractionInputError
 
 
 class BudgetTooSmall(ExtractionInputError):

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ExtractionInputError
 from .allocate import Allocation, BudgetTooSmall, GreedyOrder, allocate, greedy_order
-from .errors import ExtractionInputError
 from .size_types import MIB, BudgetOutcome, CurvePoint, SizeCurve
 
 ALPHA_BYTES = 4          # alpha is stored as a float32 scalar

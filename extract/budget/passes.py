@@ -17,28 +17,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budget import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_curve
-from .budget_check import check_budget_fits
-from .change_threshold import small_change_reason
-from .config import ExtractConfig
-from .decompose import TruncatedSVD, exact_svd, randomized_svd
-from .diffusers_keys import resolve_for_plan
-from .layer import finish_extraction, svd_plan
-from .new_tensors import new_tensor_bytes
-from .oom_fallback import OomFallback
-from .pairing import KeyPair, PairPlan, load_difference
-from .pipeline import left_out_as_noise, needs_svd, stored_role
-from .plan_options import plan_for
-from .prefetch import Prefetcher
-from .report import ExtractionReport
+from ..callbacks import InterruptFn, ProgressFn
+from ..change_threshold import small_change_reason
+from ..config import ExtractConfig
+from ..decompose import TruncatedSVD, exact_svd, randomized_svd
+from ..layer import finish_extraction, svd_plan
+from ..layer_config import layer_config
+from ..new_tensors import new_tensor_bytes
+from ..oom_fallback import OomFallback
+from ..pair_output import left_out_as_noise, needs_svd, stored_role
+from ..pairing import KeyPair, PairPlan, load_difference
+from ..prefetch import Prefetcher
+from ..report import ExtractionReport
+from ..run_setup import set_up_run
+from ..sources import WeightSource
+from ..waits import RunWatch
+from .fit_check import check_budget_fits
+from .rank_math import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_curve
 from .report_curve import stored_diff_bytes
 from .size_types import CurvePoint, SizeCurve
-from .sources import WeightSource
-from .te_keys import layer_config
-from .waits import RunWatch
-
-ProgressFn = Callable[[int, int, str], None]
-InterruptFn = Callable[[], None]
 
 
 def stores_diff(pair: KeyPair, fro: float, cfg: ExtractConfig, plan: PairPlan) -> bool:
@@ -189,9 +186,8 @@ def spectra_only(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
                  progress: ProgressFn | None = None, check_interrupt: InterruptFn | None = None,
                  prefetch: int = 2) -> tuple[Spectra, PairPlan]:
     """Pass 1 alone (the dry run): the spectra and the pairing, nothing written."""
-    cfg.validate()
-    plan = plan_for(base, tuned, cfg)
-    cfg, _notes = resolve_for_plan(cfg, plan)   # the key style decides what is stored
+    run = set_up_run(base, tuned, cfg)   # the key style decides what is stored
+    cfg, plan = run.cfg, run.plan
     fallback = OomFallback(cfg.device)
     return collect_spectra(base, tuned, cfg, plan, fallback, generator_for, progress=progress,
                            check_interrupt=check_interrupt, prefetch=prefetch,

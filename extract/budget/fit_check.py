@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import torch
 
-from .budget import ALPHA_BYTES, rank_unit_bytes, too_small_error
-from .change_threshold import small_change_reason
-from .config import ExtractConfig
-from .pairing import KeyPair, PairPlan
-from .pipeline import needs_svd, stored_role
+from ..change_threshold import small_change_reason
+from ..config import ExtractConfig
+from ..pair_output import needs_svd, stored_role
+from ..pairing import KeyPair, PairPlan
+from .rank_math import ALPHA_BYTES, rank_unit_bytes, too_small_error
 from .report_curve import stored_diff_bytes
 
 LoadFn = Callable[[KeyPair], tuple[torch.Tensor, float]]

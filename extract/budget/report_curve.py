@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from .budget import LayerSpectrum, point_for_ranks, rank_unit_bytes, size_curve
-from .config import ExtractConfig
-from .report import STATUS_DIFF, STATUS_LORA, ExtractionReport
+from ..config import ExtractConfig
+from ..report import STATUS_DIFF, STATUS_LORA, ExtractionReport
+from .rank_math import LayerSpectrum, point_for_ranks, rank_unit_bytes, size_curve
 from .size_types import SizeCurve
 
 

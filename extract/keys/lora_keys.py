@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .diffusers_keys import diffusers_prefix
 
 # auto: diffusers for a diffusers-named input, else comfy (resolved per input by
-# diffusers_keys.resolve_key_style before any key is built).
+# key_style.resolve_key_style before any key is built).
 KEY_STYLES = ("auto", "comfy", "kohya", "diffusers")
 
 # (up, down, mid) suffixes of low-rank LoRA pairs, in the order ComfyUI's LoRA adapter looks

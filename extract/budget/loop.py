@@ -1,31 +1,22 @@
-"""The V1 streaming pipeline with a size budget: spectra pass, allocation, finishing pass."""
+"""The loop of a size-budget run: the spectra pass, the allocation, then the finishing pass
+(the passes are ``passes.py``, the rank math ``rank_math.py``)."""
 
 from __future__ import annotations
 
 import time
 
-from .budget_run import (
-    BudgetPass,
-    InterruptFn,
-    ProgressFn,
-)
-from .config import ExtractConfig
-from .diffusers_keys import resolve_for_plan
-from .new_tensors import store_new_tensors
-from .oom_fallback import OomFallback
-from .pairing import KeyPair, load_difference
-from .pipeline import (
-    ExtractionResult,
-    _layer_generator,
-    finish_result,
-    needs_svd,
-    new_report,
-    process_pair,
-    run_layers,
-)
-from .plan_options import plan_for
-from .report import LayerReport
-from .sources import WeightSource
+from ..callbacks import InterruptFn, ProgressFn
+from ..config import ExtractConfig
+from ..layer_loop import run_layers
+from ..new_tensors import store_new_tensors
+from ..oom_fallback import OomFallback
+from ..pair_output import layer_generator, needs_svd, process_pair
+from ..pairing import KeyPair, load_difference
+from ..report import LayerReport
+from ..result import ExtractionResult, finish_result
+from ..run_setup import set_up_run
+from ..sources import WeightSource
+from .passes import BudgetPass
 
 
 def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
@@ -33,14 +24,12 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
                           check_interrupt: InterruptFn | None = None,
                           prefetch: int = 2) -> ExtractionResult:
     """``extract_lora`` for ``cfg.target_size_mb``: the best ranks whose tensors fit the budget."""
-    cfg.validate()
     t0 = time.perf_counter()
-    plan = plan_for(base, tuned, cfg)
-    cfg, style_notes = resolve_for_plan(cfg, plan)
-    report = new_report(cfg, plan, style_notes)
+    run = set_up_run(base, tuned, cfg)
+    cfg, plan, report = run.cfg, run.plan, run.report
     total = len(plan.common)
     fallback = OomFallback(cfg.device)
-    budget = BudgetPass(base, tuned, cfg, plan, lambda path: _layer_generator(cfg, path),
+    budget = BudgetPass(base, tuned, cfg, plan, lambda path: layer_generator(cfg, path),
                         fallback=fallback, progress=progress, check_interrupt=check_interrupt,
                         prefetch=prefetch)
     progress = budget.second_pass_progress(progress)
