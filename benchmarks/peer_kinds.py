@@ -21,7 +21,8 @@ writing the LoRA file), rank ``--rank``, fp32 factors, no clamp, default threads
 - the full SVD per layer (ComfyUI's "Extract and Save Lora", KJ's ``svd_linalg``;
   ``peer_process.py full``). ``--full-svd per-shape`` (default) decomposes the first layer of
   each shape and counts it once per layer of that shape (its cost depends on the shape, and
-  the whole set would take the longest of all runs by far); ``all`` runs every layer.
+  the whole set would take the longest of all runs by far), once per run: a later kind with a
+  shape timed before reuses its seconds; ``all`` runs every layer.
 Ours and KJ's alternate ``--repeat`` times; medians are reported. Error / optimum per layer:
 each extractor's relative error over the exact truncated SVD's (ours ``svd_linalg``, which is
 optimal to float rounding). Targets: lowrank >= 20x full SVD and >= 1.3x KJ at error <= 1.001x
@@ -87,17 +88,30 @@ def run_ours(bp: str, tp: str, rank: int, algorithm: str, tmp: str) -> tuple[flo
     return secs, {r["key"]: r["rel_error"] for r in layers if r["status"] == "lora"}
 
 
-def run_peer(method: str, bp: str, tp: str, rank: int, tmp: str, once: bool) -> tuple[float, dict[str, float]]:
+def run_peer(method: str, bp: str, tp: str, rank: int, tmp: str, once: bool,
+             shape_secs: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
+    """``shape_secs``: with ``once``, per-shape seconds timed earlier in this run (a full SVD's
+    cost depends on the shape only): those shapes are not decomposed again; the dict gets the
+    newly timed ones."""
     out = os.path.join(tmp, f"{method}.json")
     cmd = [sys.executable, os.path.join(HERE, "peer_process.py"), method, bp, tp, str(rank), out]
     if once:
         cmd.append("--once-per-shape")
+        if shape_secs:
+            skip = os.path.join(tmp, "timed-shapes.json")
+            with open(skip, "w") as f:
+                json.dump(sorted(shape_secs), f)
+            cmd += ["--skip-shapes", skip]
     t0 = time.time()
     subprocess.run(cmd, check=True, capture_output=True)
     with open(out) as f:
         r = json.load(f)
     if once:
-        secs = (r["first_layer"] - t0) + sum(v["count"] * v["seconds"] for v in r["per_shape"].values())
+        cache = shape_secs if shape_secs is not None else {}
+        for shape, v in r["per_shape"].items():
+            if v["seconds"] is not None:
+                cache[shape] = v["seconds"]
+        secs = (r["first_layer"] - t0) + sum(v["count"] * cache[shape] for shape, v in r["per_shape"].items())
     else:
         secs = r["end"] - t0
     return secs, r["errors"]
@@ -105,6 +119,8 @@ def run_peer(method: str, bp: str, tp: str, rank: int, tmp: str, once: bool) -> 
 
 def ratios(errors: dict[str, float], optimum: dict[str, float]) -> tuple[float, float]:
     rs = [errors[k] / optimum[k] for k in errors if k in optimum and optimum[k] > 0]
+    if not rs:                  # every shape's full SVD timed earlier in the run
+        return float("nan"), float("nan")
     return statistics.median(rs), max(rs)
 
 
@@ -118,6 +134,7 @@ def main() -> int:
     ap.add_argument("--json", default="", help="write the rows here too")
     a = ap.parse_args()
     rows = []
+    shape_secs: dict[str, float] = {}     # full SVD seconds per shape, timed once per run
     with open("/proc/loadavg") as f:
         print(f"load average at start: {f.read().split()[:3]}", flush=True)
     for kind in a.kinds.split(","):
@@ -133,7 +150,7 @@ def main() -> int:
                 low.append(run_ours(bp, tp, a.rank, "svd_lowrank", tmp))
                 kj.append(run_peer("kj", bp, tp, a.rank, tmp, False))
             full = None if a.full_svd == "skip" else run_peer(
-                "full", bp, tp, a.rank, tmp, a.full_svd == "per-shape")
+                "full", bp, tp, a.rank, tmp, a.full_svd == "per-shape", shape_secs)
         t_low = statistics.median(t for t, _ in low)
         t_kj = statistics.median(t for t, _ in kj)
         row = {"kind": kind, "matrices": n, "params_m": round(params / 1e6),

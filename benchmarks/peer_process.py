@@ -1,6 +1,7 @@
 """One peer extractor as a whole process, for ``benchmarks/peer_kinds.py``.
 
     python benchmarks/peer_process.py {full,kj} BASE TUNED RANK OUT.json [--once-per-shape]
+                                      [--skip-shapes SHAPES.json]
 
 Both peers are written here from their descriptions (no code of theirs is copied):
 - ``full``: what ComfyUI's "Extract and Save Lora" (and KJ's ``svd_linalg``) does per layer:
@@ -10,6 +11,8 @@ Each writes its LoRA file (up/down per layer), like a real run. The time it repo
 file is written; the per-layer error against the difference (float64) is measured after that,
 outside the timed part. ``--once-per-shape``: decompose only the first layer of each shape and
 report its seconds (a full SVD's cost depends on the shape), for a total of count x seconds.
+``--skip-shapes``: a JSON list of shapes (as ``str(tuple)``) already timed in the same run: their
+layers are counted, not decomposed (with ``--once-per-shape``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ def factors(mat: torch.Tensor, method: str, rank: int) -> tuple[torch.Tensor, to
 def main() -> int:
     method, bp, tp, rank_s, out_json = sys.argv[1:6]
     once = "--once-per-shape" in sys.argv
+    skip: set[str] = set()
+    if "--skip-shapes" in sys.argv:
+        with open(sys.argv[sys.argv.index("--skip-shapes") + 1]) as f:
+            skip = set(json.load(f))
     rank = int(rank_s)
     out: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -47,6 +54,9 @@ def main() -> int:
             shape = str(tuple(t.get_slice(k).get_shape()))
             if once and shape in per_shape:
                 per_shape[shape]["count"] += 1
+                continue
+            if once and shape in skip:
+                per_shape[shape] = {"count": 1, "seconds": None}
                 continue
             t0 = time.time()
             diff = t.get_tensor(k).float() - b.get_tensor(k).float()
