@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from .comfy_gguf_weights import gguf_dequantize, is_gguf_weight
+
 logger = logging.getLogger(__name__)
 
 DIFFUSION_PREFIX = "diffusion_model."
@@ -266,82 +268,6 @@ def _dequantize(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-# --- ComfyUI-GGUF weights -------------------------------------------------------------------
-# ComfyUI-GGUF's loaders hold each weight as a ``GGMLTensor``: a torch.Tensor subclass whose
-# data are the GGUF block bytes (a [512, 512] Q8_0 weight is [512, 544] uint8) and which carries
-# ``tensor_type`` (a gguf.GGMLQuantizationType) and ``tensor_shape`` (the real shape; its
-# ``.shape`` answers that). Its patcher keeps LoRA patches of quantized weights beside the codes
-# (``weight.patches``) instead of patching them in place, so the codes are always the original
-# weight; the patcher's ``patches`` hold the same list, which ``ComfyModelSource`` applies.
-
-def is_gguf_weight(weight: object) -> bool:
-    return isinstance(weight, torch.Tensor) and hasattr(weight, "tensor_type") \
-        and hasattr(weight, "tensor_shape")
-
-
-def _gguf_type_name(weight: torch.Tensor) -> str:
-    t = weight.tensor_type
-    return "F32" if t is None else str(getattr(t, "name", t))
-
-
-def _comfyui_gguf_dequantize_function(weight: torch.Tensor) -> Callable | None:
-    """ComfyUI-GGUF's own ``dequant.dequantize_tensor``, found through the weight's class."""
-    import sys
-
-    package = type(weight).__module__.rpartition(".")[0]
-    module = sys.modules.get(f"{package}.dequant") if package else None
-    fn = getattr(module, "dequantize_tensor", None)
-    return fn if callable(fn) else None
-
-
-def gguf_dequantize(weight: torch.Tensor) -> torch.Tensor:
-    """A GGMLTensor as the plain float32 tensor ComfyUI-GGUF dequantizes it to.
-
-    Through ComfyUI-GGUF's own ``dequantize_tensor`` with ``dequant_dtype=float32`` (its
-    "dequant_dtype: float32" setting): the block arithmetic in float32, the same values as the
-    ``gguf`` package's reference. Its default computes in float16 for quantized types, a
-    rounding of 2^-11 relative per element that the small difference of two models need not
-    carry. Without ComfyUI-GGUF's module (a tensor built elsewhere): our own dequantizer, equal
-    bit for bit to the reference.
-    """
-    fn = _comfyui_gguf_dequantize_function(weight)
-    if fn is not None:
-        w = fn(weight, dtype=torch.float32, dequant_dtype=torch.float32)
-    else:
-        from ..extract.gguf_dequant import dequantize_bytes
-
-        name = _gguf_type_name(weight)
-        if name in ("F32", "F16", "F64"):
-            w = weight.to(torch.float32)
-        else:
-            block_size, type_size = _gguf_block_sizes(weight)
-            w = dequantize_bytes(weight.as_subclass(torch.Tensor).detach(), name, block_size,
-                                 type_size)
-    w = w.as_subclass(torch.Tensor) if isinstance(w, torch.Tensor) else w
-    return w.reshape(tuple(weight.tensor_shape))
-
-
-def _gguf_block_sizes(weight: torch.Tensor) -> tuple[int, int]:
-    from ..extract.gguf_source import import_gguf
-
-    gguf = import_gguf()
-    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[_gguf_type_name(weight)]]
-    return int(block_size), int(type_size)
-
-
-def gguf_weight_noise(weight: torch.Tensor) -> float | None:
-    """Estimated Frobenius norm of the rounding error of a quantized GGMLTensor (None: float)."""
-    from ..extract.gguf_dequant import noise_norm, rounding_steps
-
-    name = _gguf_type_name(weight)
-    if name in ("F32", "F16", "F64", "BF16"):
-        return None
-    block_size, type_size = _gguf_block_sizes(weight)
-    codes = weight.as_subclass(torch.Tensor).detach().to("cpu").contiguous().view(torch.uint8)
-    steps = rounding_steps(codes.numpy(), name, block_size, type_size)
-    return None if steps is None else noise_norm(steps)
-
-
 def _weight_shape(patcher, key: str, stored: torch.Tensor) -> tuple[int, ...] | None:
     """The real shape of ``key``; ``None`` for a state-dict entry that is no weight.
 
@@ -406,7 +332,7 @@ class ComfyModelSource:
         return w if dtype is None or dtype == torch.float32 else w.to(dtype)
 
     # How each weight is stored: GGUF (ComfyUI-GGUF's GGMLTensor), fp8, scaled fp8 or ComfyUI's
-    # per-layer quantization (comfy_weight_storage.py), read from what ComfyUI holds. The noise
+    # per-layer quantization, read from what ComfyUI holds (comfy_weight_storage.py). The noise
     # costs a pass over codes: cached.
     def _stored(self, key: str) -> tuple[torch.Tensor, object | None]:
         import comfy.utils
@@ -419,19 +345,14 @@ class ComfyModelSource:
     def format_of(self, key: str) -> str:
         from .comfy_weight_storage import weight_format
 
-        weight, module = self._stored(key)
-        if is_gguf_weight(weight):
-            return f"GGUF {_gguf_type_name(weight)}"
-        return weight_format(weight, module)
+        return weight_format(*self._stored(key))
 
     def quantization_noise(self, key: str) -> float | None:
         from .comfy_weight_storage import weight_noise
 
         cache = self.__dict__.setdefault("_noise_cache", {})
         if key not in cache:
-            weight, module = self._stored(key)
-            cache[key] = gguf_weight_noise(weight) if is_gguf_weight(weight) \
-                else weight_noise(weight, module)
+            cache[key] = weight_noise(*self._stored(key))
         return cache[key]
 
     def describe(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..extract.formats import dequant
+from .comfy_gguf_weights import gguf_type_name, gguf_weight_noise, is_gguf_weight
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -78,13 +79,18 @@ def _format(weight: torch.Tensor, module: object | None) -> tuple[str, torch.Ten
 
 def weight_format(weight: torch.Tensor, module: object | None) -> str:
     """How ``weight`` (the stored, unpatched weight of ``module``) is held, named as the file
-    reader names formats: ``float8_e4m3fn scaled``, ``int8_tensorwise``, ``nvfp4``, ``bf16``..."""
+    readers name formats: ``float8_e4m3fn scaled``, ``int8_tensorwise``, ``nvfp4``, ``GGUF Q8_0``,
+    ``bf16``..."""
+    if is_gguf_weight(weight):
+        return f"GGUF {gguf_type_name(weight)}"
     return _format(weight, module)[0]
 
 
 def weight_noise(weight: torch.Tensor, module: object | None) -> float | None:
     """The estimated Frobenius norm of ``weight``'s rounding error (None: not quantized, or a
     layout whose noise this pack does not estimate). One pass over the codes."""
+    if is_gguf_weight(weight):
+        return gguf_weight_noise(weight)
     fmt, codes = _format(weight, module)
     if codes is None:
         return None
