@@ -192,7 +192,7 @@ def test_stack_stops_each_matrix_on_its_own(gen) -> None:
 @pytest.mark.parametrize("shape", [(300, 300), (200, 520), (480, 160)])
 def test_gram_route_of_cuda_is_exact_alone_and_batched(shape, gen, monkeypatch) -> None:
     # The exact route CUDA takes (float64 Gram + eigh, square and stacked too), run on the CPU.
-    monkeypatch.setattr(dec, "exact_route", lambda device, m, n, batched: "gram64")
+    monkeypatch.setattr(dec, "exact_route", lambda device, m, n, batched, k_max=None: "gram64")
     m, n = shape
     mats = [matrix_with_spectrum(m, n, _spectrum(kind, min(m, n)), gen)
             for kind in ("slow", "power")]
@@ -211,6 +211,10 @@ def test_exact_route_per_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert dec.exact_route(cpu, 9216, 3072, False) == "gram64"
     assert dec.exact_route(cpu, 3072, 3072, False) == "thin_svd"
+    # Square layers take the Gram route when only a few vectors are wanted (partial eigh).
+    assert dec.exact_route(cpu, 3072, 3072, False, k_max=32) == "gram64"
+    assert dec.exact_route(cpu, 3072, 3072, False, k_max=1024) == "thin_svd"
+    assert dec.exact_route(cpu, 3072, 3072, True, k_max=32) == "thin_svd"
     assert dec.exact_route(cpu, 9216, 3072, True) == "thin_svd"
     assert dec.exact_route(cuda, 3072, 3072, True) == "gram64"
 
