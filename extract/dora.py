@@ -61,7 +61,6 @@ from .layer import (
 )
 from .norms import frobenius_norm
 
-DORA_AXES = ("output", "input")
 # Alternation steps after the first (plain-LoRA) one, and when to stop early: a step that lowers
 # the error by less than this share of it.
 MAX_STEPS = 12

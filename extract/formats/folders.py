@@ -13,7 +13,6 @@ report line and not read.
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import torch
@@ -141,12 +140,3 @@ def is_diffusers_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json")) or (
         not _safetensors_in(path) and any(os.path.isdir(os.path.join(path, d))
                                           for d in DENOISER_FOLDERS))
-
-
-def read_model_index(root: str) -> dict[str, object]:
-    try:
-        with open(os.path.join(root, "model_index.json"), encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
