@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 
 from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_to_file
 from lora_extract.extract.writer import save_safetensors_atomic
-from lora_extract.memory.manager import extract_to_file_v2
 from lora_extract.memory.planner import MODES, MemoryOptions
+from lora_extract.memory.streamed_extract import extract_to_file_streamed
 
 MIB = 2**20
 
@@ -181,7 +181,7 @@ def _run_once(bp: str, tp: str, cfg: ExtractConfig, out: str,
         if v2 is None:
             report = extract_to_file(base, SafetensorsSource(tp), cfg, out)
         else:
-            report, _ = extract_to_file_v2(base, SafetensorsSource(tp), cfg, v2, out)
+            report, _ = extract_to_file_streamed(base, SafetensorsSource(tp), cfg, v2, out)
     assert report.summary().lora > 0
 
 

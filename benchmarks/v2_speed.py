@@ -70,8 +70,8 @@ def child(a: argparse.Namespace) -> None:
 
     from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_lora
     from lora_extract.memory.cache import ResidentCache
-    from lora_extract.memory.manager import extract_lora_v2
     from lora_extract.memory.planner import MemoryOptions
+    from lora_extract.memory.streamed_extract import extract_lora_streamed
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cfg = ExtractConfig(rank=a.rank, algorithm=a.algorithm, lowrank_iters=a.lowrank_iters,
@@ -90,7 +90,7 @@ def child(a: argparse.Namespace) -> None:
         if a.child == "v1":
             result = extract_lora(base, tuned, cfg)
         else:
-            result = extract_lora_v2(base, tuned, cfg, MemoryOptions(mode=a.child),
+            result = extract_lora_streamed(base, tuned, cfg, MemoryOptions(mode=a.child),
                                      cache=ResidentCache()).result
         if a.device == "cuda":
             torch.cuda.synchronize()

@@ -20,7 +20,13 @@ from ..extract.options import EXTRACT_OPTIONS
 from ..extract.tempfiles import write_text_atomic
 from ..extract.waits import DEFAULT_STALL_S, STALL_ENV
 from .dry_run import run_dry
-from .extract_v2 import add_device_option, add_v2_options, memory_options, run_extract_v2, wants_v2
+from .extract_streamed import (
+    add_device_option,
+    add_memory_options,
+    memory_options,
+    run_extract_streamed,
+    wants_streamed,
+)
 from .flag_names import with_flag_names
 from .help_format import DefaultsHelpFormatter
 from .merge import add_parser as add_merge_parser
@@ -41,8 +47,8 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--report", metavar="JSON", help="write the per-layer report as JSON here")
     p.add_argument("--prefetch", type=int, default=2, metavar="N",
-                   help="layers read ahead in the background (V1 engine)")
-    add_v2_options(p)
+                   help="layers read ahead in the background (layer-by-layer engine)")
+    add_memory_options(p)
 
 
 def _config(a: argparse.Namespace) -> ExtractConfig:
@@ -53,9 +59,9 @@ def _config(a: argparse.Namespace) -> ExtractConfig:
 def run_extract(base_path: str, tuned_path: str, out: str, cfg: ExtractConfig,
                 report_path: str | None, prefetch: int, overwrite: bool = False,
                 text_encoders: bool = False, args: argparse.Namespace | None = None) -> int:
-    if args is not None and wants_v2(args):
-        return run_extract_v2(base_path, tuned_path, out, cfg, memory_options(args), report_path,
-                              overwrite, text_encoders=text_encoders)
+    if args is not None and wants_streamed(args):
+        return run_extract_streamed(base_path, tuned_path, out, cfg, memory_options(args),
+                                    report_path, overwrite, text_encoders=text_encoders)
     base = open_model(base_path, text_encoders, "base model")
     tuned = open_model(tuned_path, text_encoders, "fine-tuned model")
     report = extract_to_file(base, tuned, cfg, out, progress=progress_bar("extract"),

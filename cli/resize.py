@@ -18,7 +18,7 @@ import os
 import torch
 
 from ..extract.errors import ExtractionInputError
-from ..extract.sources import open_source
+from ..extract.formats.dispatch import open_source
 from ..resize import (
     BaseModel,
     ResizeOptions,

@@ -54,14 +54,13 @@ from .layer import (
     DoraOutput,
     LayerExtraction,
     LoraFactors,
-    _decompose,
     canonical_signs,
+    decompose_and_rank,
     finish_extraction,
     svd_plan,
 )
 from .norms import frobenius_norm
 
-DORA_AXES = ("output", "input")
 # Alternation steps after the first (plain-LoRA) one, and when to stop early: a step that lowers
 # the error by less than this share of it.
 MAX_STEPS = 12
@@ -240,7 +239,7 @@ def extract_dora_matrix(diff: torch.Tensor, base: torch.Tensor, cfg: ExtractConf
     w = base.reshape(out, -1).to(device=mat.device, dtype=torch.float32)
     wt = w + mat
     cap = cfg.rank_cap(len(shape))
-    first, rank = _decompose(mat, cfg, cap, fro * fro, generator)
+    first, rank = decompose_and_rank(mat, cfg, cap, fro * fro, generator)
     small = min(mat.shape)
     plain_rank = same_size_rank(rank, ax, cfg, small)
     plain_svd = first if first.U.shape[1] >= plain_rank else _top(

@@ -231,9 +231,6 @@ class GGUFSource:
         arch = f", architecture {self.architecture}" if self.architecture else ""
         return f"{self.name}: GGUF ({parts}){arch}"
 
-    def quantized_keys(self) -> list[str]:
-        return [k for k, e in self._entries.items() if e.type_name not in FLOAT_TYPES]
-
     def close(self) -> None:
         """Drop the file mapping (the reader holds it)."""
         self._entries = {}

@@ -99,7 +99,7 @@ def choose_rank(mat: torch.Tensor, svd: TruncatedSVD, exact: bool, cfg: ExtractC
     return select_rank(cfg.lora_type, svd.S, cfg.adaptive_param, cap, small, totals)
 
 
-def _decompose(mat: torch.Tensor, cfg: ExtractConfig, cap: int, fro2: float,
+def decompose_and_rank(mat: torch.Tensor, cfg: ExtractConfig, cap: int, fro2: float,
                generator: torch.Generator | None) -> tuple[TruncatedSVD, int]:
     """Decompose ``mat`` and choose the rank by the configured rule."""
     m, n = mat.shape
@@ -123,7 +123,7 @@ def extract_matrix(diff: torch.Tensor, cfg: ExtractConfig, *, fro: float | None 
     if fro is None:
         fro = frobenius_norm(mat)
     cap = cfg.rank_cap(diff.dim())
-    svd, rank = _decompose(mat, cfg, cap, fro * fro, generator)
+    svd, rank = decompose_and_rank(mat, cfg, cap, fro * fro, generator)
     return finish_extraction(diff, svd, rank, fro, cfg, t0)
 
 

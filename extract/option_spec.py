@@ -9,7 +9,7 @@ their values with :meth:`Option.check`, and the docs tests compare the pages wit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import ExtractionInputError
@@ -87,10 +87,3 @@ class Option:
 
 def by_name(options: Iterable[Option]) -> dict[str, Option]:
     return {o.name: o for o in options}
-
-
-def check_all(options: Sequence[Option], values: object) -> None:
-    """:meth:`Option.check` for every option with a config field, on ``values``' attributes."""
-    for o in options:
-        if o.config_field is not None and o.to_config is None:
-            o.check(getattr(values, o.config_field))

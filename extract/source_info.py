@@ -21,15 +21,14 @@ _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float
 
 def _inner(source: WeightSource, key: str) -> tuple[WeightSource, str]:
     """The source and key a view reads ``key`` from: a text-encoder view (``raw_key``) or a
-    combination of sources (its key owner map); the source itself otherwise."""
+    combination of sources or shards (``owner_of``); the source itself otherwise."""
     raw_key = getattr(source, "raw_key", None)
     inner = getattr(source, "source", None)
     if callable(raw_key) and inner is not None:
         return _inner(inner, raw_key(key))
-    owners = getattr(source, "_owner", None)
-    if isinstance(owners, dict) and isinstance(owners.get(key), WeightSource) \
-            and not hasattr(source, "format_of"):
-        return _inner(owners[key], key)
+    owner_of = getattr(source, "owner_of", None)
+    if callable(owner_of) and not hasattr(source, "format_of"):
+        return _inner(owner_of(key), key)
     return source, key
 
 

@@ -266,16 +266,6 @@ def load_pickle_checkpoint(path: str) -> StateDictSource:
     return StateDictSource(tensors, name=os.path.basename(path))
 
 
-def open_source(path: str | os.PathLike[str]) -> WeightSource:
-    """Open a model by its path: a file by its extension, a sharded model by its index, a
-    folder of shards or a diffusers model folder (``formats/dispatch.py``). Quantized
-    safetensors come back dequantizing (``formats/quantized.py``); a missing path is a clear
-    input error."""
-    from .formats.dispatch import open_path  # the formats build on this module
-
-    return open_path(os.fspath(path))
-
-
 def has_raw_reads(source: object) -> bool:
     """Whether ``source`` hands out stored bytes (``nbytes``, ``read_into``, ``read_elements``)
     that are the weights' values: a safetensors file, or shards of one. Quantized sources are

@@ -191,6 +191,10 @@ class CombinedSource:
     def keys(self) -> list[str]:
         return list(self._owner)
 
+    def owner_of(self, key: str) -> WeightSource:
+        """The part that holds ``key`` (what ``source_info`` asks how it is stored)."""
+        return self._owner[key]
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._owner[key].shape(key))
 

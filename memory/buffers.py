@@ -11,7 +11,7 @@ bytes the caller holds itself: the reader passes ``held``, the bytes of the batc
 loading (and, on CUDA, the other staged weight of the same layer), and when every byte out is
 its own it allocates past the cap instead of waiting. Every other holder gives its buffers
 back without waiting for the reader: a batch in the read-ahead queue is taken by a consumer
-that holds nothing when it asks for the next batch (see ``rolling.py`` and ``manager.py``),
+that holds nothing when it asks for the next batch (see ``rolling.py`` and ``streamed_extract.py``),
 and a batch the consumer holds is stored and released before it asks again. Sizes count whole
 buffers (a reused buffer may be larger than the layer that took it), which is what the cap is
 about. The overshoot past the cap is at most one batch's own buffers.

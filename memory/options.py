@@ -9,7 +9,7 @@ flags default to ``None`` where the node shows the balanced mode's value.
 from __future__ import annotations
 
 from ..extract.option_spec import Option, by_name
-from .planner import MAX_BATCH, MAX_BLOCKS, MAX_PREFETCH, MODES
+from .modes import MAX_BATCH, MAX_BLOCKS, MAX_PREFETCH, MODES
 
 DEFAULT_MEMORY_THRESHOLD = 0.85
 

@@ -11,26 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .blocks import block_priority
+from .modes import MODES
+from .options import DEFAULT_MEMORY_THRESHOLD, MEMORY
 
-
-@dataclass(frozen=True)
-class ModeDefaults:
-    """What a ``vram_usage_mode`` means."""
-
-    budget_fraction: float      # share of free device memory the run may use
-    blocks_in_gpu: int | None   # blocks kept resident; None: every block that fits
-    batch_size: int
-    prefetch_ahead: int
-    sequential: bool = False    # one layer at a time, nothing resident, whatever the knobs say
-
-
-MODES: dict[str, ModeDefaults] = {
-    "conservative": ModeDefaults(0.50, 0, 1, 1, sequential=True),
-    "balanced": ModeDefaults(0.75, 10, 4, 2),
-    "aggressive": ModeDefaults(0.90, 20, 6, 4),
-    "maximum": ModeDefaults(0.95, None, 8, 8),
-}
-MAX_BLOCKS, MAX_BATCH, MAX_PREFETCH = 40, 8, 10
 # Device bytes one layer in compute needs beyond its difference: the stacked copy for the
 # batched SVD and the factors / LAPACK workspace (measured peak ~2x the matrix for exact SVD).
 COMPUTE_OVERHEAD = 2
@@ -50,12 +33,10 @@ class MemoryOptions:
     blocks_in_gpu: int | None = None
     batch_size: int | None = None
     prefetch_ahead: int | None = None
-    memory_threshold: float = 0.85
+    memory_threshold: float = DEFAULT_MEMORY_THRESHOLD
     debug: bool = False
 
     def validate(self) -> MemoryOptions:
-        from .options import MEMORY  # the declarations import this module's limits
-
         MEMORY["vram_usage_mode"].check(self.mode)
         for name in ("blocks_in_gpu", "batch_size", "prefetch_ahead"):
             value = getattr(self, name)

@@ -29,7 +29,7 @@ from ..extract.layer import LayerExtraction
 from ..extract.waits import RunWatch, wait_futures
 from .streamer import LoadedBatch, LoadedLayer
 
-# With ``WORKER_STOP_S`` (manager.py) and ``CLOSE_WAIT_S`` (prefetch.py): a cancel with a stuck
+# With ``WORKER_STOP_S`` (layer_workers.py) and ``CLOSE_WAIT_S`` (prefetch.py): a cancel with a stuck
 # worker and a stuck reader still ends well within the 2 s users wait at most.
 ABANDON_WAIT_S = 0.4
 

@@ -1,4 +1,5 @@
-"""The LoraExtractV2 node: LoraExtract with the block-swap VRAM manager (memory/manager.py)."""
+"""The LoraExtractV2 node: LoraExtract run by the streamed block-swap engine
+(``memory/streamed_extract.py``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import logging
 
 import torch
 
-from ..memory.manager import extract_to_file_v2
 from ..memory.options import MEMORY_OPTIONS
 from ..memory.planner import MemoryOptions
 from ..memory.run_report import MemoryRunReport
+from ..memory.streamed_extract import extract_to_file_streamed
 from . import comfy_adapter as comfy
 from .comfy_io import io, unique_id
 from .extract_inputs import build_config, extraction_inputs
@@ -68,9 +69,9 @@ class LoraExtractV2(io.ComfyNode):
                              memory_threshold=memory_threshold, debug=debug_mode).validate()
         memory: list[MemoryRunReport] = []
 
-        def extract_v2(base, tuned, cfg_, path, *, progress, check_interrupt):
+        def extract_streamed(base, tuned, cfg_, path, *, progress, check_interrupt):
             on_gpu = torch.device(device).type != "cpu"
-            report, mem = extract_to_file_v2(
+            report, mem = extract_to_file_streamed(
                 base, tuned, cfg_, opts, path, progress=progress, check_interrupt=check_interrupt,
                 probe=(lambda: comfy.free_and_total_memory(device)) if on_gpu else (lambda: None),
                 free_memory=comfy.free_memory if on_gpu else None)
@@ -80,7 +81,7 @@ class LoraExtractV2(io.ComfyNode):
         suffix = (f"{cfg.name_tag()}_{output_dtype}_{vram_usage_mode}_b{blocks_in_gpu}"
                   f"_bs{batch_size}")
         res = run_node_extraction(finetuned_model, original_model, filename_prefix, suffix, cfg,
-                                  save_to, unique_id(cls), extract_fn=extract_v2,
+                                  save_to, unique_id(cls), extract_fn=extract_streamed,
                                   finetuned_clip=finetuned_clip, original_clip=original_clip)
         text = res.text
         if debug_mode and memory:

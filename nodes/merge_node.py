@@ -16,8 +16,8 @@ from .file_inputs import listed_file
 from .resize_node import (
     MERGE_FIX,
     NONE,
-    _base_model,
     base_model_inputs,
+    open_base_model,
     output_inputs,
     resize_outputs,
     run_resize,
@@ -82,7 +82,7 @@ class LoraMerge(io.ComfyNode):
         lora = open_lora_input(spec, resolve=resolve, block_weights=block_weights)
         if name.strip():
             lora.name = name.strip()
-        base = _base_model(model, ckpt_name, unet_name)
+        base = open_base_model(model, ckpt_name, unet_name)
         folder = (comfy.loras_directory() if save_to == "models/loras"
                   else os.path.join(comfy.output_directory(), "loras"))
         report = run_resize(base, lora, recipes, folder, opts, unique_id(cls))

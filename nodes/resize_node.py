@@ -42,7 +42,7 @@ def _lora_input(lora_name: str, merge: str) -> LoraInput:
     return open_lora_input(lora_name, resolve=partial(listed_file, "lora_name", optional_suffix=".safetensors"))
 
 
-def _base_model(model, ckpt_name: str, unet_name: str) -> BaseModel:
+def open_base_model(model, ckpt_name: str, unet_name: str) -> BaseModel:
     files = [(i, f, n) for i, f, n in (("ckpt_name", "checkpoints", ckpt_name),
                                        ("unet_name", "diffusion_models", unet_name)) if n and n != NONE]
     if len(files) > 1:
@@ -133,7 +133,7 @@ class LoraResize(io.ComfyNode):
         dev = str(comfy.compute_device()) if device == "default" else "cpu"
         opts = ResizeOptions(output_dtype=output_dtype, device=dev, rename_existing=True).validate()
         lora = _lora_input(lora_name, merge)
-        base = _base_model(model, ckpt_name, unet_name)
+        base = open_base_model(model, ckpt_name, unet_name)
         folder = (comfy.loras_directory() if save_to == "models/loras"
                   else os.path.join(comfy.output_directory(), "loras"))
         report = run_resize(base, lora, recipes, folder, opts, unique_id(cls))

@@ -10,7 +10,7 @@ import torch
 
 from ..charts import validation_chart
 from ..extract.errors import ExtractionInputError
-from ..extract.sources import open_source
+from ..extract.formats.dispatch import open_source
 from ..validation.validate import LOADER_COMPLETE, LOADERS, validate_lora
 from . import comfy_adapter as comfy
 from .chart_output import chart_outputs

@@ -56,10 +56,6 @@ class DenseModule:
         return "DoRA" if self.family == "lora" else f"{name}+DoRA"
 
     @property
-    def needs_base(self) -> bool:
-        return self.dora_key is not None
-
-    @property
     def all_keys(self) -> list[str]:
         keys = list(self.keys.values())
         return keys + ([self.dora_key] if self.dora_key else [])

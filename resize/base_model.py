@@ -6,8 +6,9 @@ import os
 
 import torch
 
+from ..extract.formats.dispatch import open_source
 from ..extract.norms import frobenius_norm, gram_float64
-from ..extract.sources import WeightSource, open_source
+from ..extract.sources import WeightSource
 from .key_map import BaseTarget, KeyMap, build_key_map
 from .norm_cache import NormCache
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..extract.errors import ExtractionInputError
+from ..extract.formats.dispatch import open_source
 from ..extract.keys.lora_keys import UP_DOWN_FORMATS
-from ..extract.sources import WeightSource, open_source
+from ..extract.sources import WeightSource
 from .adapters import DORA_SCALE, FAMILY_NAMES, LOHA_PARTS, LOKR_PARTS, DenseModule
 
 log = logging.getLogger(__name__)

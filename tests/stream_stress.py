@@ -1,7 +1,7 @@
 """Randomized stress of the V2 streaming machinery, with a watchdog (used by
 tests/test_stream_stress.py and runnable alone for long runs).
 
-Each trial runs the real ``extract_lora_v2`` (planner, staging pool, streamer, prefetcher,
+Each trial runs the real ``extract_lora_streamed`` (planner, staging pool, streamer, prefetcher,
 rolling or batch-barrier consumer, layer store) on a small generated pair with random layer
 sizes, a random mode, batch size and read-ahead, a random staging capacity (the planner's own,
 or a tighter or looser one), the host or the asynchronous-copy (CUDA-style) path, resident
@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-import lora_extract.memory.manager as manager
+import lora_extract.memory.streamed_extract as streamed
 from lora_extract.extract import ExtractConfig, extract_lora
 from lora_extract.extract.sources import SafetensorsSource, StateDictSource
 from lora_extract.extract.synthetic import LayerSpec, make_pair
 from lora_extract.extract.writer import save_safetensors_atomic
+from lora_extract.memory import batch_decompose
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.planner import MODES, MemoryOptions
 
@@ -184,8 +185,8 @@ def _pick(seed: int, capacity_mode: str, failures: bool = True) -> Trial:
 @contextmanager
 def _patched(trial: Trial, pools: list):
     """Record the run's pools; set the staging capacity; make workers slow or failing."""
-    real_plan, real_pool, real_extract = (manager.plan_memory, manager.StagingPool,
-                                          manager.extract_matrix)
+    real_plan, real_pool, real_extract = (streamed.plan_memory, streamed.StagingPool,
+                                          batch_decompose.extract_matrix)
     rng = random.Random(trial.seed + 1)
 
     def plan(blocks, largest, free, opts):
@@ -206,11 +207,11 @@ def _patched(trial: Trial, pools: list):
         FAULTS.maybe(FAULTS.worker_fail_p, "worker")
         return real_extract(*a, **k)
 
-    manager.plan_memory, manager.StagingPool, manager.extract_matrix = plan, RecordedPool, extract
+    streamed.plan_memory, streamed.StagingPool, batch_decompose.extract_matrix = plan, RecordedPool, extract
     try:
         yield
     finally:
-        manager.plan_memory, manager.StagingPool, manager.extract_matrix = (
+        streamed.plan_memory, streamed.StagingPool, batch_decompose.extract_matrix = (
             real_plan, real_pool, real_extract)
 
 
@@ -258,7 +259,7 @@ def run_trial(models: list[Model], seed: int, capacity_mode: str = "random",
     def body() -> None:
         try:
             with _patched(trial, pools):
-                outcome["result"] = manager.extract_lora_v2(
+                outcome["result"] = streamed.extract_lora_streamed(
                     model.base, model.tuned, model.cfg, trial.opts, cache=model.cache,
                     probe=(lambda: (1 << 30, 1 << 31)) if trial.probe else (lambda: None),
                     streams=PassThroughStreams() if trial.streams else None)

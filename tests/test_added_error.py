@@ -12,8 +12,8 @@ from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.report import STATUS_LORA
 from lora_extract.extract.synthetic import demo_layers, make_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def _run(pair, cfg: ExtractConfig, route: str):
     if route == "v1":
         return extract_lora(base, tuned, cfg).report
     opts = MemoryOptions(mode="aggressive" if route == "v2-batched" else "balanced", batch_size=4)
-    return extract_lora_v2(base, tuned, cfg, opts, cache=ResidentCache(),
+    return extract_lora_streamed(base, tuned, cfg, opts, cache=ResidentCache(),
                            batched_svd=route == "v2-batched").result.report
 
 

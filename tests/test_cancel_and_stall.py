@@ -16,11 +16,12 @@ import time
 
 import pytest
 
-import lora_extract.memory.manager as manager
+import lora_extract.memory.streamed_extract as streamed
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora, extract_to_file
 from lora_extract.extract.errors import ExtractionInputError, ExtractionStalled
 from lora_extract.extract.synthetic import demo_layers, make_pair
 from lora_extract.extract.waits import STALL_ENV, RunWatch, stall_timeout_s
+from lora_extract.memory import batch_decompose
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.planner import MemoryOptions
 from lora_extract.validation.validate import validate_lora
@@ -91,7 +92,7 @@ def _budget(base, tuned, path, check):
 
 def _v2(opts):
     def run(base, tuned, path, check):
-        return manager.extract_to_file_v2(base, tuned, ExtractConfig(rank=2), opts, path,
+        return streamed.extract_to_file_streamed(base, tuned, ExtractConfig(rank=2), opts, path,
                                           check_interrupt=check, cache=ResidentCache())
     return run
 
@@ -191,13 +192,13 @@ def test_a_stuck_reader_is_a_stall_error_naming_who_waits_for_what(models, tmp_p
 def test_a_stuck_worker_is_a_stall_error_too(models, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(STALL_ENV, "0.6")
     release = threading.Event()
-    real = manager.extract_matrix
+    real = batch_decompose.extract_matrix
 
     def stuck(*a, **k):
         release.wait(30)
         return real(*a, **k)
 
-    monkeypatch.setattr(manager, "extract_matrix", stuck)
+    monkeypatch.setattr(batch_decompose, "extract_matrix", stuck)
     base_sd, tuned_sd = models
     try:
         with pytest.raises(ExtractionStalled) as info:
@@ -216,14 +217,14 @@ def test_cancel_with_a_worker_stuck_stops_within_two_seconds(models, tmp_path, m
     """A layer worker stuck in its decomposition (and, rolling, the reader stuck as well)."""
     release = threading.Event()
     started = threading.Event()
-    real = manager.extract_matrix
+    real = batch_decompose.extract_matrix
 
     def stuck(*a, **k):
         started.set()
         release.wait(30)
         return real(*a, **k)
 
-    monkeypatch.setattr(manager, "extract_matrix", stuck)
+    monkeypatch.setattr(batch_decompose, "extract_matrix", stuck)
     base_sd, tuned_sd = models
     tuned = StuckSource(tuned_sd, "tuned", 6 if reader_stuck else 10**9)
     button = CancelButton()

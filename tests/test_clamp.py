@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_to_file
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_to_file_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_to_file_streamed
 
 Q = 0.99          # the documented quantile
 FACTOR = 2.0      # the documented "2 x the quantile"
@@ -59,7 +59,7 @@ def _extract(diff: torch.Tensor, tmp_path, route: str, clamp: float | None = Q) 
     if route == "v1":
         report = extract_to_file(StateDictSource(base), StateDictSource(tuned), cfg, path)
     else:
-        report, _ = extract_to_file_v2(StateDictSource(base), StateDictSource(tuned), cfg,
+        report, _ = extract_to_file_streamed(StateDictSource(base), StateDictSource(tuned), cfg,
                                        MemoryOptions(mode="balanced"), path, cache=ResidentCache())
     sd = load_file(path)
     stem = "diffusion_model.blocks.0.ff"

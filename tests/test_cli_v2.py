@@ -11,7 +11,7 @@ from comfy.model_patcher import ModelPatcher
 from helpers import call_node, module_from_state_dict
 from safetensors.torch import load_file
 
-import lora_extract.cli.extract_v2 as cli_v2
+import lora_extract.cli.extract_streamed as cli_v2
 from lora_extract.cli import main
 from lora_extract.cli.main import build_parser
 from lora_extract.extract.devices import resolve_device
@@ -58,9 +58,9 @@ def test_cli_v2_writes_the_node_file_byte_for_byte(bf16_pair, comfy_dirs, tmp_pa
         filename_prefix="loras/v2", **{**NODE_ARGS, **extra_node}, vram_usage_mode=mode,
         blocks_in_gpu=blocks, batch_size=batch, prefetch_ahead=ahead)["result"][0]
     out = tmp_path / "cli.safetensors"
-    engine = cli_v2.extract_to_file_v2
+    engine = cli_v2.extract_to_file_streamed
     calls: list[object] = []
-    monkeypatch.setattr(cli_v2, "extract_to_file_v2",
+    monkeypatch.setattr(cli_v2, "extract_to_file_streamed",
                         lambda *a, **k: calls.append(a[3]) or engine(*a, **k))
     # Later args win in argparse: extra_cli overrides CLI_ARGS like extra_node overrides NODE_ARGS.
     rc = main(["extract", base_path, tuned_path, "-o", str(out), *CLI_ARGS, *extra_cli,

@@ -19,9 +19,9 @@ from quant_files import mxfp8_example, nvfp4_example, write_comfy_quant, write_s
 from safetensors.torch import save_file
 
 from lora_extract.extract.config import ExtractConfig
+from lora_extract.extract.formats.dispatch import open_source
 from lora_extract.extract.pipeline import extract_lora
 from lora_extract.extract.source_info import describe, format_of, quantization_noise
-from lora_extract.extract.sources import open_source
 from lora_extract.nodes.comfy_adapter import ComfyModelSource
 
 

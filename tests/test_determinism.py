@@ -2,7 +2,7 @@
 
 The one thing that makes V1 and V2 files differ on a CPU is the number of BLAS threads a layer's
 decomposition runs with: V1 decomposes one layer at a time on every core, V2's CPU schedule
-decomposes several layers side by side with one thread each (``memory/manager.py``), and MKL's
+decomposes several layers side by side with one thread each (``memory/layer_workers.py``), and MKL's
 QR and long matrix products split their sums differently with another thread count. So with one
 intra-op thread the files are byte-identical in every mode; with more, V2 stays byte-identical
 from run to run and within the bound of V1 that docs/nodes.md ("Determinism") describes.
@@ -20,8 +20,8 @@ from lora_extract.extract.pipeline import extract_to_file
 from lora_extract.extract.sources import SafetensorsSource
 from lora_extract.extract.synthetic import demo_layers, write_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_to_file_v2
 from lora_extract.memory.planner import MODES, MemoryOptions
+from lora_extract.memory.streamed_extract import extract_to_file_streamed
 
 # docs/nodes.md, "Determinism": the largest relative difference (Frobenius, per tensor) between a V1
 # and a V2 file on a multi-core CPU.
@@ -49,7 +49,7 @@ def _v1(files, cfg, path: str) -> bytes:
 def _v2(files, cfg, mode: str, path: str) -> bytes:
     if os.path.exists(path):
         os.remove(path)
-    extract_to_file_v2(SafetensorsSource(files[0]), SafetensorsSource(files[1]), cfg,
+    extract_to_file_streamed(SafetensorsSource(files[0]), SafetensorsSource(files[1]), cfg,
                        MemoryOptions(mode=mode), path, cache=ResidentCache())
     with open(path, "rb") as f:
         return f.read()

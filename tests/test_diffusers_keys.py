@@ -21,8 +21,8 @@ from lora_extract.extract.keys.diffusers_keys import (
     diffusers_prefix,
 )
 from lora_extract.extract.keys.lora_keys import keys_for_param
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 RANK = 6
 
@@ -117,7 +117,7 @@ def test_v2_manager_writes_the_same_diffusers_keys(flux) -> None:
     base, tuned = flux
     cfg = ExtractConfig(rank=RANK, output_dtype="fp32", clamp_quantile=None)
     v1 = extract_lora(StateDictSource(base, "b"), StateDictSource(tuned, "t"), cfg)
-    v2 = extract_lora_v2(StateDictSource(base, "b"), StateDictSource(tuned, "t"), cfg, MemoryOptions())
+    v2 = extract_lora_streamed(StateDictSource(base, "b"), StateDictSource(tuned, "t"), cfg, MemoryOptions())
     assert list(v2.result.tensors) == list(v1.tensors)
     assert v2.result.report.config["key_style"] == "diffusers"
 

@@ -20,8 +20,8 @@ from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.extract.layer import extract_matrix
 from lora_extract.extract.synthetic import LayerSpec, make_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 from lora_extract.resize.adapters import DenseModule, dense_change
 
 SHAPES = [(48, 32), (40, 40), (24, 8, 3, 3), (32, 12, 1, 2, 2)]
@@ -211,7 +211,7 @@ def test_v2_writes_v1s_dora_file(axis) -> None:
     cfg = ExtractConfig(rank=4, dora=axis)
     v1 = extract_lora(StateDictSource(base, "b"), StateDictSource(tuned, "t"), cfg)
     for opts in (MemoryOptions(), MemoryOptions(mode="maximum", batch_size=4)):
-        v2 = extract_lora_v2(StateDictSource(base, "b"), StateDictSource(tuned, "t"), cfg, opts,
+        v2 = extract_lora_streamed(StateDictSource(base, "b"), StateDictSource(tuned, "t"), cfg, opts,
                              cache=ResidentCache(), batched_svd=True).result
         assert list(v2.tensors) == list(v1.tensors)
         for k, t in v1.tensors.items():

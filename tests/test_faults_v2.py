@@ -18,8 +18,8 @@ from fault_injection import NewComfyInterrupt, fail_on_call, fill_disk_after, ne
 import lora_extract.extract.pipeline as pipeline
 import lora_extract.memory.cache as cache_mod
 import lora_extract.memory.layer_store as layer_store
-import lora_extract.memory.manager as manager
 import lora_extract.memory.planner as planner
+import lora_extract.memory.streamed_extract as streamed
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource
 from lora_extract.extract.synthetic import demo_layers, make_pair
 
@@ -33,7 +33,7 @@ def models():
 
 def _run_v2(models, path: str, **kwargs):
     base, tuned = models
-    return manager.extract_to_file_v2(
+    return streamed.extract_to_file_streamed(
         StateDictSource(base, "base"), kwargs.pop("tuned", None) or StateDictSource(tuned, "tuned"),
         ExtractConfig(rank=2), planner.MemoryOptions(batch_size=4), path,
         cache=cache_mod.ResidentCache(), **kwargs)

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.synthetic import demo_layers, make_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyModelSource
 from lora_extract.validation.validate import validate_lora
@@ -92,7 +92,7 @@ def test_adapter_reads_gpu_cpu_and_split_weights(comfy_on_gpu, state: str) -> No
     ref = extract_lora(StateDictSource(base), StateDictSource(tuned), ExtractConfig(**cfg))
     srcs = ComfyModelSource(patcher, "base"), ComfyModelSource(tuned_patcher, "tuned")
     v1 = extract_lora(*srcs, ExtractConfig(**cfg, device="cuda"))
-    v2 = extract_lora_v2(*srcs, ExtractConfig(**cfg, device="cuda"), MemoryOptions(mode="aggressive"),
+    v2 = extract_lora_streamed(*srcs, ExtractConfig(**cfg, device="cuda"), MemoryOptions(mode="aggressive"),
                          cache=ResidentCache())
     for out in (v1, v2.result):
         assert set(out.tensors) == set(ref.tensors)   # model order: the module tree's
@@ -175,7 +175,7 @@ def test_weights_that_require_grad_build_no_autograd_state(emulated_gpu, device)
         warnings.simplefilter("always")
         outs = [extract_lora(*srcs, cfg, prefetch=2).tensors]
         for mode in ("conservative", "aggressive"):
-            outs.append(extract_lora_v2(*srcs, cfg, MemoryOptions(mode=mode, prefetch_ahead=2),
+            outs.append(extract_lora_streamed(*srcs, cfg, MemoryOptions(mode=mode, prefetch_ahead=2),
                                         cache=ResidentCache()).result.tensors)
         report = validate_lora(*srcs, StateDictSource(outs[0], "lora"), device=device, prefetch=2)
     assert _grad_warnings(caught) == []

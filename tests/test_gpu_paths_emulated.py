@@ -23,8 +23,8 @@ from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.sources import SafetensorsSource
 from lora_extract.extract.synthetic import demo_layers, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MODES, MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 from lora_extract.validation.validate import validate_lora
 
 OOM = torch.OutOfMemoryError
@@ -87,7 +87,7 @@ def test_randomized_svd_on_the_device(emulated_gpu) -> None:
     ref = extract_lora(StateDictSource(base), StateDictSource(tuned), ExtractConfig(**cfg))
     dev = ExtractConfig(**cfg, device="cuda")
     v1 = extract_lora(StateDictSource(base), StateDictSource(tuned), dev)
-    v2 = extract_lora_v2(StateDictSource(base), StateDictSource(tuned), dev,
+    v2 = extract_lora_streamed(StateDictSource(base), StateDictSource(tuned), dev,
                          MemoryOptions(mode="aggressive"), cache=ResidentCache()).result
     # On CUDA the power iterations run in bfloat16 (decompose.power_dtype), so the factors are
     # not the CPU's bit for bit: the same ranks, host tensors, and errors within 1.001x of the
@@ -117,7 +117,7 @@ def test_randomized_svd_on_the_device_in_float32_matches_the_cpu(emulated_gpu, m
     ref = extract_lora(StateDictSource(base), StateDictSource(tuned), ExtractConfig(**cfg))
     dev = ExtractConfig(**cfg, device="cuda")
     _close(extract_lora(StateDictSource(base), StateDictSource(tuned), dev).tensors, ref.tensors)
-    out = extract_lora_v2(StateDictSource(base), StateDictSource(tuned), dev,
+    out = extract_lora_streamed(StateDictSource(base), StateDictSource(tuned), dev,
                           MemoryOptions(mode="aggressive"), cache=ResidentCache())
     _close(out.result.tensors, ref.tensors)
 
@@ -129,7 +129,7 @@ def test_v2_on_the_device_matches_v1(emulated_gpu, pair, files, mode, ahead, kin
     cfg = ExtractConfig(rank=6, output_dtype="fp16")
     ref = extract_lora(*_sources(pair, "dict"), cfg)
     cfg_dev = ExtractConfig(rank=6, output_dtype="fp16", device="cuda")
-    out = extract_lora_v2(*_sources(pair, kind, files), cfg_dev,
+    out = extract_lora_streamed(*_sources(pair, kind, files), cfg_dev,
                           MemoryOptions(mode=mode, prefetch_ahead=ahead), cache=ResidentCache())
     assert out.memory.batched_svd and out.memory.bytes_moved > 0
     _close(out.result.tensors, ref.tensors)
@@ -140,7 +140,7 @@ def test_v2_device_streams_keep_their_order_with_device_tensors(emulated_gpu, pa
     cfg = ExtractConfig(rank=6, output_dtype="fp32", device="cuda")
     cache = ResidentCache()
     srcs = _sources(pair, "dict")
-    runs = [extract_lora_v2(*srcs, cfg, MemoryOptions(mode="maximum"), cache=cache, streams=rec)
+    runs = [extract_lora_streamed(*srcs, cfg, MemoryOptions(mode="maximum"), cache=cache, streams=rec)
             for _ in range(2)]
     assert rec.violations == [] and rec.events
     assert runs[1].memory.cache_hits > 0               # the second run took resident differences
@@ -186,33 +186,34 @@ def test_v1_oom_fallback_on_the_device(emulated_gpu, pair, monkeypatch) -> None:
 
 
 def test_v2_oom_fallbacks_on_the_device(emulated_gpu, pair, monkeypatch) -> None:
-    import lora_extract.memory.manager as manager
+    import lora_extract.memory.batch_decompose as batch_decompose
+    import lora_extract.memory.streamed_extract as streamed
 
     ref = extract_lora(*_sources(pair, "dict"), ExtractConfig(rank=4, output_dtype="fp32"))
     cfg = ExtractConfig(rank=4, output_dtype="fp32", device="cuda")
     rec = RecordingStreams(device=torch.device("cuda", 0), oom_on=QKV)
-    real_stage = manager.PairStreamer._stage_and_copy
+    real_stage = streamed.PairStreamer._stage_and_copy
 
     def tagged(self, p, staged, streams):
         rec.copying_key = p.tuned_key
         return real_stage(self, p, staged, streams)
-    monkeypatch.setattr(manager.PairStreamer, "_stage_and_copy", tagged)
-    out = extract_lora_v2(*_sources(pair, "dict"), cfg, MemoryOptions(mode="balanced"),
+    monkeypatch.setattr(streamed.PairStreamer, "_stage_and_copy", tagged)
+    out = extract_lora_streamed(*_sources(pair, "dict"), cfg, MemoryOptions(mode="balanced"),
                           cache=ResidentCache(), streams=rec)
     assert any(QKV in e for e in out.memory.oom_events)       # copied: extracted on the CPU
     _close(out.result.tensors, ref.tensors)
     # Out of memory in every batched SVD: the batch halves down to one layer, then the CPU.
-    real = manager.batched.extract_matrices
-    monkeypatch.setattr(manager.batched, "extract_matrices",
+    real = batch_decompose.batched.extract_matrices
+    monkeypatch.setattr(batch_decompose.batched, "extract_matrices",
                         lambda *a, **k: (_ for _ in ()).throw(OOM("CUDA out of memory")))
 
     def single(diff, *a, **k):
         if on_device(diff):
             raise OOM("CUDA out of memory")
         return real_extract(diff, *a, **k)
-    real_extract = manager.extract_matrix
-    monkeypatch.setattr(manager, "extract_matrix", single)
-    out = extract_lora_v2(*_sources(pair, "dict"), cfg, MemoryOptions(mode="aggressive", batch_size=4),
+    real_extract = batch_decompose.extract_matrix
+    monkeypatch.setattr(batch_decompose, "extract_matrix", single)
+    out = extract_lora_streamed(*_sources(pair, "dict"), cfg, MemoryOptions(mode="aggressive", batch_size=4),
                           cache=ResidentCache())
     assert any("alone: extracted on the CPU" in e for e in out.memory.oom_events)
     _close(out.result.tensors, ref.tensors)
@@ -225,7 +226,7 @@ def test_fp8_and_half_inputs_on_the_device(emulated_gpu, dtype) -> None:
     ref = extract_lora(StateDictSource(base), StateDictSource(tuned), ExtractConfig(rank=4))
     cfg = ExtractConfig(rank=4, device="cuda")
     _close(extract_lora(StateDictSource(base), StateDictSource(tuned), cfg).tensors, ref.tensors)
-    out = extract_lora_v2(StateDictSource(base), StateDictSource(tuned), cfg,
+    out = extract_lora_streamed(StateDictSource(base), StateDictSource(tuned), cfg,
                           MemoryOptions(mode="aggressive"), cache=ResidentCache())
     _close(out.result.tensors, ref.tensors)
 

@@ -31,8 +31,8 @@ from test_dora_output import _layers
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_to_file
 from lora_extract.extract.synthetic import make_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_to_file_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_to_file_streamed
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV")
@@ -74,7 +74,7 @@ def _extract(tmp_path, base, tuned, cfg: ExtractConfig, v2: bool):
     path = str(tmp_path / "dora.safetensors")
     b, t = StateDictSource(base, "base"), StateDictSource(tuned, "tuned")
     if v2:
-        report, _ = extract_to_file_v2(b, t, cfg, MemoryOptions(), path, cache=ResidentCache())
+        report, _ = extract_to_file_streamed(b, t, cfg, MemoryOptions(), path, cache=ResidentCache())
     else:
         report = extract_to_file(b, t, cfg, path)
     return path, report

@@ -12,8 +12,8 @@ from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictS
 from lora_extract.extract.selection import PRESETS, check_selection_options
 from lora_extract.extract.synthetic import LayerSpec, make_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 # Oracle: parameter paths of real architectures (taken from ComfyUI's own model classes: SD1.5
 # UNet, Flux, HunyuanVideo, SD3, Wan 2.1; diffusers Flux; CLIP-L, T5-XXL, an LLM encoder) and
@@ -170,7 +170,7 @@ def _run(cfg: ExtractConfig, engine: str):
     if engine == "v1":
         res = extract_lora(b, t, cfg)
     else:
-        res = extract_lora_v2(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
+        res = extract_lora_streamed(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
     return res, b, t
 
 

@@ -12,11 +12,11 @@ from fault_injection import fail_on_call
 
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.synthetic import LayerSpec, demo_layers, make_pair
-from lora_extract.memory import manager
+from lora_extract.memory import batch_decompose
 from lora_extract.memory.buffers import PoolClosed, StagingPool
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2, extract_to_file_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed, extract_to_file_streamed
 
 GIB = 2**30
 
@@ -148,20 +148,20 @@ def test_resident_blocks_are_not_read_again(sources) -> None:
     cfg = ExtractConfig(rank=4)
     probe = lambda: (8 * GIB, 16 * GIB)  # noqa: E731 - a device with room, on the CPU
     opts = MemoryOptions(mode="balanced", blocks_in_gpu=2)
-    first = extract_lora_v2(base, tuned, cfg, opts, probe=probe, cache=cache)
+    first = extract_lora_streamed(base, tuned, cfg, opts, probe=probe, cache=cache)
     assert first.memory.plan.resident == ["middle_block", "output_blocks.2"]
     kept = {"diffusion_model.middle_block.0.proj.weight", "diffusion_model.middle_block.1.proj_out.weight",
             "diffusion_model.output_blocks.2.1.proj.weight"}
     assert first.memory.cached_layers == len(kept) and first.memory.cache_hits == 0
     reads_before = dict(tuned.reads)
-    second = extract_lora_v2(base, tuned, ExtractConfig(rank=6), opts, probe=probe, cache=cache)
+    second = extract_lora_streamed(base, tuned, ExtractConfig(rank=6), opts, probe=probe, cache=cache)
     assert second.memory.cache_hits == len(kept)
     for key, n in tuned.reads.items():
         assert n - reads_before.get(key, 0) == (0 if key in kept else 1), key
     _same_tensors(extract_lora(base, tuned, ExtractConfig(rank=6)), second.result)
     # Other inputs: the cache is emptied for them.
     other_base, other_tuned = make_pair(_layers(), seed=5)
-    extract_lora_v2(StateDictSource(other_base), StateDictSource(other_tuned), cfg,
+    extract_lora_streamed(StateDictSource(other_base), StateDictSource(other_tuned), cfg,
                     MemoryOptions(mode="conservative"), probe=probe, cache=cache)
     assert cache.nbytes == 0
 
@@ -172,8 +172,8 @@ def test_threshold_offloads_and_shrinks_batch(sources, caplog) -> None:
     readings = iter([(8 * GIB, 16 * GIB)] * 3 + [(1 * GIB, 16 * GIB)] * 100)
     opts = MemoryOptions(mode="aggressive", blocks_in_gpu=5, batch_size=4, memory_threshold=0.85,
                          debug=True)
-    with caplog.at_level(logging.DEBUG, logger="lora_extract.memory.manager"):
-        out = extract_lora_v2(base, tuned, ExtractConfig(rank=4), opts, probe=lambda: next(readings),
+    with caplog.at_level(logging.DEBUG, logger="lora_extract.memory"):
+        out = extract_lora_streamed(base, tuned, ExtractConfig(rank=4), opts, probe=lambda: next(readings),
                               cache=cache, batched_svd=True)
     events = out.memory.threshold_events
     assert events and "93.8% (15.00/16.00 GiB) > 85.0%" in events[0]
@@ -186,8 +186,8 @@ def test_threshold_offloads_and_shrinks_batch(sources, caplog) -> None:
 
 def test_out_of_memory_halves_batch_then_uses_cpu(sources, monkeypatch) -> None:
     base, tuned = sources
-    real_batched = manager.batched.extract_matrices
-    real_single = manager.extract_matrix
+    real_batched = batch_decompose.batched.extract_matrices
+    real_single = batch_decompose.extract_matrix
     failed_once: set[str] = set()
     sizes: list[int] = []
 
@@ -204,10 +204,10 @@ def test_out_of_memory_halves_batch_then_uses_cpu(sources, monkeypatch) -> None:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_single(diff, cfg, **k)
 
-    monkeypatch.setattr(manager.batched, "extract_matrices", batched_oom)
-    monkeypatch.setattr(manager, "extract_matrix", single_oom)
+    monkeypatch.setattr(batch_decompose.batched, "extract_matrices", batched_oom)
+    monkeypatch.setattr(batch_decompose, "extract_matrix", single_oom)
     cfg = ExtractConfig(rank=4)
-    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(mode="maximum", batch_size=4),
+    out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(mode="maximum", batch_size=4),
                           batched_svd=True, cache=ResidentCache())
     # Batched twice (limit 4, then 2), then one layer at a time for the rest of the run.
     assert len(sizes) == 2 and all(n > 1 for n in sizes)
@@ -228,7 +228,7 @@ def test_interrupt_stops_between_layers_without_file_or_thread(sources, tmp_path
     check = fail_on_call(lambda: None, 4, Stop())
     path = str(tmp_path / "out.safetensors")
     with pytest.raises(Stop):
-        extract_to_file_v2(base, tuned, ExtractConfig(rank=4), MemoryOptions(), path,
+        extract_to_file_streamed(base, tuned, ExtractConfig(rank=4), MemoryOptions(), path,
                            check_interrupt=check, cache=ResidentCache())
     assert check.calls == 4 and os.listdir(tmp_path) == []
     assert not [t for t in threading.enumerate() if t.name == "lora-extract-prefetch" and t.is_alive()]
@@ -241,7 +241,7 @@ def test_nan_in_a_model_names_key_and_model() -> None:
     from lora_extract.extract import ExtractionInputError
 
     with pytest.raises(ExtractionInputError, match=r"qkv.weight.*tuned.*NaN"):
-        extract_lora_v2(StateDictSource(base), StateDictSource(tuned, "tuned"), ExtractConfig(),
+        extract_lora_streamed(StateDictSource(base), StateDictSource(tuned, "tuned"), ExtractConfig(),
                         MemoryOptions(), cache=ResidentCache())
 
 
@@ -254,7 +254,7 @@ def test_asks_the_host_to_free_the_budget_then_plans_with_what_is_free(sources) 
         asked.append(nbytes)
         free[0] = 10 * GIB                                   # ComfyUI unloaded something
 
-    out = extract_lora_v2(base, tuned, ExtractConfig(rank=4), MemoryOptions(mode="balanced"),
+    out = extract_lora_streamed(base, tuned, ExtractConfig(rank=4), MemoryOptions(mode="balanced"),
                           probe=lambda: (free[0], 16 * GIB), free_memory=free_memory,
                           cache=ResidentCache())
     p = out.memory.plan
@@ -266,11 +266,11 @@ def test_asks_the_host_to_free_the_budget_then_plans_with_what_is_free(sources) 
 def test_cpu_runs_batch_layers_side_by_side_and_restores_threads(sources) -> None:
     base, tuned = sources
     before = torch.get_num_threads()
-    out = extract_lora_v2(base, tuned, ExtractConfig(rank=4), MemoryOptions(mode="balanced"),
+    out = extract_lora_streamed(base, tuned, ExtractConfig(rank=4), MemoryOptions(mode="balanced"),
                           cache=ResidentCache())
     assert out.memory.cpu_workers == min(4, os.cpu_count() or 1)
     assert torch.get_num_threads() == before
-    seq = extract_lora_v2(base, tuned, ExtractConfig(rank=4), MemoryOptions(mode="conservative"),
+    seq = extract_lora_streamed(base, tuned, ExtractConfig(rank=4), MemoryOptions(mode="conservative"),
                           cache=ResidentCache())
     assert seq.memory.cpu_workers == 1 and seq.memory.plan.batch_size == 1
 
@@ -295,7 +295,7 @@ def test_reading_runs_ahead_of_compute(sources, monkeypatch, ahead: int, overlap
             read_later.set()
         return real_get(key, device, dtype)
 
-    real_single = manager.extract_matrix
+    real_single = batch_decompose.extract_matrix
 
     def single(diff, cfg, **k):
         first = "first svd done" not in events
@@ -307,9 +307,9 @@ def test_reading_runs_ahead_of_compute(sources, monkeypatch, ahead: int, overlap
         return out
 
     monkeypatch.setattr(tuned, "get", get)
-    monkeypatch.setattr(manager, "extract_matrix", single)
+    monkeypatch.setattr(batch_decompose, "extract_matrix", single)
     opts = MemoryOptions(mode="conservative", prefetch_ahead=ahead)
-    out = extract_lora_v2(base, tuned, ExtractConfig(rank=4), opts, cache=ResidentCache())
+    out = extract_lora_streamed(base, tuned, ExtractConfig(rank=4), opts, cache=ResidentCache())
     order = ["read later layer", "first svd done"] if overlaps else ["first svd done", "read later layer"]
     assert [e for e in events if e in order] == order
     assert [r.key for r in out.result.report.layers][:3:2] == [first_svd_key, later_key]
@@ -324,7 +324,7 @@ def test_stored_float32_differences_do_not_alias_reused_buffers(lora_type: str) 
     base, tuned = make_pair(specs, seed=8)
     b, t = StateDictSource(base), StateDictSource(tuned)
     cfg = ExtractConfig(rank=4, output_dtype="fp32", lora_type=lora_type)
-    v2 = extract_lora_v2(b, t, cfg, MemoryOptions(mode="conservative", prefetch_ahead=0),
+    v2 = extract_lora_streamed(b, t, cfg, MemoryOptions(mode="conservative", prefetch_ahead=0),
                          cache=ResidentCache()).result
     _same_tensors(extract_lora(b, t, cfg), v2)
     stored = [v for k, v in v2.tensors.items() if k.endswith(".diff") and v.dim() == 1]

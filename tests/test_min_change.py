@@ -10,8 +10,8 @@ from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.change_threshold import NOISE_FACTOR, small_change_reason
 from lora_extract.extract.pairing import KeyPair, PairPlan
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 SCALES = {"a": 1e-1, "b": 1e-2, "c": 1e-3, "d": 1e-4}   # size of each layer's change
 
@@ -43,7 +43,7 @@ def test_skipped_layers_are_those_below_the_thresholds(engine: str, rel: float,
     cfg = ExtractConfig(rank=4, output_dtype="fp32", min_change_rel=rel, min_change_abs=absolute,
                         target_size_mb=0.01 if engine == "budget" else 0.0)
     b, t = StateDictSource(base), StateDictSource(tuned)
-    res = (extract_lora_v2(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
+    res = (extract_lora_streamed(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
            if engine == "v2" else extract_lora(b, t, cfg))
     skipped = {r.key: r for r in res.report.layers if r.status == "skipped"}
     assert set(skipped) == expect

@@ -10,8 +10,8 @@ from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.new_tensors import set_weight_key
 from lora_extract.extract.synthetic import LayerSpec, make_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 LAYERS = [LayerSpec("diffusion_model.blocks.0.q.weight", (16, 16), 4),
           LayerSpec("diffusion_model.blocks.0.q.bias", (16,), 1),
@@ -47,7 +47,7 @@ def test_new_tensors_stored_exactly_or_flagged(engine: str) -> None:
     cfg = ExtractConfig(rank=4, output_dtype="fp32",
                         target_size_mb=0.05 if engine == "budget" else 0.0)
     b, t = StateDictSource(base, "base"), StateDictSource(tuned, "tuned")
-    res = (extract_lora_v2(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
+    res = (extract_lora_streamed(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
            if engine == "v2" else extract_lora(b, t, cfg))
     expect = {"diffusion_model.blocks.0.new_proj.set_weight": "diffusion_model.blocks.0.new_proj.weight",
               "diffusion_model.blocks.0.new_proj.bias.set_weight": "diffusion_model.blocks.0.new_proj.bias",

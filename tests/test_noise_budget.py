@@ -12,9 +12,9 @@ from quant_files import write_scaled_fp8
 from safetensors.torch import load_file
 
 from lora_extract.extract.config import ExtractConfig
+from lora_extract.extract.formats.dispatch import open_source
 from lora_extract.extract.pipeline import extract_to_file
 from lora_extract.extract.report import STATUS_LORA, STATUS_SKIPPED
-from lora_extract.extract.sources import open_source
 
 NOISE_KEY = "blocks.9.noise.weight"
 

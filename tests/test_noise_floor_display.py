@@ -12,9 +12,9 @@ from lora_extract.charts.layer_chart import ERROR_FLOOR, NOISE_COLOR
 from lora_extract.charts.report_chart import MARGIN_LEFT, MARGIN_RIGHT
 from lora_extract.charts.rows import rows_from_extraction
 from lora_extract.extract.config import ExtractConfig
+from lora_extract.extract.formats.dispatch import open_source
 from lora_extract.extract.pipeline import extract_lora
 from lora_extract.extract.report import STATUS_SKIPPED
-from lora_extract.extract.sources import open_source
 from lora_extract.nodes.summary_lines import extraction_key_lines
 
 W, H = 1200, 760

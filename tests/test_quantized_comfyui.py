@@ -20,7 +20,7 @@ import torch
 from quant_files import mxfp8_example, nvfp4_example, write_comfy_quant, write_scaled_fp8
 from safetensors.torch import load_file, save_file
 
-from lora_extract.extract.sources import open_source
+from lora_extract.extract.formats.dispatch import open_source
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV")

@@ -24,10 +24,11 @@ from safetensors.torch import load_file, save_file
 from lora_extract.cli.main import main
 from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.extract.formats import dequant
+from lora_extract.extract.formats.dispatch import open_source
 from lora_extract.extract.formats.quantized import QuantizedSource
 from lora_extract.extract.formats.sharded import ShardedSafetensorsSource
 from lora_extract.extract.source_info import describe, format_of, quantization_noise
-from lora_extract.extract.sources import SafetensorsSource, has_raw_reads, open_source
+from lora_extract.extract.sources import SafetensorsSource, has_raw_reads
 
 
 def _weights(seed: int = 0, n: int = 3, shape: tuple[int, int] = (64, 48)) -> dict[str, torch.Tensor]:

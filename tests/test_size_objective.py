@@ -23,8 +23,8 @@ from lora_extract.extract.budget.allocate import allocate
 from lora_extract.extract.budget.rank_math import LayerSpectrum, plan_ranks
 from lora_extract.extract.synthetic import demo_layers, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
@@ -131,7 +131,7 @@ def test_v2_gives_v1s_worst_file():
     b, t = StateDictSource(base, "b"), StateDictSource(tuned, "t")
     cfg = ExtractConfig(rank=16, target_size_mb=0.02, size_objective="worst")
     v1 = extract_lora(b, t, cfg)
-    v2 = extract_lora_v2(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
+    v2 = extract_lora_streamed(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
     assert list(v1.tensors) == list(v2.tensors)
     for k, x in v1.tensors.items():
         torch.testing.assert_close(v2.tensors[k], x, msg=k)

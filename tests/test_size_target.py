@@ -17,8 +17,8 @@ from lora_extract.extract.budget.allocate import BudgetTooSmall
 from lora_extract.extract.pipeline import extract_to_file
 from lora_extract.extract.synthetic import demo_layers, make_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 MIB = 1 << 20
 CAP = 4
@@ -174,7 +174,7 @@ def test_v2_gives_v1s_budgeted_file(algorithm):
     b, t = StateDictSource(base, "b"), StateDictSource(tuned, "t")
     cfg = ExtractConfig(rank=16, algorithm=algorithm, target_size_mb=0.02)
     v1 = extract_lora(b, t, cfg)
-    v2 = extract_lora_v2(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
+    v2 = extract_lora_streamed(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result
     assert list(v1.tensors) == list(v2.tensors)
     for k, x in v1.tensors.items():
         torch.testing.assert_close(v2.tensors[k], x, msg=k)

@@ -112,3 +112,16 @@ def test_read_elements_and_read_into_match_get(tmp_path, dtype) -> None:
         src.read_elements("w", 0, 37 * 53 + 1, buf)
     with pytest.raises(ValueError, match="buffer"):
         src.read_elements("w", 0, 1000, torch.empty(10, dtype=torch.uint8))
+
+
+def test_a_combined_source_reports_each_part_as_stored(tmp_path) -> None:
+    # How a key is stored is asked of the part that holds it (``owner_of``), not of the whole.
+    from lora_extract.extract.source_info import describe, format_of
+    from lora_extract.extract.te_sources import CombinedSource
+
+    save_file({"a": torch.zeros(2, 2, dtype=torch.bfloat16)}, str(tmp_path / "a.safetensors"))
+    save_file({"b": torch.zeros(2, 2, dtype=torch.float16)}, str(tmp_path / "b.safetensors"))
+    both = CombinedSource([SafetensorsSource(tmp_path / "a.safetensors"),
+                           SafetensorsSource(tmp_path / "b.safetensors")], "both")
+    assert (format_of(both, "a"), format_of(both, "b")) == ("bf16", "fp16")
+    assert describe(both) == "both: 1 bf16, 1 fp16 tensors"

@@ -27,8 +27,8 @@ from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.synthetic import LayerSpec, demo_layers, make_pair
 from lora_extract.memory import buffers
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MODES, MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 
 @dataclass
@@ -195,7 +195,7 @@ def test_async_copy_path_equals_v1_and_keeps_the_order(pair, recording, mode, ah
     base, tuned = StateDictSource(pair[0], "base"), StateDictSource(pair[1], "tuned")
     cfg = ExtractConfig(rank=6, output_dtype="fp32")
     v1 = extract_lora(base, tuned, cfg)
-    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(mode=mode, prefetch_ahead=ahead),
+    out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(mode=mode, prefetch_ahead=ahead),
                           cache=ResidentCache(), probe=_roomy_device, streams=recording,
                           batched_svd=True)
     _same(v1, out.result)
@@ -209,7 +209,7 @@ def test_the_order_check_has_teeth(pair, recording, monkeypatch) -> None:
     """Skipping the host wait before reusing pinned buffers must be reported."""
     monkeypatch.setattr(RecordingStreams, "wait_host", lambda self, event: None)
     base, tuned = StateDictSource(pair[0], "base"), StateDictSource(pair[1], "tuned")
-    extract_lora_v2(base, tuned, ExtractConfig(rank=4), MemoryOptions(prefetch_ahead=1),
+    extract_lora_streamed(base, tuned, ExtractConfig(rank=4), MemoryOptions(prefetch_ahead=1),
                     cache=ResidentCache(), probe=_roomy_device, streams=recording)
     assert any("still in flight" in v for v in recording.violations)
 
@@ -218,7 +218,7 @@ def test_model_sources_are_read_on_the_side_stream(pair, recording) -> None:
     base, tuned = ModelLikeSource(pair[0], "base"), ModelLikeSource(pair[1], "tuned")
     cfg = ExtractConfig(rank=6)
     v1 = extract_lora(base, tuned, cfg)
-    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(), cache=ResidentCache(),
+    out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(), cache=ResidentCache(),
                           probe=_roomy_device, streams=recording)
     _same(v1, out.result)
     _check_protocol(recording, out)
@@ -231,7 +231,7 @@ def test_out_of_memory_during_a_copy_extracts_that_layer_on_the_cpu(pair, record
     base, tuned = StateDictSource(pair[0], "base"), StateDictSource(pair[1], "tuned")
     cfg = ExtractConfig(rank=6)
     v1 = extract_lora(base, tuned, cfg)
-    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(prefetch_ahead=2),
+    out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(prefetch_ahead=2),
                           cache=ResidentCache(), probe=_roomy_device, streams=recording)
     _same(v1, out.result)
     assert recording.violations == []
@@ -242,11 +242,11 @@ def test_resident_layers_skip_the_copy_on_the_second_run(pair, recording) -> Non
     base, tuned = StateDictSource(pair[0], "base"), StateDictSource(pair[1], "tuned")
     cache = ResidentCache()
     opts = MemoryOptions(mode="maximum")
-    first = extract_lora_v2(base, tuned, ExtractConfig(rank=4), opts, cache=cache,
+    first = extract_lora_streamed(base, tuned, ExtractConfig(rank=4), opts, cache=cache,
                             probe=_roomy_device, streams=recording)
     copies = len(recording.copies)
     assert first.memory.cached_layers > 0
-    second = extract_lora_v2(base, tuned, ExtractConfig(rank=8), opts, cache=cache,
+    second = extract_lora_streamed(base, tuned, ExtractConfig(rank=8), opts, cache=cache,
                              probe=_roomy_device, streams=recording)
     assert second.memory.cache_hits == first.memory.cached_layers
     assert len(recording.copies) - copies == copies - 2 * first.memory.cached_layers
@@ -268,7 +268,7 @@ def test_files_are_read_straight_into_pinned_buffers(tmp_path, recording, monkey
         reads.append(key)
         return real(self, key, buffer)
     monkeypatch.setattr(SafetensorsSource, "read_into", counted)
-    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(prefetch_ahead=2),
+    out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(prefetch_ahead=2),
                           cache=ResidentCache(), probe=_roomy_device, streams=recording)
     _same(v1, out.result)
     _check_protocol(recording, out)

@@ -29,9 +29,9 @@ from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.layer import extract_matrix
 from lora_extract.extract.synthetic import LayerSpec, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
 from lora_extract.memory.rolling import stream_rolling
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyModelSource
 
@@ -94,7 +94,7 @@ def _ratios_v2(mats: list[torch.Tensor], iters: int) -> list[float]:
     keys = [f"diffusion_model.blocks.{i}.proj.weight" for i in range(len(mats))]
     base = StateDictSource({k: torch.zeros_like(a) for k, a in zip(keys, mats, strict=True)})
     tuned = StateDictSource({k: a.clone() for k, a in zip(keys, mats, strict=True)})
-    out = extract_lora_v2(base, tuned, _lowrank_cfg(iters), MemoryOptions(mode="balanced", batch_size=2, prefetch_ahead=0),
+    out = extract_lora_streamed(base, tuned, _lowrank_cfg(iters), MemoryOptions(mode="balanced", batch_size=2, prefetch_ahead=0),
                           cache=ResidentCache(), batched_svd=True).result
     ratios = []
     for k, a in zip(keys, mats, strict=True):
@@ -257,7 +257,7 @@ def test_resident_cache_misses_after_add_patches(comfy_dirs, models) -> None:
     probe = lambda: (8 * GIB, 16 * GIB)  # noqa: E731 - a device with room, on the CPU
 
     def run():
-        return extract_lora_v2(ComfyModelSource(patcher, "original_model"),
+        return extract_lora_streamed(ComfyModelSource(patcher, "original_model"),
                                ComfyModelSource(tuned_patcher, "finetuned_model"), cfg, opts,
                                probe=probe, cache=cache)
     first = run()

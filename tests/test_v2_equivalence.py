@@ -11,8 +11,8 @@ from lora_extract.extract.layer import extract_matrix
 from lora_extract.extract.sources import SafetensorsSource
 from lora_extract.extract.synthetic import LayerSpec, demo_layers, make_pair, write_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MODES, MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 
 def _layers() -> list[LayerSpec]:
@@ -47,7 +47,7 @@ def _assert_same(v1, v2) -> None:
 def test_v2_equals_v1_every_mode(pair_files, mode: str, cfg: ExtractConfig) -> None:
     base, tuned = (SafetensorsSource(p) for p in pair_files)
     v1 = extract_lora(base, tuned, cfg)
-    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(mode=mode), cache=ResidentCache())
+    out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(mode=mode), cache=ResidentCache())
     _assert_same(v1, out.result)
     assert out.memory.plan.budget_bytes is None             # no accelerator: "n/a"
     assert "Final VRAM: n/a" in out.memory.format_debug()
@@ -59,7 +59,7 @@ def test_batched_svd_path_equals_v1(pair_files, algorithm: str) -> None:
     cfg = ExtractConfig(rank=6, algorithm=algorithm, lowrank_iters=3, lora_type="adaptive_quantile",
                         adaptive_param=0.6, output_dtype="fp32")
     v1 = extract_lora(base, tuned, cfg)
-    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(mode="maximum", batch_size=8),
+    out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(mode="maximum", batch_size=8),
                           batched_svd=True, cache=ResidentCache())
     _assert_same(v1, out.result)
     assert out.memory.batched_svd
@@ -90,4 +90,4 @@ def test_in_memory_sources_and_fp32(gen) -> None:
     b, t = StateDictSource(base), StateDictSource(tuned)
     cfg = ExtractConfig(rank=4, output_dtype="fp32", clamp_quantile=None)
     _assert_same(extract_lora(b, t, cfg),
-                 extract_lora_v2(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result)
+                 extract_lora_streamed(b, t, cfg, MemoryOptions(), cache=ResidentCache()).result)

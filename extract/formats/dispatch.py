@@ -57,8 +57,11 @@ OPENERS: list[Opener] = [
 ]
 
 
-def open_path(path: str) -> WeightSource:
-    """The source for a file or folder path; a missing path is a clear input error."""
+def open_source(path: str | os.PathLike[str]) -> WeightSource:
+    """Open a model by its path: a file by its extension, a sharded model by its index, a
+    folder of shards or a diffusers model folder. Quantized safetensors come back dequantizing
+    (``quantized.py``); a missing path is a clear input error."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise ExtractionInputError(f"{path}: no such file or folder.")
     for accepts, opener in OPENERS:

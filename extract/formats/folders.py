@@ -13,11 +13,11 @@ report line and not read.
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import torch
 
+from .. import source_info
 from ..errors import ExtractionInputError
 from ..keys.te_keys import TE_PREFIX
 from .sharded import ShardedSafetensorsSource, open_index
@@ -119,18 +119,15 @@ class DiffusersFolderSource:
         return source.get(raw, device, dtype)  # type: ignore[attr-defined]
 
     def format_of(self, key: str) -> str:
-        from ..source_info import format_of
         source, raw = self._owner[key]
-        return format_of(source, raw)  # type: ignore[arg-type]
+        return source_info.format_of(source, raw)  # type: ignore[arg-type]
 
     def quantization_noise(self, key: str) -> float | None:
-        from ..source_info import quantization_noise
         source, raw = self._owner[key]
-        return quantization_noise(source, raw)  # type: ignore[arg-type]
+        return source_info.quantization_noise(source, raw)  # type: ignore[arg-type]
 
     def describe(self) -> str:
-        from ..source_info import describe
-        parts = "; ".join(f"{folder}/ = {describe(src)}" for folder, src, _ in self.parts)  # type: ignore[arg-type]
+        parts = "; ".join(f"{folder}/ = {source_info.describe(src)}" for folder, src, _ in self.parts)  # type: ignore[arg-type]
         skipped = (f"; not read (text encoder type the pack does not map): "
                    f"{', '.join(self.not_read)}" if self.not_read else "")
         return f"{self.name} (diffusers folder): {parts}{skipped}"
@@ -143,12 +140,3 @@ def is_diffusers_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json")) or (
         not _safetensors_in(path) and any(os.path.isdir(os.path.join(path, d))
                                           for d in DENOISER_FOLDERS))
-
-
-def read_model_index(root: str) -> dict[str, object]:
-    try:
-        with open(os.path.join(root, "model_index.json"), encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}

@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..errors import ExtractionInputError
+from ..source_info import format_of
 from ..sources import SafetensorsSource
 
 
@@ -60,6 +61,10 @@ class ShardedSafetensorsSource:
     def keys(self) -> list[str]:
         return list(self._owner)
 
+    def owner_of(self, key: str) -> SafetensorsSource:
+        """The shard that holds ``key`` (what ``source_info`` asks how it is stored)."""
+        return self._owner[key]
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self._owner[key].shape(key)
 
@@ -80,7 +85,6 @@ class ShardedSafetensorsSource:
         return self._owner[key].read_elements(key, lo, hi, buffer)
 
     def describe(self) -> str:
-        from ..source_info import format_of  # the report helpers build on the sources
         kinds = sorted({format_of(self, k) for k in self._owner})
         return f"{self.name}: {len(self.shards)} shards ({', '.join(kinds)})"
 

@@ -9,8 +9,8 @@ from lora_extract.extract import ExtractConfig, extract_lora
 from lora_extract.extract.sources import SafetensorsSource
 from lora_extract.extract.synthetic import LayerSpec, demo_layers, write_pair
 from lora_extract.memory.cache import ResidentCache
-from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MODES, MemoryOptions
+from lora_extract.memory.streamed_extract import extract_lora_streamed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,7 +35,7 @@ def test_v2_cuda_equals_v1_cuda(pair_files, mode: str, algorithm: str) -> None:
     base, tuned = (SafetensorsSource(p) for p in pair_files)
     cfg = ExtractConfig(rank=8, algorithm=algorithm, device="cuda", output_dtype="fp32")
     v1 = extract_lora(base, tuned, cfg)
-    out = extract_lora_v2(base, tuned, cfg, MemoryOptions(mode=mode), cache=ResidentCache())
+    out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(mode=mode), cache=ResidentCache())
     assert list(v1.tensors) == list(out.result.tensors)
     r1 = {r.key: r.rank for r in v1.report.layers}
     assert r1 == {r.key: r.rank for r in out.result.report.layers}
@@ -51,9 +51,9 @@ def test_second_run_takes_resident_blocks_from_the_cache(pair_files) -> None:
     base, tuned = (SafetensorsSource(p) for p in pair_files)
     cache = ResidentCache()
     opts = MemoryOptions(mode="maximum")
-    first = extract_lora_v2(base, tuned, ExtractConfig(rank=4, device="cuda"), opts, cache=cache)
+    first = extract_lora_streamed(base, tuned, ExtractConfig(rank=4, device="cuda"), opts, cache=cache)
     assert first.memory.cached_layers > 0 and cache.nbytes > 0
-    second = extract_lora_v2(base, tuned, ExtractConfig(rank=8, device="cuda"), opts, cache=cache)
+    second = extract_lora_streamed(base, tuned, ExtractConfig(rank=8, device="cuda"), opts, cache=cache)
     assert second.memory.cache_hits == first.memory.cached_layers
     assert second.memory.bytes_moved < first.memory.bytes_moved
     cache.clear()
@@ -63,10 +63,10 @@ def test_a_caller_on_another_stream_gets_the_same_result(pair_files) -> None:
     """The compute stream is the caller's current one (captured on its thread), not the default."""
     base, tuned = (SafetensorsSource(p) for p in pair_files)
     cfg = ExtractConfig(rank=8, device="cuda", output_dtype="fp32")
-    ref = extract_lora_v2(base, tuned, cfg, MemoryOptions(), cache=ResidentCache()).result
+    ref = extract_lora_streamed(base, tuned, cfg, MemoryOptions(), cache=ResidentCache()).result
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        out = extract_lora_v2(base, tuned, cfg, MemoryOptions(prefetch_ahead=3),
+        out = extract_lora_streamed(base, tuned, cfg, MemoryOptions(prefetch_ahead=3),
                               cache=ResidentCache()).result
     torch.cuda.synchronize()
     assert list(ref.tensors) == list(out.tensors)
