@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from quant_files import fp8_quantize  # noqa: E402
+from tests.support.quant_files import fp8_quantize  # noqa: E402
 
 WIDTH = 3072  # a Flux/Wan-sized linear layer
 

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tests", "comfy_stub"), os.path.join(ROOT, "tests")]
 
 import folder_paths  # noqa: E402  (the test stub: empty model folders, no ComfyUI needed)
-from workflow_check import FRONTEND_ONLY, MODE_ACTIVE, MODE_MUTED, load_definitions, ui_to_api  # noqa: E402
+
+from tests.support.workflow_check import FRONTEND_ONLY, MODE_ACTIVE, MODE_MUTED, load_definitions, ui_to_api  # noqa: E402
 
 OUT = os.path.join(ROOT, "example_workflows")
 TUNED, BASE = "tiny_sd15_tuned.safetensors", "tiny_sd15_base.safetensors"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from quant_files import write_scaled_fp8
 
 from lora_extract.charts import ChartLayer, extraction_chart, render_report_chart, to_array
 from lora_extract.charts.canvas import Axis, Box, x_span
@@ -16,6 +15,7 @@ from lora_extract.extract.pipeline import extract_lora
 from lora_extract.extract.report import STATUS_SKIPPED
 from lora_extract.extract.sources import open_source
 from lora_extract.nodes.summary_lines import extraction_key_lines
+from tests.support.quant_files import write_scaled_fp8
 
 W, H = 1200, 760
 

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
-from helpers import call_node, module_from_state_dict
 from safetensors.torch import load_file
 
 import lora_extract.cli.extract_v2 as cli_v2
@@ -19,6 +18,7 @@ from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.extract.synthetic import demo_layers, write_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.helpers import call_node, module_from_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,9 @@ import subprocess
 import sys
 
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 STUB = os.path.join(ROOT, "tests", "comfy_stub")
 
 # Runs in ``python -I -S``: no site-packages .pth files (so no editable-install finder), no

@@ -11,8 +11,10 @@ import os
 import subprocess
 import sys
 
+from tests.support.paths import REPO_ROOT
+
 COMFY_MODULES = {"comfy", "folder_paths", "server", "comfy_api", "comfy_extras", "nodes"}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def test_core_imports_no_comfyui_module() -> None:
@@ -36,8 +38,7 @@ def test_the_root_init_loads_as_a_lone_file() -> None:
     folder name is not an identifier (e.g. a clone named ComfyUI-LoRA-Extract)."""
     import importlib.util
 
-    root_init = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "__init__.py")
+    root_init = os.path.join(REPO_ROOT, "__init__.py")
     spec = importlib.util.spec_from_file_location("__init__", root_init)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -11,16 +11,14 @@ import glob
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.paths import REPO_ROOT as ROOT
+from tests.support.paths import repo_module
 
-import make_cli_reference  # noqa: E402
-
-from lora_extract.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+make_cli_reference = repo_module("scripts/make_cli_reference.py")
 
 README = os.path.join(ROOT, "README.md")
 PAGES = sorted([README, os.path.join(ROOT, "CONTRIBUTING.md"),

@@ -11,13 +11,20 @@ import os
 
 import pytest
 import torch
-from fault_injection import NewComfyInterrupt, fail_on_call, files_under, fill_disk_after, prefetch_threads
 
 import lora_extract.extract.pipeline as pipeline
 import lora_extract.extract.writer as writer
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, ExtractionInputError, SafetensorsSource, extract_to_file
 from lora_extract.extract.synthetic import demo_layers, write_pair
+from tests.support.fault_injection import (
+    NewComfyInterrupt,
+    fail_on_call,
+    files_under,
+    fill_disk_after,
+    prefetch_threads,
+)
+from tests.support.paths import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +239,7 @@ def test_no_blind_except_swallows_an_interrupt() -> None:
     ComfyUI's interrupt is an Exception in 0.3.64 and a BaseException later, Ctrl-C a BaseException."""
     import ast
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO_ROOT
     offenders = []
     for d, dirs, files in os.walk(root):
         dirs[:] = [x for x in dirs if x not in ("tests", "benchmarks", ".git", "build", ".venv")]

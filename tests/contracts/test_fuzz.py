@@ -21,7 +21,6 @@ import struct
 import tempfile
 
 import torch
-from helpers import matrix_with_spectrum
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +35,7 @@ from lora_extract.extract import (
 from lora_extract.extract.config import LORA_TYPES
 from lora_extract.extract.sources import SAFETENSORS_DTYPES
 from lora_extract.extract.writer import save_safetensors_atomic
+from tests.support.helpers import matrix_with_spectrum
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -12,10 +12,7 @@ import os
 
 import pytest
 import torch
-from emulated_cuda import on_device
-from fault_injection import OnNthCall
 from safetensors.torch import load_file, save_file
-from test_streamer_order import ModelLikeSource, RecordingStreams
 
 import lora_extract.extract.pair_output as pair_output
 from lora_extract.cli import main
@@ -26,6 +23,9 @@ from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MODES, MemoryOptions
 from lora_extract.validation.validate import validate_lora
+from tests.memory.test_streamer_order import ModelLikeSource, RecordingStreams
+from tests.support.emulated_cuda import on_device
+from tests.support.fault_injection import OnNthCall
 
 OOM = torch.OutOfMemoryError
 QKV = "diffusion_model.blocks.0.self_attn.qkv.weight"
@@ -248,9 +248,8 @@ def test_validation_on_the_device(emulated_gpu, pair, files, tmp_path) -> None:
 
 
 def test_resize_on_the_device(emulated_gpu, tmp_path, gen) -> None:
-    from test_resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
-
     from lora_extract.resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
+    from tests.support.resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
 
     base_path, base_sd = make_base(str(tmp_path), gen)
     key = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"

@@ -8,13 +8,13 @@ tiny layers so it stays fast, and compares later runs with the first run of the 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from tests.support.paths import repo_module
 
-from soak import MIB, run_soak  # noqa: E402
+soak = repo_module("benchmarks/soak.py")
+MIB, run_soak = soak.MIB, soak.run_soak
 
 # Growth above this between run 1 and run 3 is a leak, not allocator noise (measured: < 0.5 MiB).
 # Keeping every layer's float32 difference (2.1 MiB of data per run) adds 6.5 MiB by run 3.

@@ -8,7 +8,9 @@ import re
 
 import tomllib
 
-PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.paths import REPO_ROOT
+
+PACK = REPO_ROOT
 
 
 def _pyproject() -> dict:

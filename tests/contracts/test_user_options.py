@@ -17,9 +17,7 @@ import comfy.model_management as mm
 import comfy.utils
 import pytest
 import torch
-from comfy_keymap import LORA_KEY_FORMATS, apply_lora
 from execution import run_node
-from helpers import matrix_with_spectrum, optimal_rel_error, patched_pair
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from server import PromptServer
@@ -34,6 +32,8 @@ from lora_extract.memory.planner import MemoryOptions
 from lora_extract.memory.rolling import stream_rolling
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyModelSource
+from tests.support.comfy_keymap import LORA_KEY_FORMATS, apply_lora
+from tests.support.helpers import matrix_with_spectrum, optimal_rel_error, patched_pair
 
 NODE_DEFAULTS = dict(filename_prefix="loras/opt", rank=8, lora_type="standard",
                      algorithm="svd_linalg", lowrank_iters=7, output_dtype="fp16", bias_diff=True,

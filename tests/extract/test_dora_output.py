@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-from diffusers_flux_model import flux_pair, flux_shapes
 
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.dora import extract_dora_matrix, same_size_rank
@@ -23,6 +22,7 @@ from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
 from lora_extract.resize.adapters import DenseModule, dense_change
+from tests.support.diffusers_flux_model import flux_pair, flux_shapes
 
 SHAPES = [(48, 32), (40, 40), (24, 8, 3, 3), (32, 12, 1, 2, 2)]
 

@@ -7,12 +7,12 @@ import os
 
 import pytest
 import torch
-from helpers import matrix_with_spectrum
 
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_matrix
 from lora_extract.extract.pipeline import extract_to_file
 from lora_extract.extract.rank_rules import select_rank
 from lora_extract.extract.synthetic import demo_layers, make_pair
+from tests.support.helpers import matrix_with_spectrum
 
 
 def test_a_tiny_exactly_low_rank_difference_is_predicted_error_free(gen: torch.Generator) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fault_injection import OnNthCall
 
 import lora_extract.extract.pair_output as pair_output
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.oom_fallback import OomFallback
 from lora_extract.extract.synthetic import demo_layers, make_pair
+from tests.support.fault_injection import OnNthCall
 
 OOM = torch.OutOfMemoryError
 

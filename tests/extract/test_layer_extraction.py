@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from helpers import matrix_with_spectrum, optimal_rel_error
 
 from lora_extract.extract import ExtractConfig, extract_matrix
 from lora_extract.extract.clamp import abs_quantile_rows
 from lora_extract.extract.decompose import exact_svd, randomized_svd, singular_values
+from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
 
 EXACT = ExtractConfig(rank=16, clamp_quantile=None, output_dtype="fp32")
 

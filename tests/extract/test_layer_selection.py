@@ -14,6 +14,7 @@ from lora_extract.extract.synthetic import LayerSpec, make_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from tests.support.paths import REPO_ROOT
 
 # Oracle: parameter paths of real architectures (taken from ComfyUI's own model classes: SD1.5
 # UNet, Flux, HunyuanVideo, SD3, Wan 2.1; diffusers Flux; CLIP-L, T5-XXL, an LLM encoder) and
@@ -220,7 +221,7 @@ def test_unmatched_include_pattern_is_noted() -> None:
 
 def test_docs_list_every_preset_pattern() -> None:
     import os
-    page = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+    page = os.path.join(REPO_ROOT, "docs",
                         "layer-selection.md")
     with open(page, encoding="utf-8") as f:
         text = f.read()

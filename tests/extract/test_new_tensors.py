@@ -105,12 +105,10 @@ def test_selection_applies_to_new_tensors() -> None:
 
 def test_resize_and_merge_copy_set_weight_unchanged(tmp_path) -> None:
     """A set patch ignores the strength in ComfyUI, so merge weights do not scale it either."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
     from safetensors.torch import load_file, save_file
-    from test_resize_fixtures import lora_pair, make_base, spectrum
-    from test_resize_pipeline import ATTN1, _resize
+
+    from tests.resize.test_pipeline import ATTN1, _resize
+    from tests.support.resize_fixtures import lora_pair, make_base, spectrum
 
     gen = torch.Generator().manual_seed(4)
     base_path, _ = make_base(str(tmp_path), gen)

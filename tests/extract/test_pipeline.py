@@ -7,8 +7,6 @@ import os
 
 import pytest
 import torch
-from comfy_keymap import apply_lora
-from fault_injection import fail_on_call
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -22,6 +20,8 @@ from lora_extract.extract import (
     extract_to_file,
 )
 from lora_extract.extract.synthetic import demo_layers, make_pair, write_pair
+from tests.support.comfy_keymap import apply_lora
+from tests.support.fault_injection import fail_on_call
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from helpers import matrix_with_spectrum, optimal_rel_error
 
 from lora_extract.extract import ExtractConfig, extract_matrix
 from lora_extract.extract import decompose as dec
 from lora_extract.extract.decompose import gaussian_sketch, randomized_svd, randomized_svd_with
+from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
 
 BOUND = 1.001
 

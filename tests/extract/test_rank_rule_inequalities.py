@@ -15,10 +15,10 @@ import math
 
 import pytest
 import torch
-from helpers import matrix_with_spectrum
 
 from lora_extract.extract import ExtractConfig, extract_matrix
 from lora_extract.extract.rank_rules import SpectrumTotals, select_rank
+from tests.support.helpers import matrix_with_spectrum
 
 RULES = ["adaptive_energy", "adaptive_fro", "adaptive_quantile", "adaptive_ratio"]
 PARAMS = [0.05, 0.3, 0.6, 0.9, 0.97]

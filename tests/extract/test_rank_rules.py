@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import matrix_with_spectrum
 
 from lora_extract.extract import ExtractConfig, extract_matrix
 from lora_extract.extract.rank_rules import RANK_RULES, SpectrumTotals, select_rank
+from tests.support.helpers import matrix_with_spectrum
 
 SIGMA = torch.tensor([10.0, 8.0, 5.0, 2.0, 1.0, 0.5])  # sum 26.5, sum of squares 194.25
 

@@ -18,9 +18,10 @@ import torch
 
 import lora_extract.extract.tempfiles as tempfiles
 from lora_extract.extract.writer import save_safetensors_atomic
+from tests.support.paths import REPO_ROOT
 
 # The folder that contains the package folder: what a child needs on PYTHONPATH to import it.
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE_PARENT = os.path.dirname(REPO_ROOT)
 DAY = 24 * 3600
 OTHER_HOST = tempfiles.host_tag() + "-elsewhere"
 

@@ -27,12 +27,12 @@ import time
 
 import pytest
 import torch
-from comfy_flux_diffusers import flux_lora_key_map, flux_map_for, load_and_apply
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_extract.cli.main import main as cli_main
 from lora_extract.extract.keys.diffusers_keys import UNMAPPED_PREFIX
+from tests.support.comfy_flux_diffusers import flux_lora_key_map, flux_map_for, load_and_apply
 
 NAME = "tiny_flux_diffusers"
 RANK = 16

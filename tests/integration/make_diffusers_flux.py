@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusers_flux_model import flux_pair, flux_shapes  # noqa: E402
+from tests.support.diffusers_flux_model import flux_pair, flux_shapes  # noqa: E402
 
 NAME = "tiny_flux_diffusers"
 SHAPES = dict(hidden=3072, depth=1, depth_single=1, in_channels=16, context=4096, vec=64,

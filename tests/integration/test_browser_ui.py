@@ -20,8 +20,9 @@ import subprocess
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PACK = os.path.dirname(HERE)
+from tests.support.paths import REPO_ROOT
+
+PACK = REPO_ROOT
 URL = os.environ.get("COMFY_BROWSER_URL")
 ROOT = os.environ.get("COMFYUI_ROOT")
 PYTHON = os.environ.get("BROWSER_PYTHON", os.path.expanduser("~/browser-venv/bin/python"))

@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_merge_convert import ATTN1, COMFY, CONV, FF, KOHYA
-from test_resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
 
 from lora_extract.resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
 from lora_extract.resize.adapters import dense_change
 from lora_extract.resize.lora_file import read_lora_file
+from tests.resize.test_merge_convert import ATTN1, COMFY, CONV, FF, KOHYA
+from tests.support.resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV")
 pytestmark = pytest.mark.skipif(not (ROOT and VENV), reason="COMFYUI_ROOT / COMFY_VENV not set (no real ComfyUI)")
-SCRIPT = os.path.join(os.path.dirname(__file__), "integration", "comfy_apply_lora.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_apply_lora.py")
 TO_LOAD = {**{KOHYA[n]: UNET + n + ".weight" for n in KOHYA}, **{COMFY[n]: UNET + n + ".weight" for n in COMFY}}
 
 

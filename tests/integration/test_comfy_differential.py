@@ -19,15 +19,16 @@ import subprocess
 
 import pytest
 import torch
-from comfy_differential_calls import module_from_state_dict, record, toy_lora, toy_state_dict
-from comfy_keymap import apply_lora, comfy_patchable_keys, comfy_unet_key_map
 from execution import run_node
 from safetensors.torch import load_file
 
 import lora_extract
 from lora_extract.extract.keys.lora_keys import keys_for_param
+from tests.support.comfy_differential_calls import module_from_state_dict, record, toy_lora, toy_state_dict
+from tests.support.comfy_keymap import apply_lora, comfy_patchable_keys, comfy_unet_key_map
+from tests.support.paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 COMFY_PYTHON = os.path.join(os.environ.get("COMFY_VENV", os.path.expanduser("~/comfyvenv")), "bin", "python")
 
@@ -41,8 +42,10 @@ def real(tmp_path_factory):
     assert os.path.isfile(os.path.join(COMFYUI_ROOT, "comfy", "lora.py")), f"{COMFYUI_ROOT} is no ComfyUI checkout"
     assert os.path.isfile(COMFY_PYTHON), f"{COMFY_PYTHON} missing: set COMFY_VENV to ComfyUI's venv"
     work = tmp_path_factory.mktemp("real_comfy")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([COMFY_PYTHON, os.path.join(ROOT, "tests", "comfy_differential_calls.py"),
+    # The child imports the pack by path (not from PYTHONPATH); the repository root on PYTHONPATH
+    # gives it ``tests.support`` (the shared toy models).
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": ROOT}
+    r = subprocess.run([COMFY_PYTHON, os.path.join(ROOT, "tests", "support", "comfy_differential_calls.py"),
                         COMFYUI_ROOT, ROOT, str(work)], capture_output=True, text=True, env=env,
                        cwd=str(work), timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

@@ -24,20 +24,20 @@ import subprocess
 
 import pytest
 import torch
-from diffusers_flux_model import flux_pair, flux_shapes
 from safetensors.torch import load_file, save_file
-from test_dora_output import _layers
 
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_to_file
 from lora_extract.extract.synthetic import make_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_to_file_v2
 from lora_extract.memory.planner import MemoryOptions
+from tests.extract.test_dora_output import _layers
+from tests.support.diffusers_flux_model import flux_pair, flux_shapes
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV")
 pytestmark = pytest.mark.skipif(not (ROOT and VENV), reason="COMFYUI_ROOT / COMFY_VENV not set (no real ComfyUI)")
-SCRIPT = os.path.join(os.path.dirname(__file__), "integration", "comfy_apply_lora.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_apply_lora.py")
 DM = "diffusion_model."
 
 

@@ -28,7 +28,7 @@ ARCHS = ("tiny_sd15", "tiny_sd3", "tiny_flux_like", "tiny_wan21")
 
 @pytest.fixture(scope="module")
 def server():
-    from integration.comfy_http import ComfyServer
+    from tests.integration.comfy_http import ComfyServer
 
     log = os.environ.get("COMFY_LOG", os.path.expanduser("~/comfyui-run/server.log"))
     s = ComfyServer(os.environ.get("COMFY_URL", "http://127.0.0.1:8188"), log)
@@ -121,7 +121,7 @@ def test_diffusers_named_flux_on_real_comfyui(server, route: str, tmp_path) -> N
     """A diffusers-named Flux pair (tests/integration/make_diffusers_flux.py) through UNETLoader:
     LoraExtract on the MODELs (comfy keys) or the command line on the files (diffusers keys),
     then LoraLoaderModelOnly; see integration/diffusers_flux_check.py for the checks."""
-    from integration.diffusers_flux_check import run_check
+    from tests.integration.diffusers_flux_check import run_check
 
     print(route, run_check(server, ROOT, route, str(tmp_path)))
 
@@ -221,7 +221,7 @@ TE_RANK = 8
 
 @pytest.fixture(scope="module")
 def te_reference():
-    from integration.te_checks import files_present, load_reference
+    from tests.integration.te_checks import files_present, load_reference
 
     if not files_present(ROOT):
         pytest.skip("tiny SD1.5 + CLIP-L models not generated (scripts/make_tiny_sd15_clip.py)")
@@ -238,7 +238,7 @@ def _extract_inputs(tag: str, style: str) -> dict:
 
 @pytest.mark.parametrize("node,style", [("LoraExtract", "comfy"), ("LoraExtractV2", "kohya")])
 def test_model_and_clip_pairs_from_checkpoints_on_real_comfyui(server, te_reference, node, style) -> None:
-    from integration.te_checks import CKPT, check_applied
+    from tests.integration.te_checks import CKPT, check_applied
 
     tag = f"itest_te_{node}_{style}_{int(time.time() * 1000)}"
     wf = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT.format("tuned")}},
@@ -267,7 +267,7 @@ def test_command_line_checkpoint_extraction_loads_in_real_comfyui(server, te_ref
     import subprocess
     import sys
 
-    from integration.te_checks import CKPT, check_applied
+    from tests.integration.te_checks import CKPT, check_applied
 
     tag = f"itest_te_cli_{style}_{int(time.time() * 1000)}"
     ckpts = [os.path.join(ROOT, "models", "checkpoints", CKPT.format(v)) for v in ("base", "tuned")]
@@ -286,7 +286,7 @@ def test_command_line_checkpoint_extraction_loads_in_real_comfyui(server, te_ref
 
 
 def test_clip_pair_alone_from_cliploader_on_real_comfyui(server, te_reference) -> None:
-    from integration.te_checks import CLIP, check_applied
+    from tests.integration.te_checks import CLIP, check_applied
 
     tag = f"itest_te_clip_{int(time.time() * 1000)}"
     wf = {str(i): {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP.format(v), "type": "stable_diffusion"}}

@@ -19,12 +19,13 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from tests.support.paths import repo_module
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV")
@@ -41,8 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def gguf_pairs() -> dict[str, tuple[str, str]]:
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
-    from gguf_files import write_gguf_pair_from_safetensors
+    write_gguf_pair_from_safetensors = repo_module("benchmarks/gguf_files.py").write_gguf_pair_from_safetensors
 
     models = os.path.join(ROOT, "models", "diffusion_models")
     base, tuned = (os.path.join(models, f"{ARCH}_{s}.safetensors") for s in ("base", "tuned"))
@@ -60,7 +60,7 @@ def test_reader_equals_comfyui_gguf(gguf_pairs, qtype: str, tmp_path) -> None:
     path = gguf_pairs[qtype][1]
     ref_file = str(tmp_path / "ref.safetensors")
     py = os.path.join(VENV, "bin", "python")
-    subprocess.run([py, os.path.join(HERE, "integration", "comfyui_gguf_dequant.py"), ROOT, GGUF_DIR,
+    subprocess.run([py, os.path.join(HERE, "comfyui_gguf_dequant.py"), ROOT, GGUF_DIR,
                     path, ref_file], check=True, capture_output=True, timeout=600)
     ref = load_file(ref_file)
     src = open_source(path)
@@ -76,7 +76,7 @@ def test_reader_equals_comfyui_gguf(gguf_pairs, qtype: str, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def server():
-    from integration.comfy_http import ComfyServer
+    from tests.integration.comfy_http import ComfyServer
 
     log = os.environ.get("COMFY_LOG", os.path.expanduser("~/comfyui-run/server.log"))
     s = ComfyServer(os.environ.get("COMFY_URL", "http://127.0.0.1:8188"), log)

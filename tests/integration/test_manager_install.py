@@ -24,10 +24,12 @@ import urllib.request
 
 import pytest
 
+from tests.support.paths import REPO_ROOT
+
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV", os.path.expanduser("~/comfyvenv"))
 PORT = int(os.environ.get("COMFY_INSTALL_PORT", "8195"))
-PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK = REPO_ROOT
 PACK_DIR_NAME = "ComfyUI-LoRA-Extract"
 
 pytestmark = [

@@ -23,8 +23,9 @@ import time
 
 import pytest
 import torch
-from quant_files import write_comfy_quant, write_scaled_fp8
 from safetensors.torch import load_file
+
+from tests.support.quant_files import write_comfy_quant, write_scaled_fp8
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(not ROOT, reason="COMFYUI_ROOT is not set (no real ComfyUI here)")
@@ -34,7 +35,7 @@ RANK = 8
 
 @pytest.fixture(scope="module")
 def server():
-    from integration.comfy_http import ComfyServer
+    from tests.integration.comfy_http import ComfyServer
 
     log = os.environ.get("COMFY_LOG", os.path.expanduser("~/comfyui-run/server.log"))
     s = ComfyServer(os.environ.get("COMFY_URL", "http://127.0.0.1:8188"), log)

@@ -17,16 +17,16 @@ import subprocess
 
 import pytest
 import torch
-from quant_files import mxfp8_example, nvfp4_example, write_comfy_quant, write_scaled_fp8
 from safetensors.torch import load_file, save_file
 
 from lora_extract.extract.sources import open_source
+from tests.support.quant_files import mxfp8_example, nvfp4_example, write_comfy_quant, write_scaled_fp8
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV")
 pytestmark = pytest.mark.skipif(not (ROOT and VENV),
                                 reason="COMFYUI_ROOT / COMFY_VENV not set (no real ComfyUI here)")
-SCRIPT = os.path.join(os.path.dirname(__file__), "integration", "comfy_dequant.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_dequant.py")
 
 
 PRELUDE = ("import importlib, sys; sys.path.insert(0, '.'); import comfy.cli_args; "

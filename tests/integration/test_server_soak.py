@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
+
+from tests.support.paths import repo_module
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(not ROOT, reason="COMFYUI_ROOT is not set (no real ComfyUI here)")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "scripts"))
 
 
 def test_runs_in_a_row_finish_with_v1_files_and_flat_memory(tmp_path) -> None:
-    import server_soak
+    server_soak = repo_module("scripts/server_soak.py")
 
     url = os.environ.get("COMFY_URL", "http://127.0.0.1:8188")
     try:
@@ -51,7 +50,7 @@ def test_runs_in_a_row_finish_with_v1_files_and_flat_memory(tmp_path) -> None:
 def test_cancel_on_the_real_server_stops_within_two_seconds_and_writes_nothing(node: str) -> None:
     import time
 
-    import server_soak
+    server_soak = repo_module("scripts/server_soak.py")
 
     url = os.environ.get("COMFY_URL", "http://127.0.0.1:8188")
     try:

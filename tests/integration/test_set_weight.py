@@ -27,13 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_to_file
 from lora_extract.extract.pair_output import NONLEAF_NOTE
+from tests.support.paths import REPO_ROOT
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 VENV = os.environ.get("COMFY_VENV")
 pytestmark = pytest.mark.skipif(not (ROOT and VENV), reason="COMFYUI_ROOT / COMFY_VENV not set (no real ComfyUI)")
-HERE = os.path.dirname(__file__)
-SCRIPT = os.path.join(HERE, "integration", "comfy_patch_model.py")
-MAKER = os.path.join(os.path.dirname(HERE), "scripts", "comfyui", "make_tiny_models.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_patch_model.py")
+MAKER = os.path.join(REPO_ROOT, "scripts", "comfyui", "make_tiny_models.py")
 DROPPED = ("blocks.1.cross_attn.o.weight", "blocks.1.ffn.0.bias")
 ADDED = "blocks.0.extra_proj.weight"
 

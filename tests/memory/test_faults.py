@@ -13,7 +13,6 @@ import os
 import threading
 
 import pytest
-from fault_injection import NewComfyInterrupt, fail_on_call, fill_disk_after, new_threads
 
 import lora_extract.extract.pipeline as pipeline
 import lora_extract.memory.cache as cache_mod
@@ -22,6 +21,7 @@ import lora_extract.memory.manager as manager
 import lora_extract.memory.planner as planner
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource
 from lora_extract.extract.synthetic import demo_layers, make_pair
+from tests.support.fault_injection import NewComfyInterrupt, fail_on_call, fill_disk_after, new_threads
 
 N_LAYERS = len(demo_layers(24))
 

@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-from fault_injection import fail_on_call
 
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
 from lora_extract.extract.synthetic import LayerSpec, demo_layers, make_pair
@@ -17,6 +16,7 @@ from lora_extract.memory.buffers import PoolClosed, StagingPool
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2, extract_to_file_v2
 from lora_extract.memory.planner import MemoryOptions
+from tests.support.fault_injection import fail_on_call
 
 GIB = 2**30
 

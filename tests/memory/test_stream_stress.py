@@ -13,9 +13,9 @@ import threading
 
 import pytest
 import torch
-from stream_stress import Hang, make_models, run_trial
 
 from lora_extract.memory.buffers import PoolClosed, StagingPool
+from tests.support.stream_stress import Hang, make_models, run_trial
 
 RUNS = int(os.environ.get("LORA_EXTRACT_STRESS_RUNS", "800"))
 

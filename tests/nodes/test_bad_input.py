@@ -14,10 +14,10 @@ import folder_paths
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
-from helpers import module_from_state_dict, patched_pair
-from test_node_extract import _run
 
 from lora_extract.extract import ExtractionInputError, NothingToExtract
+from tests.nodes.test_extract_node import _run
+from tests.support.helpers import module_from_state_dict, patched_pair
 
 
 @pytest.fixture(scope="module")

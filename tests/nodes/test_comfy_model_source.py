@@ -106,11 +106,10 @@ def test_weights_come_in_float32_unless_another_dtype_is_asked_for() -> None:
 
 
 def test_nan_in_a_connected_model_or_clip_names_its_input() -> None:
-    from te_helpers import SD1ClipModel, make_clip
-
     from lora_extract.extract.errors import ExtractionInputError
     from lora_extract.extract.pairing import load_difference
     from lora_extract.nodes.comfy_adapter import ComfyClipSource
+    from tests.support.te_helpers import SD1ClipModel, make_clip
 
     patcher = ModelPatcher(Net(torch.randn(4, 4) * 0.1), torch.device("cpu"), torch.device("cpu"))
     tuned = patcher.clone()
@@ -153,9 +152,8 @@ def test_something_else_on_a_clip_input_is_one_clear_error(obj) -> None:
 
 @pytest.mark.parametrize("family", ["SD1ClipModel", "SDXLClipModel"])
 def test_clip_l_projection_is_left_out_of_sd1_and_sdxl_clips_with_the_reason(family: str) -> None:
-    import te_helpers
-
     from lora_extract.nodes.comfy_adapter import ComfyClipSource
+    from tests.support import te_helpers
 
     src = ComfyClipSource(te_helpers.make_clip(getattr(te_helpers, family), seed=1), "finetuned_clip")
     assert src.left_out_keys() == {

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
-from quant_files import mxfp8_example, nvfp4_example, write_comfy_quant, write_scaled_fp8
 from safetensors.torch import save_file
 
 from lora_extract.extract.config import ExtractConfig
@@ -23,6 +22,7 @@ from lora_extract.extract.pipeline import extract_lora
 from lora_extract.extract.source_info import describe, format_of, quantization_noise
 from lora_extract.extract.sources import open_source
 from lora_extract.nodes.comfy_adapter import ComfyModelSource
+from tests.support.quant_files import mxfp8_example, nvfp4_example, write_comfy_quant, write_scaled_fp8
 
 
 def fp8_noise_oracle(codes: torch.Tensor, scale: float) -> float:

@@ -9,11 +9,12 @@ import os
 
 import folder_paths
 import pytest
-from workflow_check import check_api, check_ui, load_definitions, ui_to_api
 
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.paths import REPO_ROOT
+from tests.support.workflow_check import check_api, check_ui, load_definitions, ui_to_api
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 WF_DIR = os.path.join(ROOT, "example_workflows")
 UI_FILES = sorted(f for f in os.listdir(WF_DIR) if f.endswith(".json"))
 

@@ -10,12 +10,12 @@ import comfy.utils
 import folder_paths
 import pytest
 import torch
-from comfy_keymap import apply_lora
 from execution import run_node
-from helpers import patched_pair
 from safetensors.torch import load_file
 
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.comfy_keymap import apply_lora
+from tests.support.helpers import patched_pair
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import comfy.model_management
 import comfy.utils
 import pytest
 import torch
-from comfy_keymap import apply_lora
 from execution import run_node
-from helpers import call_node, patched_pair
 from safetensors.torch import load_file
 
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.comfy_keymap import apply_lora
+from tests.support.helpers import call_node, patched_pair
 
 V1_DEFAULTS = dict(filename_prefix="loras/ComfyUI_extracted_lora", rank=8, lora_type="standard",
                    algorithm="svd_linalg", lowrank_iters=7, output_dtype="fp16", bias_diff=True,

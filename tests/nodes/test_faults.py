@@ -10,12 +10,12 @@ from __future__ import annotations
 import comfy.model_management as mm
 import pytest
 import torch
-from fault_injection import NewComfyInterrupt, OnNthCall, files_under
-from helpers import call_node, patched_pair
-from test_node_extract import _run
 
 import lora_extract.extract.pipeline as pipeline
 from lora_extract.extract import ExtractionInputError
+from tests.nodes.test_extract_node import _run
+from tests.support.fault_injection import NewComfyInterrupt, OnNthCall, files_under
+from tests.support.helpers import call_node, patched_pair
 
 
 @pytest.fixture(scope="module")

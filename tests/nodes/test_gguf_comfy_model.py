@@ -1,10 +1,9 @@
-"""MODELs loaded by ComfyUI-GGUF (stand-in: tests/gguf_mimic) read as the float weights it
+"""MODELs loaded by ComfyUI-GGUF (stand-in: tests/support/gguf_mimic) read as the float weights it
 dequantizes: real shapes, no placeholder keys, patches applied, extraction at the optimum."""
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import numpy as np
@@ -16,9 +15,9 @@ pytest.importorskip("gguf")
 from lora_extract.extract import ExtractConfig, extract_lora  # noqa: E402
 from lora_extract.extract.gguf_source import GGUFSource  # noqa: E402
 from lora_extract.nodes.comfy_adapter import ComfyModelSource  # noqa: E402
+from tests.support.paths import repo_module
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from gguf_files import write_gguf  # noqa: E402
+write_gguf = repo_module("benchmarks/gguf_files.py").write_gguf
 
 P = "diffusion_model."
 
@@ -42,7 +41,7 @@ def files(tmp_path):
 
 
 def _load(path: str):
-    from gguf_mimic.loader import load_gguf_model
+    from tests.support.gguf_mimic.loader import load_gguf_model
 
     return load_gguf_model(path)
 
@@ -53,8 +52,8 @@ def test_gguf_model_reads_as_the_file(files, own_dequantizer: bool, monkeypatch)
     file's reference dequantization bit for bit: through ComfyUI-GGUF's dequantize_tensor
     (float32 setting), or our own when its module is not importable."""
     if not own_dequantizer:
-        import gguf_mimic.ops  # noqa: F401  (the class stays; its dequant module goes)
-        monkeypatch.delitem(sys.modules, "gguf_mimic.dequant")
+        import tests.support.gguf_mimic.ops  # noqa: F401  (the class stays; its dequant module goes)
+        monkeypatch.delitem(sys.modules, "tests.support.gguf_mimic.dequant")
     for path in files:
         patcher = _load(path)
         assert any(k.endswith("temp.weight") for k in patcher.model_state_dict())

@@ -15,8 +15,6 @@ import comfy.utils
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
-from emulated_cuda import on_device
-from helpers import call_node, module_from_state_dict
 from safetensors.torch import load_file
 
 from lora_extract.extract import ExtractConfig, StateDictSource, extract_lora
@@ -27,6 +25,8 @@ from lora_extract.memory.planner import MemoryOptions
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyModelSource
 from lora_extract.validation.validate import validate_lora
+from tests.support.emulated_cuda import on_device
+from tests.support.helpers import call_node, module_from_state_dict
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")

@@ -9,11 +9,11 @@ import comfy.sd
 import pytest
 import torch
 from comfy.sd import CLIP, ClipTarget
-from helpers import call_node, make_toy_patcher
 from safetensors.torch import save_file
 
 from lora_extract.extract import ExtractionInputError
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.helpers import call_node, make_toy_patcher
 
 P = "diffusion_model."
 NAME = "toy_lora.safetensors"

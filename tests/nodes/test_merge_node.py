@@ -7,12 +7,12 @@ import folder_paths
 import numpy as np
 import pytest
 import torch
-from helpers import call_node
 from safetensors.torch import load_file, save_file
-from test_resize_fixtures import kohya_layer, lora_pair, make_base, spectrum
 
 from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.helpers import call_node
+from tests.support.resize_fixtures import kohya_layer, lora_pair, make_base, spectrum
 
 PREFIX = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 

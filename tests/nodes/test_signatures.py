@@ -14,6 +14,7 @@ import inspect
 import pytest
 
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.paths import REPO_ROOT
 
 SECTIONS = ("required", "optional")
 
@@ -58,7 +59,7 @@ def _readme_defaults() -> dict[str, str]:
     import os
     import re
 
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "nodes.md")).read()
+    readme = open(os.path.join(REPO_ROOT, "docs", "nodes.md")).read()
     table = readme[readme.index("| input | default | meaning |"):]
     table = table[: table.index("\n\n")]
     out = {}

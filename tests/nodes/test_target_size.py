@@ -6,10 +6,10 @@ import os
 
 import comfy.utils
 import pytest
-from helpers import call_node, patched_pair
 
 from lora_extract.extract import ExtractionInputError
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.support.helpers import call_node, patched_pair
 
 BASE = dict(filename_prefix="loras/sized", rank=16, lora_type="standard",
             algorithm="svd_linalg", lowrank_iters=7, output_dtype="fp16", bias_diff=True,

@@ -9,14 +9,14 @@ import os
 import comfy.lora
 import pytest
 import torch
-from helpers import call_node, optimal_rel_error, patched_pair
 from safetensors.torch import load_file
-from te_helpers import SD1ClipModel, SD3ClipModel, SDXLClipModel, make_clip, tuned_clip
 
 from lora_extract.extract import ExtractionInputError
 from lora_extract.extract.keys.te_keys import encoders_in, lora_keys_for
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.comfy_adapter import ComfyClipSource
+from tests.support.helpers import call_node, optimal_rel_error, patched_pair
+from tests.support.te_helpers import SD1ClipModel, SD3ClipModel, SDXLClipModel, make_clip, tuned_clip
 
 V1_DEFAULTS = dict(filename_prefix="loras/te", rank=8, lora_type="standard", algorithm="svd_linalg",
                    lowrank_iters=7, output_dtype="fp32", bias_diff=True, adaptive_param=0.15,

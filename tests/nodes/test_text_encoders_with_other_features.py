@@ -9,9 +9,6 @@ import comfy.lora
 import pytest
 import torch
 from safetensors.torch import load_file
-from te_helpers import SD1ClipModel, SD3ClipModel, SDXLClipModel, make_clip, tuned_clip
-from test_text_encoder_checkpoints import _write_checkpoints
-from test_text_encoders import _extract
 
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, ExtractionInputError
@@ -19,6 +16,9 @@ from lora_extract.extract.keys.te_keys import TE_UNMAPPED_NOTE, encoders_in, lor
 from lora_extract.extract.pairing import plan_pair
 from lora_extract.extract.pipeline import extract_lora
 from lora_extract.nodes.model_inputs import node_sources
+from tests.extract.keys.test_text_encoder_checkpoints import _write_checkpoints
+from tests.nodes.test_text_encoders import _extract
+from tests.support.te_helpers import SD1ClipModel, SD3ClipModel, SDXLClipModel, make_clip, tuned_clip
 
 MIB = 2**20
 
@@ -80,7 +80,7 @@ def test_clip_pair_alone_resolves_auto_to_comfy_and_refuses_diffusers(comfy_dirs
 def test_text_encoder_labels_do_not_change_the_naming_detected(comfy_dirs) -> None:
     """A ComfyUI-named model with a CLIP: auto is comfy, and the text encoders' names never make
     the input look diffusers-named (no diffusers note, no flagged layer)."""
-    from helpers import patched_pair
+    from tests.support.helpers import patched_pair
 
     _b, _t, patcher, tuned_patcher = patched_pair(width=32, seed=2)
     base = make_clip(SDXLClipModel, seed=5)
@@ -95,7 +95,7 @@ def test_text_encoder_labels_do_not_change_the_naming_detected(comfy_dirs) -> No
 def test_size_budget_covers_the_text_encoders_with_their_own_cap(comfy_dirs) -> None:
     """target_size_mb with a MODEL and a CLIP pair: the file fits, every text-encoder layer is
     allocated a rank no higher than text_encoder_rank, and both parts get layers."""
-    from helpers import patched_pair
+    from tests.support.helpers import patched_pair
 
     _b, _t, patcher, tuned_patcher = patched_pair(width=64, seed=2)
     base = make_clip(SD1ClipModel, seed=3)

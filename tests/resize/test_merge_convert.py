@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
 
 from lora_extract.cli import main
 from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
 from lora_extract.resize.adapters import DenseModule, dense_change
 from lora_extract.resize.block_weights import block_factor, parse_block_weights
+from tests.support.resize_fixtures import UNET, kohya_layer, lora_pair, make_base, spectrum
 
 ATTN1 = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 FF = "input_blocks.4.1.transformer_blocks.0.ff.net.0.proj"

@@ -8,15 +8,15 @@ import os
 
 import pytest
 import torch
-from comfy_keymap import apply_lora
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_resize_fixtures import BASE_SHAPES, UNET, kohya_layer, lora_pair, make_base, spectrum
 
 from lora_extract.cli import main
 from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.resize import BaseModel, ResizeOptions, open_lora_input, parse_recipes, resize_lora
 from lora_extract.resize.norm_cache import CACHE_SUFFIX, cache_path, default_cache_dir
+from tests.support.comfy_keymap import apply_lora
+from tests.support.resize_fixtures import BASE_SHAPES, UNET, kohya_layer, lora_pair, make_base, spectrum
 
 ATTN1 = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 ATTN2 = "input_blocks.4.1.transformer_blocks.0.attn2.to_k"

@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from helpers import matrix_with_spectrum
-from test_resize_fixtures import lora_pair, spectrum
 
 from lora_extract.extract.errors import ExtractionInputError
 from lora_extract.extract.rank_rules import select_rank
@@ -21,6 +19,8 @@ from lora_extract.resize.decompose import (
 )
 from lora_extract.resize.recipe import parse_recipe, parse_recipes
 from lora_extract.resize.scoring import bytes_per_dim, layer_scores, select
+from tests.support.helpers import matrix_with_spectrum
+from tests.support.resize_fixtures import lora_pair, spectrum
 
 
 @pytest.mark.parametrize("out,inn,r", [

@@ -14,14 +14,15 @@ import comfy.weight_adapter
 import pytest
 import torch
 import torch.nn.functional as F
-from comfy_keymap import (
+
+from tests.support.comfy_keymap import (
     LoraMergeError,
     apply_lora,
     comfy_patchable_keys,
     comfy_unet_key_map,
     unloaded_lora_keys,
 )
-from helpers import ToyBase, make_toy_patcher
+from tests.support.helpers import ToyBase, make_toy_patcher
 
 pytestmark = pytest.mark.usefixtures("fresh_comfy_stub")
 

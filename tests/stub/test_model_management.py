@@ -6,7 +6,8 @@ from __future__ import annotations
 import comfy.model_management as mm
 import pytest
 import torch
-from helpers import make_toy_patcher
+
+from tests.support.helpers import make_toy_patcher
 
 pytestmark = pytest.mark.usefixtures("fresh_comfy_stub")
 

@@ -9,7 +9,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import pytest
 import torch
-from helpers import make_toy_patcher
+
+from tests.support.helpers import make_toy_patcher
 
 pytestmark = pytest.mark.usefixtures("fresh_comfy_stub")
 

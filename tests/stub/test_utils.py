@@ -7,7 +7,8 @@ import comfy.float
 import comfy.utils
 import pytest
 import torch
-from helpers import ToyBase
+
+from tests.support.helpers import ToyBase
 
 pytestmark = pytest.mark.usefixtures("fresh_comfy_stub")
 

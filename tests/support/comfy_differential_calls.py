@@ -85,8 +85,8 @@ def toy_lora():
 
 
 def module_from_state_dict(sd):
-    # tests/ is this script's folder, so on sys.path in the subprocess too; helpers needs torch only.
-    from helpers import module_from_state_dict as tree
+    # In the subprocess the repository root is on PYTHONPATH (the test sets it); helpers needs torch only.
+    from tests.support.helpers import module_from_state_dict as tree
 
     root = tree(sd, buffers=("sigmas",))
     # What model_lora_keys_unet reads besides the state dict: no UNet config, no aliases.

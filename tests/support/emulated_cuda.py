@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from emulated_cuda_api import fake_cuda_functions
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from tests.support.emulated_cuda_api import fake_cuda_functions
 
 CUDA0 = torch.device("cuda", 0)
 MIXED_DEVICES = ("Expected all tensors to be on the same device, but found at least two devices, "

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 import torch
-from helpers import matrix_with_spectrum
 from safetensors.torch import save_file
+
+from tests.support.helpers import matrix_with_spectrum
 
 UNET = "model.diffusion_model."
 TE1 = "conditioner.embedders.0.transformer.text_model.encoder.layers.0."

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 import torch
-from emulated_cuda import MIXED_DEVICES, emulated_cuda, on_device
+
+from tests.support.emulated_cuda import MIXED_DEVICES, emulated_cuda, on_device
 
 
 def test_moves_mark_tensors_and_mixing_raises_cudas_error(emulated_gpu) -> None:

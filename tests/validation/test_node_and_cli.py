@@ -11,7 +11,6 @@ import folder_paths
 import pytest
 import torch
 from comfy.model_patcher import ModelPatcher
-from helpers import call_node, module_from_state_dict
 from safetensors.torch import save_file
 
 from lora_extract.charts import HEIGHT, WIDTH
@@ -20,6 +19,7 @@ from lora_extract.extract import ExtractionInputError
 from lora_extract.extract.synthetic import LayerSpec, make_pair, write_pair
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from lora_extract.nodes.validate_node import FROM_PATH
+from tests.support.helpers import call_node, module_from_state_dict
 
 LAYERS = [
     LayerSpec("diffusion_model.input_blocks.1.1.proj_in.weight", (32, 32), 4),

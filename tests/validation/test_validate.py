@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from comfy_keymap import apply_lora, unloaded_lora_keys
-from helpers import matrix_with_spectrum, optimal_rel_error
 
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
 from lora_extract.validation.lora_apply import index_lora, patched_weight
 from lora_extract.validation.report import quality_band
 from lora_extract.validation.validate import validate_lora
+from tests.support.comfy_keymap import apply_lora, unloaded_lora_keys
+from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
 
 P = "diffusion_model."
 SHAPES = {

@@ -11,7 +11,9 @@ import subprocess
 
 import pytest
 
-WEB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
+from tests.support.paths import REPO_ROOT
+
+WEB = os.path.join(REPO_ROOT, "web")
 JS_FILES = sorted(f for f in os.listdir(WEB) if f.endswith(".js"))
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node.js is not installed")

@@ -8,13 +8,13 @@ same tensors, the same used bytes.
 from __future__ import annotations
 
 import torch
-from quant_files import write_scaled_fp8
 from safetensors.torch import load_file
 
 from lora_extract.extract.config import ExtractConfig
 from lora_extract.extract.pipeline import extract_to_file
 from lora_extract.extract.report import STATUS_LORA, STATUS_SKIPPED
 from lora_extract.extract.sources import open_source
+from tests.support.quant_files import write_scaled_fp8
 
 NOISE_KEY = "blocks.9.noise.weight"
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_size_target import CAP, LAYERS, MIB, cfg_for, constructed_pair, rel_sq, unit_bytes
 
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
@@ -26,6 +25,15 @@ from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
+from tests.extract.budget.test_size_target import (
+    CAP,
+    LAYERS,
+    MIB,
+    cfg_for,
+    constructed_pair,
+    rel_sq,
+    unit_bytes,
+)
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 

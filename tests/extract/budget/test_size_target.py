@@ -10,7 +10,6 @@ import struct
 
 import pytest
 import torch
-from helpers import matrix_with_spectrum
 
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
 from lora_extract.extract.budget.allocate import BudgetTooSmall
@@ -19,6 +18,7 @@ from lora_extract.extract.synthetic import demo_layers, make_pair
 from lora_extract.memory.cache import ResidentCache
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from tests.support.helpers import matrix_with_spectrum
 
 MIB = 1 << 20
 CAP = 4

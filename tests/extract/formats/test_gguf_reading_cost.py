@@ -139,7 +139,7 @@ def test_read_tensors_do_not_stay_resident(tmp_path) -> None:
 def test_device_reads_dequantize_on_the_device_and_equal_cpu_reads(tmp_path) -> None:
     """On an accelerator (emulated here) only the codes are moved, every type's kernels run
     whole on the device, and the values equal the CPU's chunked ones bit for bit."""
-    from emulated_cuda import emulated_cuda, on_device
+    from tests.support.emulated_cuda import emulated_cuda, on_device
 
     rng = np.random.default_rng(8)
     x = rng.standard_normal((64, 512)).astype(np.float32)

@@ -4,7 +4,6 @@ ComfyUI-GGUF gives them, their rounding noise estimated, and unknown types refus
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import numpy as np
@@ -22,9 +21,10 @@ from lora_extract.extract.gguf_dequant import (  # noqa: E402
     rounding_steps,
 )
 from lora_extract.extract.gguf_source import GGUFSource  # noqa: E402
+from tests.support.paths import repo_module  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from gguf_files import quantize_q6_k, write_gguf  # noqa: E402
+gguf_files = repo_module("benchmarks/gguf_files.py")
+quantize_q6_k, write_gguf = gguf_files.quantize_q6_k, gguf_files.write_gguf
 
 QT = gguf.GGMLQuantizationType
 ALL_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")

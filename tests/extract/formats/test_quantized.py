@@ -11,14 +11,6 @@ import os
 
 import pytest
 import torch
-from helpers import optimal_rel_error
-from quant_files import (
-    fp8_quantize,
-    mxfp8_example,
-    nvfp4_example,
-    write_comfy_quant,
-    write_scaled_fp8,
-)
 from safetensors.torch import load_file, save_file
 
 from lora_extract.cli.main import main
@@ -28,6 +20,14 @@ from lora_extract.extract.formats.quantized import QuantizedSource
 from lora_extract.extract.formats.sharded import ShardedSafetensorsSource
 from lora_extract.extract.source_info import describe, format_of, quantization_noise
 from lora_extract.extract.sources import SafetensorsSource, has_raw_reads, open_source
+from tests.support.helpers import optimal_rel_error
+from tests.support.quant_files import (
+    fp8_quantize,
+    mxfp8_example,
+    nvfp4_example,
+    write_comfy_quant,
+    write_scaled_fp8,
+)
 
 
 def _weights(seed: int = 0, n: int = 3, shape: tuple[int, int] = (64, 48)) -> dict[str, torch.Tensor]:

@@ -10,8 +10,6 @@ import math
 
 import pytest
 import torch
-from comfy_flux_diffusers import convert_diffusers_flux, flux_lora_key_map, flux_map_for, load_and_apply
-from diffusers_flux_model import flux_pair, flux_shapes
 
 from lora_extract.extract import ExtractConfig, ExtractionInputError, StateDictSource, extract_lora
 from lora_extract.extract.keys.diffusers_keys import (
@@ -23,6 +21,13 @@ from lora_extract.extract.keys.diffusers_keys import (
 from lora_extract.extract.keys.lora_keys import keys_for_param
 from lora_extract.memory.manager import extract_lora_v2
 from lora_extract.memory.planner import MemoryOptions
+from tests.support.comfy_flux_diffusers import (
+    convert_diffusers_flux,
+    flux_lora_key_map,
+    flux_map_for,
+    load_and_apply,
+)
+from tests.support.diffusers_flux_model import flux_pair, flux_shapes
 
 RANK = 6
 

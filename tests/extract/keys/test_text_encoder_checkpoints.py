@@ -9,7 +9,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from te_helpers import (
+
+from lora_extract.cli import main
+from lora_extract.extract.sources import StateDictSource
+from lora_extract.extract.te_sources import TextEncoderView
+from lora_extract.nodes.comfy_adapter import ComfyClipSource
+from tests.nodes.test_text_encoders import _load_into_clip
+from tests.support.te_helpers import (
     SD1ClipModel,
     SD3ClipModel,
     SDXLClipModel,
@@ -17,12 +23,6 @@ from te_helpers import (
     low_rank_deltas,
     make_clip,
 )
-from test_text_encoders import _load_into_clip
-
-from lora_extract.cli import main
-from lora_extract.extract.sources import StateDictSource
-from lora_extract.extract.te_sources import TextEncoderView
-from lora_extract.nodes.comfy_adapter import ComfyClipSource
 
 FAMILIES = {"sd1": SD1ClipModel, "sdxl": SDXLClipModel, "sd3": SD3ClipModel}
 UNET_PREFIX = {"sd1": "model.diffusion_model.", "sdxl": "model.diffusion_model.",
