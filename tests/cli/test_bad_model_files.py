@@ -1,6 +1,6 @@
 """Bad model files through the command line: one clear line, exit 2, and no output file.
 
-tests/test_sources.py checks that the reader refuses each broken file; here every broken file
+tests/extract/test_sources.py checks that the reader refuses each broken file; here every broken file
 goes through a whole ``lora-extract extract`` run, as base and as fine-tuned model, and the
 output folder must stay empty (no partial file, no temporary file).
 """

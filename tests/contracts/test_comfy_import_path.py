@@ -33,7 +33,8 @@ ROOT = REPO_ROOT
 STUB = os.path.join(ROOT, "tests", "comfy_stub")
 
 # Runs in ``python -I -S``: no site-packages .pth files (so no editable-install finder), no
-# PYTHONPATH, no user site, cwd elsewhere. argv: pack folder, then extra sys.path entries.
+# PYTHONPATH, no user site, cwd elsewhere. argv: pack folder, then extra sys.path entries (the
+# child stands in for ComfyUI, which puts its folders on sys.path itself; -I ignores PYTHONPATH).
 CHILD = r"""
 import importlib.util, json, os, sys
 module_path, *paths = sys.argv[1:]

@@ -1,6 +1,6 @@
 """Every path that places tensors, run with ``device="cuda"`` on the emulated accelerator.
 
-``tests/emulated_cuda.py`` marks tensors moved to the device and raises CUDA's own error when a
+``tests/support/emulated_cuda.py`` marks tensors moved to the device and raises CUDA's own error when a
 device tensor meets a CPU tensor, so a misplaced tensor fails here as it fails on a GPU (the
 first GPU run crashed on: ``stored.float() - diff`` in ``process_pair``). Results must match a CPU
 run, and what is written must be plain CPU tensors.
@@ -91,7 +91,7 @@ def test_randomized_svd_on_the_device(emulated_gpu) -> None:
                          MemoryOptions(mode="aggressive"), cache=ResidentCache()).result
     # On CUDA the power iterations run in bfloat16 (decompose.power_dtype), so the factors are
     # not the CPU's bit for bit: the same ranks, host tensors, and errors within 1.001x of the
-    # CPU run's (which is within 1.001x of the optimum, test_randomized_accuracy.py).
+    # CPU run's (which is within 1.001x of the optimum, extract/test_randomized_accuracy.py).
     for out in (v1, v2):
         assert list(out.tensors) == list(ref.tensors)
         assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in out.tensors.values())

@@ -41,7 +41,7 @@ def test_project_metadata_the_registry_requires() -> None:
     # name: < 100 chars, alphanumerics, '-', '_', '.', no leading digit or special character
     assert re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,98}", project["name"])
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
-    # [project.urls] is added when publishing (CONTRIBUTING.md); (tests/test_docs.py: no placeholder)
+    # [project.urls] is added when publishing (CONTRIBUTING.md); (tests/contracts/test_docs.py: no placeholder)
     for url in project.get("urls", {}).values():
         assert url.startswith("https://"), url
     assert project["license"] and project["description"]

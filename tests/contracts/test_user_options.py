@@ -404,7 +404,7 @@ def test_config_cannot_change_during_a_run() -> None:
 @pytest.mark.parametrize("fmt", LORA_KEY_FORMATS, ids=lambda f: f[0])
 def test_validate_reads_every_lora_format_comfyui_reads(validate_files, fmt) -> None:
     """A LoRA written with any up/down suffix pair ComfyUI's adapter accepts is validated as
-    complete. The formats come from tests/comfy_keymap.py (ComfyUI's list, written out
+    complete. The formats come from tests/support/comfy_keymap.py (ComfyUI's list, written out
     independently), so a format dropped from the pack's list leaves its layers unmatched."""
     tmp_path, bp, tp, good = validate_files
     up, down, _mid = fmt

@@ -1,9 +1,9 @@
 """DoRA output of extraction, against ComfyUI's DoRA formula as the resizer computes it.
 
 Oracle: ``resize.adapters.dense_change`` (ComfyUI's ``weight_decompose`` re-written for the
-resizer and proven against the real ComfyUI in ``test_integration_comfy_adapters.py``), applied
+resizer and proven against the real ComfyUI in ``integration/test_comfy_adapters.py``), applied
 to the tensors we write. The real ComfyUI's own loader is run on our files in
-``test_integration_comfy_dora.py``.
+``integration/test_comfy_dora.py``.
 """
 
 from __future__ import annotations

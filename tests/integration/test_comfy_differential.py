@@ -1,14 +1,14 @@
 """The stub against the real ComfyUI: same calls, same results (skipped unless COMFYUI_ROOT is set).
 
-``tests/comfy_differential_calls.py`` makes the calls the pack and its tests rely on (key maps,
+``tests/support/comfy_differential_calls.py`` makes the calls the pack and its tests rely on (key maps,
 LoRA loading, patched weights, loading a model, the pack's model reader, device and interrupt
 handling, the progress hook, and the LoraExtract node itself) once here against the stub and
 once in a subprocess with ComfyUI's Python (``$COMFY_VENV/bin/python``, default
 ~/comfyvenv, where ``scripts/comfyui/setup_comfyui.sh`` puts it) against ``$COMFYUI_ROOT``'s real ``comfy`` package, in-process with no server.
-This test compares the two, and checks ``tests/comfy_keymap.py`` and the keys the pack writes
+This test compares the two, and checks ``tests/support/comfy_keymap.py`` and the keys the pack writes
 against ComfyUI's key maps of real (tiny) SD1.5 and SD3 models.
 
-    COMFYUI_ROOT=~/comfyui python -m pytest tests/test_comfy_differential.py
+    COMFYUI_ROOT=~/comfyui python -m pytest tests/integration/test_comfy_differential.py
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def test_comfy_keymap_applies_loras_as_comfyui_does(real, caplog) -> None:
 STUB_VERSION = "0.3.64"
 KNOWN_NEWER_DIFFERENCES = {
     "interrupt_is_exception": "InterruptProcessingException became a BaseException after 0.3.64 "
-                              "(tests/test_faults_node.py runs the nodes with both)",
+                              "(tests/nodes/test_faults.py runs the nodes with both)",
 }
 
 
@@ -174,7 +174,7 @@ def test_key_maps_of_real_models_accept_what_the_pack_writes(real, arch: str) ->
             continue
         path = key[len("diffusion_model."):]
         # The styles the pack writes for a ComfyUI-named model (diffusers is refused there and
-        # checked against a diffusers-named Flux pair in test_integration_comfyui.py; auto
+        # checked against a diffusers-named Flux pair in integration/test_comfyui_server.py; auto
         # resolves to comfy).
         for style in ("comfy", "kohya"):
             lk, role = keys_for_param(path, style, module_has_weight=True)

@@ -13,7 +13,7 @@ base weights with our file in a subprocess (``integration/comfy_apply_lora.py``)
 The key map given to the loader is ComfyUI's generic one (``diffusion_model.<module>`` and
 ``lora_unet_<module>`` for every ``.weight``, the full key for other parameters); for the
 diffusers style each ``transformer.<module>`` prefix is mapped onto the diffusers-named weight
-(ComfyUI's Flux key map is exercised by the server test, ``test_integration_comfyui.py``).
+(ComfyUI's Flux key map is exercised by the server test, ``integration/test_comfyui_server.py``).
 """
 
 from __future__ import annotations

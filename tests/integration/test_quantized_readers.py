@@ -29,6 +29,8 @@ pytestmark = pytest.mark.skipif(not (ROOT and VENV),
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_dequant.py")
 
 
+# Runs inside the real ComfyUI (cwd is its checkout), which must be on sys.path as its own main.py
+# puts it: the one place a child edits sys.path.
 PRELUDE = ("import importlib, sys; sys.path.insert(0, '.'); import comfy.cli_args; "
            "comfy.cli_args.args.cpu = True; ")
 

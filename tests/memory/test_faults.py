@@ -3,7 +3,7 @@
 An exception, Ctrl-C or a BaseException-style ComfyUI cancel at any layer, or while the
 streamer reads ahead, reaches the caller unchanged, leaves no file and no thread behind; a full
 disk while writing is one clear error. (Out-of-memory degradation of V2 is checked in
-tests/test_memory_runtime.py.)
+tests/memory/test_runtime.py.)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Randomized stress of the V2 streaming machinery: no hang, every buffer back, V1's results.
 
-See tests/stream_stress.py for what a trial randomizes. CI runs ``LORA_EXTRACT_STRESS_RUNS``
-trials (default 800: 21 s on an idle 2-core machine, 50 s on a loaded one); ``python tests/stream_stress.py --runs 5000``
+See tests/support/stream_stress.py for what a trial randomizes. CI runs ``LORA_EXTRACT_STRESS_RUNS``
+trials (default 800: 21 s on an idle 2-core machine, 50 s on a loaded one); ``python tests/support/stream_stress.py --runs 5000``
 runs more. Before the staging pool stopped making the reader wait for its own batch, this found
 the hang within about 100 trials at the planner's own capacities (see buffers.py).
 """

@@ -1,5 +1,5 @@
 """The stub's ``comfy.lora`` (calculate_weight, LoRA adapters, load_lora, the UNet key map)
-behaves like ComfyUI 0.3.64, and tests/comfy_keymap reproduces it.
+behaves like ComfyUI 0.3.64, and tests/support/comfy_keymap reproduces it.
 
 The other stub modules are covered by the neighbouring tests/test_comfy_stub_*.py files.
 """

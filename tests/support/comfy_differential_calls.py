@@ -1,6 +1,6 @@
 """The calls the differential test makes, run the same way against the stub and the real ComfyUI.
 
-``tests/test_comfy_differential.py`` runs this file twice: in the pytest process against the
+``tests/integration/test_comfy_differential.py`` runs this file twice: in the pytest process against the
 stub (``tests/comfy_stub`` on ``sys.path``) and, in a subprocess with ComfyUI's own Python
 (``$COMFY_VENV/bin/python``), against the real ``comfy`` package of ``$COMFYUI_ROOT``, configured
 as ``main.py --cpu`` would (no server). Both write the same result files; the test compares them.
@@ -17,7 +17,8 @@ as ``main.py --cpu`` would (no server). Both write the same result files; the te
 - the LoraExtract node's output file for the patched model (real: run as ComfyUI runs nodes).
 Real only (the stub has no architectures): the key maps of real tiny SD1.5 and SD3 models.
 
-Usage as the subprocess: ``python comfy_differential_calls.py COMFYUI_ROOT PACK_DIR WORK``.
+Usage as the subprocess: ``PYTHONPATH=<repository root> python tests/support/comfy_differential_calls.py
+COMFYUI_ROOT PACK_DIR WORK``.
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ def real_arch_key_maps() -> dict:
 
 
 def _real_main(comfy_root: str, pack_dir: str, work: str) -> None:
-    sys.path.insert(0, comfy_root)
+    sys.path.insert(0, comfy_root)  # the real ComfyUI, imported as its main.py does
     import comfy.cli_args
     import comfy.options  # noqa: F401  (args_parsing stays False: no argv parsed)
 

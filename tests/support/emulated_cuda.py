@@ -18,7 +18,7 @@ Inside ``emulated_cuda()`` (or the ``emulated_cuda`` pytest fixture in conftest.
   (counted), ``synchronize``, ``Stream`` / ``stream`` / ``current_stream``, ``Event`` and
   ``Tensor.record_stream``. Streams and events run everything synchronously (the CPU is done
   when the call returns); the order of stream calls is checked by the recording fake of
-  ``tests/test_streamer_order.py``.
+  ``tests/memory/test_streamer_order.py``.
 
 The checks live at torch's dispatch level (``__torch_dispatch__``), so they see every aten
 operation, including those inside ``torch.linalg`` calls and composite functions.

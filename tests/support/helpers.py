@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # the stub is importable only once conftest has put it on sys.path
+if TYPE_CHECKING:  # the stub is importable only with pytest's pythonpath (pyproject.toml)
     from comfy.model_patcher import ModelPatcher
 
 

@@ -1,5 +1,5 @@
 """Randomized stress of the V2 streaming machinery, with a watchdog (used by
-tests/test_stream_stress.py and runnable alone for long runs).
+tests/memory/test_stream_stress.py and runnable alone for long runs).
 
 Each trial runs the real ``extract_lora_v2`` (planner, staging pool, streamer, prefetcher,
 rolling or batch-barrier consumer, layer store) on a small generated pair with random layer
@@ -9,7 +9,7 @@ cache hits, random delays in the reader and the workers, and sometimes an inject
 in either. A trial passes when it ends before the watchdog, with V1's result or the injected
 exception, with every staging buffer back in its pool and no thread of the run left.
 
-    python tests/stream_stress.py --runs 5000 [--seed 0] [--capacity planner|random]
+    python tests/support/stream_stress.py --runs 5000 [--seed 0] [--capacity planner|random]
 """
 
 from __future__ import annotations

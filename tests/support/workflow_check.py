@@ -1,7 +1,7 @@
 """Check ComfyUI workflow files (UI and API format) against node input definitions.
 
 Our nodes' definitions come from their ``INPUT_TYPES``/``RETURN_TYPES``; the ComfyUI core nodes
-the examples use come from ``tests/comfy_core_nodes.json`` (``/object_info`` of ComfyUI 0.3.64).
+the examples use come from ``tests/support/comfy_core_nodes.json`` (``/object_info`` of ComfyUI 0.3.64).
 ``ui_to_api`` converts a UI-format workflow the way the frontend's "Export (API)" does for
 the graphs we ship (active nodes only, widget values in input order, links as ``[id, slot]``).
 """

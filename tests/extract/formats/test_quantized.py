@@ -1,6 +1,6 @@
 """Quantized safetensors, shards and diffusers folders: read as the float weights ComfyUI computes.
 
-Each reader is checked against an oracle written here (tests/quant_files.py): the code values
+Each reader is checked against an oracle written here (tests/support/quant_files.py): the code values
 times their scales, element by element, never through the pack's own decoding.
 """
 
