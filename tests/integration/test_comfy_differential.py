@@ -42,9 +42,7 @@ def real(tmp_path_factory):
     assert os.path.isfile(os.path.join(COMFYUI_ROOT, "comfy", "lora.py")), f"{COMFYUI_ROOT} is no ComfyUI checkout"
     assert os.path.isfile(COMFY_PYTHON), f"{COMFY_PYTHON} missing: set COMFY_VENV to ComfyUI's venv"
     work = tmp_path_factory.mktemp("real_comfy")
-    # The child imports the pack by path (not from PYTHONPATH); the repository root on PYTHONPATH
-    # gives it ``tests.support`` (the shared toy models).
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": ROOT}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([COMFY_PYTHON, os.path.join(ROOT, "tests", "support", "comfy_differential_calls.py"),
                         COMFYUI_ROOT, ROOT, str(work)], capture_output=True, text=True, env=env,
                        cwd=str(work), timeout=900)

@@ -17,8 +17,7 @@ as ``main.py --cpu`` would (no server). Both write the same result files; the te
 - the LoraExtract node's output file for the patched model (real: run as ComfyUI runs nodes).
 Real only (the stub has no architectures): the key maps of real tiny SD1.5 and SD3 models.
 
-Usage as the subprocess: ``PYTHONPATH=<repository root> python tests/support/comfy_differential_calls.py
-COMFYUI_ROOT PACK_DIR WORK``.
+Usage as the subprocess: ``python tests/support/comfy_differential_calls.py COMFYUI_ROOT PACK_DIR WORK``.
 """
 
 from __future__ import annotations
@@ -86,8 +85,12 @@ def toy_lora():
 
 
 def module_from_state_dict(sd):
-    # In the subprocess the repository root is on PYTHONPATH (the test sets it); helpers needs torch only.
-    from tests.support.helpers import module_from_state_dict as tree
+    # helpers needs torch only. In the subprocess this file runs as a script, its folder first on
+    # sys.path; the name ``tests`` is ComfyUI's own test package there, so no ``tests.support``.
+    if __package__:
+        from .helpers import module_from_state_dict as tree
+    else:
+        from helpers import module_from_state_dict as tree
 
     root = tree(sd, buffers=("sigmas",))
     # What model_lora_keys_unet reads besides the state dict: no UNet config, no aliases.
