@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from quant_files import fp8_quantize  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # for tests.support
+from tests.support.quant_files import fp8_quantize  # noqa: E402
 
 WIDTH = 3072  # a Flux/Wan-sized linear layer
 
@@ -61,7 +61,7 @@ def _store_bf16(sd: dict[str, torch.Tensor], key: str, w: torch.Tensor) -> None:
 
 
 def _store_scaled_fp8(sd: dict[str, torch.Tensor], key: str, w: torch.Tensor) -> None:
-    # The layout of tests/quant_files.write_scaled_fp8, built one layer at a time.
+    # The layout of tests/support/quant_files.write_scaled_fp8, built one layer at a time.
     sd.setdefault("scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn))
     layer = key.removesuffix(".weight")
     sd[key], sd[f"{layer}.scale_weight"] = fp8_quantize(w)

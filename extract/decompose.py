@@ -173,7 +173,7 @@ def gaussian_sketch(shape: tuple[int, ...], width: int, generator: torch.Generat
 # below STOP_TOL of the energy left out. That keeps the error within ~STOP_TOL / 2 of what all
 # ``niter`` iterations give. On DiT-like layers at rank 32 the error / optimum after 2, 3, 4 and
 # 7 iterations measured 1.002-1.003, 1.0004-1.0009, 1.0001-1.0003 and 1.00001-1.00002; by those
-# numbers the test stops after about 5 of 7 there; tests/test_randomized_accuracy.py bounds it at 1.001x
+# numbers the test stops after about 5 of 7 there; tests/extract/test_randomized_accuracy.py bounds it at 1.001x
 # on constructed spectra. Below ENERGY_FLOOR of the total energy, float32 rounding of the
 # estimates is of the order of the gains: the tolerance stops shrinking there.
 STOP_TOL = 2e-4
@@ -339,7 +339,7 @@ def power_dtype(device: torch.device) -> torch.dtype:
     (``cpu_has_bf16_matmul``); float32 elsewhere. The final Rayleigh-Ritz step runs on the
     float32 matrix, which keeps the accuracy: bf16 iterations gave the same error / optimum to
     1e-5 as float32 ones and stopped after the same number of iterations (DiT-like layers at
-    rank 32; tests/test_randomized_accuracy.py bounds both at 1.001x on constructed spectra).
+    rank 32; tests/extract/test_randomized_accuracy.py bounds both at 1.001x on constructed spectra).
     """
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()):
         return torch.bfloat16

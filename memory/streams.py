@@ -5,7 +5,7 @@ refilled before the copy that reads it has finished silently corrupts a later la
 difference used before the stream that wrote it has finished is garbage. They cannot run
 without a GPU, so the streamer makes them through this interface only; ``CudaStreams`` is the
 thin pass-through to ``torch.cuda``, and a recording fake in the tests
-(``tests/test_streamer_order.py``) checks the order on any machine.
+(``tests/memory/test_streamer_order.py``) checks the order on any machine.
 
 Protocol of one layer (reader thread unless said otherwise):
 

@@ -6,7 +6,7 @@ what a user sees: console errors, missing nodes, summary boxes, node overlaps, p
         --out /tmp/ui-check [--images docs/images] example_workflows/*.json
 
 Needs playwright (pip) and a system Chromium (``apt-get install chromium``); playwright's own
-browser download is never used. Writes ``<out>/report.json`` (read by tests/test_browser_ui.py)
+browser download is never used. Writes ``<out>/report.json`` (read by tests/integration/test_browser_ui.py)
 and screenshots; with ``--images`` also the documentation pictures (the extract-then-validate graph after
 a run, and the chart at full size), cropped and reduced to a small palette.
 Exit status: 0 when every check passed, 1 otherwise (the report says which), 5 on setup errors.

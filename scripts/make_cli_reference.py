@@ -5,7 +5,7 @@
     python scripts/make_cli_reference.py --check  # exit 1 when the page differs from the parser
 
 The part between the two marker lines is generated; the prose around it is written by hand.
-tests/test_docs.py fails when the page and the parser disagree, so a new or changed flag only
+tests/contracts/test_docs.py fails when the page and the parser disagree, so a new or changed flag only
 needs this script run again.
 """
 

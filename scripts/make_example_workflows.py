@@ -2,7 +2,7 @@
 
 Run from the repository root after changing a node's inputs: ``python scripts/make_example_workflows.py``.
 Widget values are the node's defaults unless a spec overrides them, so regenerated files
-follow the current ``INPUT_TYPES``; ``tests/test_example_workflows.py`` checks the result.
+follow the current ``INPUT_TYPES``; ``tests/nodes/test_example_workflows.py`` checks the result.
 Workflows whose nodes are not registered (yet) are skipped, with a message.
 """
 
@@ -15,10 +15,13 @@ import tempfile
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests", "comfy_stub"), os.path.join(ROOT, "tests")]
+# The ComfyUI stub (as ``folder_paths``) and the repository root (for ``tests.support``), as the
+# tests have them through pyproject.toml's pytest ``pythonpath``.
+sys.path[:0] = [os.path.join(ROOT, "tests", "comfy_stub"), ROOT]
 
 import folder_paths  # noqa: E402  (the test stub: empty model folders, no ComfyUI needed)
-from workflow_check import FRONTEND_ONLY, MODE_ACTIVE, MODE_MUTED, load_definitions, ui_to_api  # noqa: E402
+
+from tests.support.workflow_check import FRONTEND_ONLY, MODE_ACTIVE, MODE_MUTED, load_definitions, ui_to_api  # noqa: E402
 
 OUT = os.path.join(ROOT, "example_workflows")
 TUNED, BASE = "tiny_sd15_tuned.safetensors", "tiny_sd15_base.safetensors"

@@ -1,19 +1,13 @@
-"""Test setup: the ComfyUI stub is importable as ``comfy`` / ``folder_paths``."""
+"""Shared fixtures. The ComfyUI stub (``tests/comfy_stub``) is importable as ``comfy`` /
+``folder_paths`` and the helpers as ``tests.support``: pyproject.toml's ``pythonpath`` puts the
+stub and the repository root on ``sys.path``."""
 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
-
-STUB = os.path.join(os.path.dirname(__file__), "comfy_stub")
-if STUB not in sys.path:
-    sys.path.insert(0, STUB)
-TESTS = os.path.dirname(__file__)
-if TESTS not in sys.path:
-    sys.path.insert(0, TESTS)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -59,9 +53,9 @@ def fresh_comfy_stub():
 
 @pytest.fixture
 def emulated_gpu():
-    """A one-GPU machine emulated on the CPU (tests/emulated_cuda.py): tensors moved to "cuda"
+    """A one-GPU machine emulated on the CPU (tests/support/emulated_cuda.py): tensors moved to "cuda"
     are marked, mixing them with CPU tensors raises CUDA's error, torch.cuda is faked."""
-    from emulated_cuda import emulated_cuda
+    from tests.support.emulated_cuda import emulated_cuda
 
     with emulated_cuda() as state:
         yield state

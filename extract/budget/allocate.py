@@ -6,7 +6,7 @@ budget, highest priority first.
 
 The rule: sort every item by priority (descending, ties in group then item order) and keep the
 longest prefix of that one order whose bytes fit. Consequences, all tested
-(``tests/test_allocate.py``):
+(``tests/extract/budget/test_allocate.py``):
 
 - it never exceeds the budget (the prefix is cut where the running bytes pass it);
 - it is monotone: a larger budget keeps a longer prefix of the same order, so every group keeps

@@ -1,0 +1,1 @@
+"""Against the real thing (each skips cleanly without it): a ComfyUI checkout (``COMFYUI_ROOT``, ``COMFY_VENV``), its server, a browser. The non-test modules here are scripts run in ComfyUI's own Python."""

@@ -17,7 +17,7 @@ import types
 
 def main() -> None:
     root, gguf_dir, path, out = sys.argv[1:5]
-    sys.path.insert(0, root)
+    sys.path.insert(0, root)  # runs inside the real ComfyUI: its checkout is its import root
     os.chdir(root)
     sys.argv = sys.argv[:1] + ["--cpu"]  # no GPU needed; ComfyUI reads its options at import
     import comfy.options

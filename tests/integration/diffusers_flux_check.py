@@ -13,7 +13,7 @@ scale/shift swap: ``comfy_flux_diffusers``). Against the tuned model (converted 
 on the cli route every LDM tensor's error is exactly what the report states for its diffusers
 parts (their residuals, plus the whole difference of each bias it flags as unloadable); on the
 node route every changed tensor is patched. That the stored residuals are the rank's optimum
-is checked by the unit tests (tests/test_diffusers_keys.py, tests/test_diffusers_peft.py), which
+is checked by the unit tests (tests/extract/keys/test_diffusers_keys.py, tests/extract/keys/test_diffusers_peft.py), which
 can afford exact SVDs; 3072-wide ones take minutes each on the shared 2-core test machine.
 """
 
@@ -27,12 +27,12 @@ import time
 
 import pytest
 import torch
-from comfy_flux_diffusers import flux_lora_key_map, flux_map_for, load_and_apply
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_extract.cli.main import main as cli_main
 from lora_extract.extract.keys.diffusers_keys import UNMAPPED_PREFIX
+from tests.support.comfy_flux_diffusers import flux_lora_key_map, flux_map_for, load_and_apply
 
 NAME = "tiny_flux_diffusers"
 RANK = 16

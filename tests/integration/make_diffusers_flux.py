@@ -1,6 +1,8 @@
 """Write a diffusers-named Flux base/tuned pair that ComfyUI's UNETLoader detects as Flux.
 
-    python tests/integration/make_diffusers_flux.py <folder> [--link-into <models/diffusion_models> ...]
+    python -m tests.integration.make_diffusers_flux <folder> [--link-into <models/diffusion_models> ...]
+
+(from the repository root, so that ``tests.support`` is importable).
 
 ``UNETLoader`` converts diffusers names to its own (``convert_diffusers_mmdit``: ``x_embedder``
 means Flux) and then detects the architecture from the converted keys. ComfyUI 0.3.64 fixes the
@@ -14,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusers_flux_model import flux_pair, flux_shapes  # noqa: E402
+from tests.support.diffusers_flux_model import flux_pair, flux_shapes
 
 NAME = "tiny_flux_diffusers"
 SHAPES = dict(hidden=3072, depth=1, depth_single=1, in_channels=16, context=4096, vec=64,

@@ -64,7 +64,7 @@ import comfy.options, comfy.cli_args
 comfy.cli_args.args.cpu = True
 import torch, folder_paths, comfy.model_management, comfy.sd, comfy.utils, comfy.lora, comfy.model_patcher
 import comfy.lora_convert, comfy.float, comfy.supported_models, comfy.model_detection
-import lora_extract, lora_extract.nodes, lora_extract.memory.manager, lora_extract.charts
+import lora_extract, lora_extract.nodes, lora_extract.memory.streamed_extract, lora_extract.charts
 import safetensors.torch
 for m in '${PROBE_EXTRA_IMPORTS:-}'.split():
     __import__(m)

@@ -1,0 +1,1 @@
+"""Cross-cutting guarantees: import rules, docs, determinism, fuzzing, faults, cancel, options."""

@@ -1,0 +1,1 @@
+"""Tests of key styles (``extract/keys/``): diffusers/PEFT names, text-encoder names."""
