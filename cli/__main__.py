@@ -1,7 +1,5 @@
 """``python -m lora_extract.cli``: the same as the ``lora-extract`` command."""
 
-import sys
+from .main import run_as_process
 
-from .main import main
-
-sys.exit(main())
+run_as_process()

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..extract import ExtractConfig, ExtractionInputError, extract_to_file
 from ..extract.devices import resolve_device
@@ -165,3 +166,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lora-extract: interrupted; no output file was written.", file=sys.stderr)
         return 130
+
+
+def run_as_process(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``lora-extract`` command (and ``python -m lora_extract.cli``): ``main``, then the
+    process ends at once with its exit code, skipping the interpreter's teardown.
+
+    With torch loaded that teardown (module clean-up, thread pools) took ~0.4 s of every run
+    on a 2-core CPU, a third of a small job's time. Nothing is lost by skipping it: every output
+    file is written to a temporary name, closed and renamed before ``main`` returns, and the
+    log handlers and both streams are flushed here. An exception ``main`` does not handle
+    (a bug: it prints its traceback) and ``SystemExit`` (``--help``, argument errors) take the
+    normal way out.
+    """
+    code = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+

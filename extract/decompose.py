@@ -258,6 +258,18 @@ def _product(low: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (low @ x.to(low.dtype)).to(x.dtype)
 
 
+def _product_t(low: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``low^T @ q`` in ``low``'s dtype, returned in ``q``'s.
+
+    In bfloat16 it is formed as ``(q^T @ low)^T``: the CPU kernel reads a row-major ``low``
+    in that order 1.4-1.6x faster than through its transpose (measured on 3072x3072 ..
+    12288x3072 at 48 columns); float32 is faster the other way round.
+    """
+    if low.dtype == q.dtype:
+        return low.mT @ q
+    return (q.mT.to(low.dtype) @ low).mT.to(q.dtype)
+
+
 def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int,
                       fro2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Subspace iteration from the sketch ``mat @ omega`` until converged or ``niter``;
@@ -277,7 +289,7 @@ def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int
     done = torch.zeros(batch, dtype=torch.bool, device=fro2.device)
     energies: list[torch.Tensor] = []
     q, _ = _cholesky_qr(_product(low, omega))               # [..., M, width]
-    y = _product(low.mT, q)
+    y = _product_t(low, q)
     # With bfloat16 products the last of the ``niter`` iterations is the float32 one below, so
     # ``niter`` (the node's lowrank_iters) means the same work on every CPU.
     for _ in range(niter if dtype == mat.dtype else max(niter - 1, 0)):
@@ -288,7 +300,7 @@ def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int
         if bool(done.all()):
             break
         q_next, _ = _cholesky_qr(_product(low, z))
-        y_next = _product(low.mT, q_next)
+        y_next = _product_t(low, q_next)
         if batch:
             keep = done.to(q.device).view(*batch, 1, 1)
             q, y = torch.where(keep, q, q_next), torch.where(keep, y, y_next)

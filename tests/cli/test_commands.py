@@ -74,6 +74,30 @@ def test_demo_runs_as_console_command(tmp_path) -> None:
     assert (tmp_path / "demo_lora.safetensors").exists()
 
 
+def test_console_command_exits_with_mains_code_and_flushed_streams(tmp_path) -> None:
+    # The command ends with os._exit (no interpreter teardown): its exit code and both
+    # streams must still be main's, and no output file may be left behind.
+    out = tmp_path / "o.safetensors"
+    r = subprocess.run([sys.executable, "-m", "lora_extract.cli", "extract", str(tmp_path / "missing.safetensors"),
+                        str(tmp_path / "missing2.safetensors"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "lora-extract: error:" in r.stderr and "missing.safetensors" in r.stderr
+    assert not out.exists()
+
+
+def test_console_script_entry_point_is_the_process_runner() -> None:
+    tomllib = pytest.importorskip("tomllib")     # Python 3.11+
+    from lora_extract.cli import run_as_process
+    from tests.support.paths import REPO_ROOT
+
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    module, func = scripts["lora-extract"].split(":")
+    assert module == "lora_extract.cli" and func == "run_as_process"
+    assert callable(run_as_process)
+
+
 def test_keyboard_interrupt_exits_130_without_file(pair, tmp_path, monkeypatch, capsys) -> None:
     import lora_extract.extract.pipeline as pipeline
 

@@ -52,6 +52,22 @@ def test_sum_of_squares_is_exact_on_28m_entries(big: torch.Tensor, exact: float)
     assert float(t) == pytest.approx(exact, rel=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_sum_is_exact_and_the_same_each_time(big: torch.Tensor, exact: float, threads: int,
+                                                   monkeypatch) -> None:
+    # The numpy route splits a large tensor over torch's threads: every part in float64, the
+    # parts added in a fixed order, so the total is exact and repeatable whatever the split.
+    from lora_extract.extract import norms
+    monkeypatch.setattr(norms.torch, "get_num_threads", lambda: threads)
+    calls = []
+    real = norms._einsum_sq
+    monkeypatch.setattr(norms, "_einsum_sq", lambda a: calls.append(a.size) or real(a))
+    first = sum_of_squares(big)
+    assert first == pytest.approx(exact, rel=1e-12)
+    assert len(calls) == threads and sum(calls) == big.numel()
+    assert sum_of_squares(big) == first
+
+
 def test_chunked_route_is_exact_on_28m_entries(big: torch.Tensor, exact: float,
                                               monkeypatch) -> None:
     # The torch chunk loop (GPUs, bfloat16 and other dtypes numpy cannot read), run on the CPU.
