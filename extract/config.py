@@ -35,7 +35,7 @@ class ExtractConfig:
     rank: int = 8
     lora_type: str = "standard"
     algorithm: str = "svd_linalg"
-    lowrank_iters: int = 7
+    lowrank_iters: int = 8
     output_dtype: str = "fp16"
     bias_diff: bool = True
     adaptive_param: float = 0.15

@@ -59,7 +59,7 @@ EXTRACT_OPTIONS: tuple[Option, ...] = (
            tooltip="svd_linalg: exact SVD. svd_lowrank: randomized SVD, much faster, error within "
                    "a fraction of a percent of optimal; works with every lora_type.",
            doc="svd_linalg: exact SVD; svd_lowrank: randomized, faster on large layers"),
-    Option("lowrank_iters", "int", 7, min=1, max=MAX_LOWRANK_ITERS, step=1,
+    Option("lowrank_iters", "int", 8, min=1, max=MAX_LOWRANK_ITERS, step=1,
            flag="--lowrank-iters", metavar="N",
            tooltip="Power iterations of svd_lowrank: more is slower and more accurate.",
            doc=f"power iterations of svd_lowrank (1..{MAX_LOWRANK_ITERS})"),

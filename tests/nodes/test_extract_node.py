@@ -49,7 +49,7 @@ def test_input_definitions_match_the_documented_node() -> None:
     assert req["lora_type"][1]["options"] == ["standard", "full", "adaptive_ratio", "adaptive_quantile",
                                    "adaptive_energy", "adaptive_fro"]
     assert req["algorithm"][1]["options"] == ["svd_linalg", "svd_lowrank"]
-    assert req["lowrank_iters"][1]["default"] == 7
+    assert req["lowrank_iters"][1]["default"] == 8
     assert req["output_dtype"][1]["options"] == ["fp16", "bf16", "fp32"]
     assert req["adaptive_param"][1].items() >= {"default": 0.15, "min": 0.0, "max": 1.0}.items()
     assert req["filename_prefix"][1]["default"] == "loras/ComfyUI_extracted_lora"
