@@ -5,12 +5,14 @@ full matrices and always factorizes the tall orientation, which is what makes it
 faster than ``torch.linalg.svd(W)`` on the wide/tall layers of diffusion models. The randomized
 path sketches with a Gaussian test matrix, runs power iterations with re-orthonormalization
 each half-step (without it the sketch collapses onto the top singular vector in float32), and
-finishes with an exact SVD of the small projected matrix (the Rayleigh-Ritz step, always on the
-float32 matrix). On the CPU the half-steps are normalised by Cholesky-QR (one Gram matmul, one
-tiny Cholesky, one triangular solve) and a Householder QR runs once, at the end; the iterations
-stop as soon as the kept spectrum has converged, and their big matmuls run in bfloat16 where
-the CPU has bfloat16 instructions. On CUDA they run in bfloat16 on the tensor cores (see
-``power_dtype``).
+finishes with an exact SVD of the small projected matrix (the Rayleigh-Ritz step). On the CPU
+the half-steps are normalised by Cholesky-QR (one Gram matmul, one tiny Cholesky, one
+triangular solve; Householder QR only where its pivots say it is unsafe); the iterations stop as
+soon as the kept spectrum has converged, and their big matmuls run in bfloat16 where the CPU
+has bfloat16 instructions, with one float32 iteration and a float32 Rayleigh-Ritz product
+where the difference keeps so much of its energy that bfloat16 rounding would count
+(``_bf16_leak_matters``). On CUDA they run in bfloat16 on the tensor cores and the
+Rayleigh-Ritz product in float32 (see ``power_dtype``).
 """
 
 from __future__ import annotations
@@ -338,8 +340,13 @@ def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int
             # (sigma_width / sigma_k)^2.
             z, _ = _cholesky_qr(y)
             q, _ = _cholesky_qr(mat @ z)
-        # The Rayleigh-Ritz step reads the exact (float32) matrix.
-        y = mat.mT @ q
+            # The Rayleigh-Ritz step reads the exact (float32) matrix.
+            y = mat.mT @ q
+        # Elsewhere it takes y = A^T q from the last bfloat16 product as it is: the rounding of A
+        # and q adds a random error whose energy is ~2^-18 w / M of ||A||^2 (1.5e-8 of it at
+        # w = 48, M = 12288), next to a left-out energy of at least 1/7.5 of ||A||^2 here: the
+        # error / optimum moves by < 1e-7, and a float32 product (24-32 ms on 9216..12288 x
+        # 3072, ~10% of the layer's SVD) is saved.
     # The Rayleigh-Ritz step needs an orthonormal basis: q = Q R, and mat^T Q = y R^-1 (no new
     # matmul). q is already orthonormal to rounding (it came out of a Cholesky-QR), so R is
     # within rounding of the identity and one more Cholesky-QR makes Q orthonormal to float32
@@ -374,10 +381,10 @@ def power_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the power iterations' big matmuls on ``device``.
 
     bfloat16 on CUDA (tensor cores) and on CPUs with bfloat16 instructions
-    (``cpu_has_bf16_matmul``); float32 elsewhere. The final Rayleigh-Ritz step runs on the
-    float32 matrix, which keeps the accuracy: bf16 iterations gave the same error / optimum to
-    1e-5 as float32 ones and stopped after the same number of iterations (DiT-like layers at
-    rank 32; tests/extract/test_randomized_accuracy.py bounds both at 1.001x on constructed spectra).
+    (``cpu_has_bf16_matmul``); float32 elsewhere. The Rayleigh-Ritz step reads the float32
+    matrix on CUDA, and on the CPU where the difference keeps most of its energy
+    (``_bf16_leak_matters``); tests/extract/test_randomized_accuracy.py bounds both routes at
+    1.001x the optimum on constructed spectra.
     """
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()):
         return torch.bfloat16
