@@ -154,7 +154,16 @@ def _cholesky_qr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             (pivots.amin(-1) <= CHOLQR_MIN_PIVOT * pivots.amax(-1)).any()):
         q, rq = torch.linalg.qr(y, mode="reduced")
         return q, rq.double()
-    return torch.linalg.solve_triangular(r.to(y.dtype), y, upper=True, left=False), r
+    return y @ _inverse_upper(r).to(y.dtype), r
+
+
+def _inverse_upper(r: torch.Tensor) -> torch.Tensor:
+    """``r^-1`` of an upper-triangular ``[..., w, w]`` (float64, as ``r``).
+
+    ``y @ r^-1`` is one GEMM: 2-3x faster on the CPU than a triangular solve against a tall
+    ``y`` (0.34 vs 1.1 ms at 12288 x 48), with the same result to float32 rounding."""
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+    return torch.linalg.solve_triangular(r, eye, upper=True)
 
 
 def sketch_width(shape: tuple[int, ...], k: int, oversample: int) -> int:
@@ -352,7 +361,7 @@ def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int
     # within rounding of the identity and one more Cholesky-QR makes Q orthonormal to float32
     # precision: a Householder QR here cost 50-60 ms per 9216-tall layer, ~10% of its SVD.
     q_orth, r_final = _cholesky_qr(q)
-    y = torch.linalg.solve_triangular(r_final.to(y.dtype), y, upper=True, left=False)
+    y = y @ _inverse_upper(r_final).to(y.dtype)
     return q_orth, y
 
 
@@ -375,6 +384,13 @@ def cpu_has_bf16_matmul() -> bool:
     except OSError:
         return False
     return False
+
+
+# Below this many elements per matrix the CPU's bfloat16 products do not pay: measured per
+# SDXL-like layer (rank 32), bf16 against float32 iterations: 1280x1280 63 vs 34 ms, 640x640
+# 16 vs 14, 320x2880 22 vs 22; from 1280x2048 (2.6M) on bf16 wins (30 vs 39 ms; 1280x5120
+# 55 vs 80).
+CPU_BF16_MIN_ELEMENTS = 2_000_000
 
 
 def power_dtype(device: torch.device) -> torch.dtype:
@@ -418,6 +434,8 @@ def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int
     mat = a.mT if transposed else a           # [..., M, N] with M >= N
     k = min(k, omega.shape[-1])
     dtype = iteration_dtype or power_dtype(a.device)
+    if iteration_dtype is None and a.device.type == "cpu" and m * n < CPU_BF16_MIN_ELEMENTS:
+        dtype = a.dtype
     if a.device.type != "cpu" and dtype != mat.dtype:
         # CUDA: all ``niter`` bfloat16 iterations, no per-iteration host sync.
         q = _orthonormal((mat.to(dtype) @ omega.to(a.device, dtype)).float())

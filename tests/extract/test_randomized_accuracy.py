@@ -17,6 +17,13 @@ from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
 BOUND = 1.001
 
 
+@pytest.fixture(autouse=True)
+def _bf16_route_at_every_size(monkeypatch) -> None:
+    # These matrices are small; on a CPU the bfloat16 route starts at CPU_BF16_MIN_ELEMENTS.
+    # The tests that force it (power_dtype) must get it at their sizes.
+    monkeypatch.setattr(dec, "CPU_BF16_MIN_ELEMENTS", 0)
+
+
 def _spectrum(kind: str, n: int) -> torch.Tensor:
     i = torch.arange(n, dtype=torch.float64)
     if kind == "slow":          # fine-tune-like: no clean cut, sigma_k+p / sigma_k ~ 0.8
@@ -291,3 +298,18 @@ def test_float32_step_follows_bfloat16_iterations_only_where_their_leak_counts(g
         svd = randomized_svd(a, 32, 16, 7, torch.Generator().manual_seed(2))
         assert seen[-1] is expect_step, kind
         assert _rel_error(a, svd) / optimal_rel_error(a, 32) <= BOUND
+
+
+def test_small_cpu_layers_iterate_in_float32(gen, monkeypatch) -> None:
+    # Below CPU_BF16_MIN_ELEMENTS bfloat16 products cost more than they save: float32 there,
+    # bfloat16 above it (where the CPU has the instructions).
+    monkeypatch.setattr(dec, "power_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(dec, "CPU_BF16_MIN_ELEMENTS", 300 * 400)
+    seen = []
+    real = dec._power_iterations
+    monkeypatch.setattr(dec, "_power_iterations", lambda *a: seen.append(a[-1]) or real(*a))
+    for shape in ((300, 399), (300, 400)):
+        a = matrix_with_spectrum(*shape, _spectrum("slow", 300), gen)
+        svd = randomized_svd(a, 16, 16, 7, torch.Generator().manual_seed(3))
+        assert _rel_error(a, svd) / optimal_rel_error(a, 16) <= BOUND
+    assert seen == [torch.float32, torch.bfloat16]
