@@ -322,15 +322,15 @@ def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int
     energies: list[torch.Tensor] = []
     q, _ = _cholesky_qr(_product(low, omega))               # [..., M, width]
     y = _product_t(low, q)
-    for _ in range(niter):
+    for i in range(niter):
         z, r = _cholesky_qr(y)
         energies.append(kept_energy(r, k).to(fro2.device))
         # With bfloat16 products a float32 iteration follows where their leak counts: the stop
-        # test counts on it as one still to come.
+        # test counts on it as one still to come, and it is the last of the ``niter``.
         ahead = int(dtype != mat.dtype and _bf16_leak_matters(energies, fro2))
         done = done | converged(energies, fro2, ahead, gap_rate(r, k).to(fro2.device),
                                 ESTIMATE_RESOLUTION.get(dtype, 0.0))
-        if bool(done.all()):
+        if bool(done.all()) or (ahead and i == niter - 1):
             break
         q_next, _ = _cholesky_qr(_product(low, z))
         y_next = _product_t(low, q_next)
