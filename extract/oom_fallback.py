@@ -61,21 +61,36 @@ class OomFallback:
         with self._lock:
             return key in self._cpu_keys
 
-    def call(self, key: str, work: Callable[[str], T], device: str | None = None) -> T:
-        """``work(device)``; on accelerator OOM, ``work("cpu")`` after freeing the cache."""
+    def first_device(self, key: str, device: str | None = None) -> str:
+        """The device ``key``'s work starts on (``device``, or where new work starts); a start
+        on the CPU during an accelerator run is noted for the report."""
         device = device or self.device
         if torch.device(device).type == "cpu":
             if self.on_accelerator:
                 with self._lock:
                     self._cpu_keys.add(key)
+            return "cpu"
+        return device
+
+    def after_oom(self, key: str, device: str) -> str:
+        """Note that ``key`` ran out of memory on ``device``, free its cache; the retry's device.
+
+        Call it after leaving the ``except`` block, so the failed attempt's tensors are freed.
+        """
+        self._record(key)
+        release_accelerator_cache(device)
+        return "cpu"
+
+    def call(self, key: str, work: Callable[[str], T], device: str | None = None) -> T:
+        """``work(device)``; on accelerator OOM, ``work("cpu")`` after freeing the cache."""
+        device = self.first_device(key, device)
+        if device == "cpu":
             return work("cpu")
         try:
             return work(device)
         except OOM_ERRORS:
             pass  # retried below, outside the handler, so the failed attempt's tensors are freed
-        self._record(key)
-        release_accelerator_cache(device)
-        return work("cpu")
+        return work(self.after_oom(key, device))
 
     def _record(self, key: str) -> None:
         with self._lock:

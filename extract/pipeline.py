@@ -6,17 +6,14 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from .budget.loop import extract_lora_budgeted
 from .callbacks import InterruptFn, ProgressFn
 from .config import ExtractConfig
 from .layer_loop import run_layers
+from .layer_work import LayerWork
 from .new_tensors import store_new_tensors
 from .oom_fallback import OomFallback
-from .pair_output import process_pair
-from .pairing import KeyPair, load_difference
-from .report import ExtractionReport, LayerReport
+from .report import ExtractionReport
 from .result import ExtractionResult, finish_result
 from .run_setup import set_up_run
 from .sources import WeightSource
@@ -40,36 +37,15 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     t0 = time.perf_counter()
     run = set_up_run(base, tuned, cfg)
     cfg, plan, report = run.cfg, run.plan, run.report
-    tensors: dict[str, torch.Tensor] = {}
-    total = len(plan.common)
-
     # Accelerator OOM on a layer: that layer is redone on the CPU (noted in the report).
     fallback = OomFallback(cfg.device)
-
-    def load(pair: KeyPair) -> tuple[torch.Tensor, float]:
-        return fallback.call(pair.tuned_key, lambda dev: load_difference(
-            base, tuned, pair.tuned_key, pair.base_key, dev))
-
-    def process(pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
-        loaded_on = "cpu" if fallback.ran_on_cpu(pair.tuned_key) else fallback.requested
-
-        def base_weight(dev: torch.device) -> torch.Tensor:
-            return base.get(pair.base_key, dev, torch.float32)
-
-        def work(dev: str) -> LayerReport:
-            if dev == loaded_on:
-                return process_pair(pair, diff, fro, cfg, plan, tensors, base_weight=base_weight)
-            # A retry: the failed attempt consumed the difference in place, so read it again.
-            d, f = load_difference(base, tuned, pair.tuned_key, pair.base_key, dev)
-            return process_pair(pair, d, f, cfg, plan, tensors, base_weight=base_weight)
-        return fallback.call(pair.tuned_key, work, loaded_on)
-
-    run_layers(plan.common, load, process, report, prefetch=prefetch, progress=progress,
-               check_interrupt=check_interrupt, total=total)
+    work = LayerWork(base, tuned, cfg, plan, fallback)
+    run_layers(plan.common, work.load, work.process, report, prefetch=prefetch, progress=progress,
+               check_interrupt=check_interrupt, total=len(plan.common))
     report.notes.extend(fallback.notes())
-    store_new_tensors(plan, base, tuned, cfg, tensors, report)
+    store_new_tensors(plan, base, tuned, cfg, work.tensors, report)
     report.seconds = time.perf_counter() - t0
-    return finish_result(cfg, report, tensors)
+    return finish_result(cfg, report, work.tensors)
 
 
 def extract_to_file(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, path: str, *,

@@ -99,12 +99,12 @@ def test_console_script_entry_point_is_the_process_runner() -> None:
 
 
 def test_keyboard_interrupt_exits_130_without_file(pair, tmp_path, monkeypatch, capsys) -> None:
-    import lora_extract.extract.pipeline as pipeline
+    import lora_extract.extract.layer_work as layer_work
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "process_pair", boom)
+    monkeypatch.setattr(layer_work, "process_pair", boom)
     out = tmp_path / "o.safetensors"
     assert main(["extract", *pair, "-o", str(out)]) == 130
     assert os.listdir(tmp_path) == []

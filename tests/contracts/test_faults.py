@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-import lora_extract.extract.pipeline as pipeline
+import lora_extract.extract.layer_work as layer_work
 import lora_extract.extract.writer as writer
 from lora_extract.cli import main
 from lora_extract.extract import ExtractConfig, ExtractionInputError, SafetensorsSource, extract_to_file
@@ -90,8 +90,8 @@ def test_name_taken_between_check_and_rename_is_not_overwritten(tmp_path, monkey
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), NewComfyInterrupt()])
 def test_failure_at_any_layer_propagates_and_leaves_no_file(pair, tmp_path, monkeypatch, at: int,
                                                              exc: BaseException, prefetch: int) -> None:
-    failing = fail_on_call(pipeline.process_pair, at + 1, exc)
-    monkeypatch.setattr(pipeline, "process_pair", failing)
+    failing = fail_on_call(layer_work.process_pair, at + 1, exc)
+    monkeypatch.setattr(layer_work, "process_pair", failing)
     out = tmp_path / "lora.safetensors"
     with pytest.raises(type(exc)) as info:
         extract_to_file(SafetensorsSource(pair[0]), SafetensorsSource(pair[1]), ExtractConfig(rank=2),
@@ -137,9 +137,9 @@ def test_ctrl_c_while_writing_through_cli_exits_130(pair, tmp_path, monkeypatch,
 # run cannot end before it is interrupted, however fast or slow the machine is.
 SIGINT_CHILD = """
 import sys, time
-import lora_extract.extract.pipeline as pipeline
+import lora_extract.extract.layer_work as layer_work
 from lora_extract.cli import main
-real, calls = pipeline.process_pair, []
+real, calls = layer_work.process_pair, []
 def process_pair(*a, **k):
     calls.append(1)
     if len(calls) == 2:
@@ -148,7 +148,7 @@ def process_pair(*a, **k):
         while True:              # only the SIGINT gets us out of here (as KeyboardInterrupt)
             time.sleep(0.05)
     return real(*a, **k)
-pipeline.process_pair = process_pair
+layer_work.process_pair = process_pair
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-import lora_extract.extract.pipeline as pipeline
+import lora_extract.extract.layer_work as layer_work
 import lora_extract.memory.cache as cache_mod
 import lora_extract.memory.layer_store as layer_store
 import lora_extract.memory.planner as planner
@@ -43,7 +43,7 @@ def _run_v2(models, path: str, **kwargs):
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), NewComfyInterrupt()])
 def test_failure_at_any_layer_propagates_without_file_or_thread(models, tmp_path, monkeypatch, at: int,
                                                                 exc: BaseException) -> None:
-    failing = fail_on_call(pipeline.process_pair, at + 1, exc)
+    failing = fail_on_call(layer_work.process_pair, at + 1, exc)
     # The V2 store step imported process_pair by name: patch it where it is used.
     monkeypatch.setattr(layer_store, "process_pair", failing)
     before = set(threading.enumerate())

@@ -112,10 +112,10 @@ def test_counter_skips_existing_files_and_never_overwrites(sandbox, patchers) ->
 ])
 def test_out_of_range_options_are_refused_before_any_work(sandbox, patchers, monkeypatch, option: str,
                                                           value: object, words: str) -> None:
-    import lora_extract.extract.pipeline as pipeline
+    import lora_extract.extract.layer_work as layer_work
 
     patcher, tuned_patcher = patchers
-    monkeypatch.setattr(pipeline, "process_pair", lambda *a, **k: pytest.fail("a layer was processed"))
+    monkeypatch.setattr(layer_work, "process_pair", lambda *a, **k: pytest.fail("a layer was processed"))
     before = _snapshot(sandbox)
     with pytest.raises(ExtractionInputError, match=words.replace("(", r"\(")):
         _run({"finetuned_model": tuned_patcher, "original_model": patcher, option: value})

@@ -140,9 +140,9 @@ def test_prefix_outside_output_is_refused(comfy_dirs, models, prefix: str) -> No
 
 def test_interrupt_is_honoured_and_leaves_no_file(comfy_dirs, models, monkeypatch) -> None:
     base, tuned, patcher, tuned_patcher = models
-    import lora_extract.extract.pipeline as pipeline
+    import lora_extract.extract.layer_work as layer_work
 
-    real = pipeline.process_pair
+    real = layer_work.process_pair
     count = 0
 
     def interrupting(*a, **k):
@@ -152,7 +152,7 @@ def test_interrupt_is_honoured_and_leaves_no_file(comfy_dirs, models, monkeypatc
             comfy.model_management.interrupt_current_processing(True)
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "process_pair", interrupting)
+    monkeypatch.setattr(layer_work, "process_pair", interrupting)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         _run(dict(finetuned_model=tuned_patcher, original_model=patcher))
     assert count == 3  # stopped at the next layer boundary

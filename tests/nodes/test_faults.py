@@ -11,7 +11,7 @@ import comfy.model_management as mm
 import pytest
 import torch
 
-import lora_extract.extract.pipeline as pipeline
+import lora_extract.extract.layer_work as layer_work
 from lora_extract.extract import ExtractionInputError
 from tests.nodes.test_extract_node import _run
 from tests.support.fault_injection import NewComfyInterrupt, OnNthCall, files_under
@@ -51,8 +51,8 @@ def test_cancel_is_honoured_within_one_layer(comfy_dirs, patchers, monkeypatch, 
     def press_cancel(*_a, **_k) -> None:
         mm.interrupt_current_processing(True)  # the user presses Cancel during this layer
 
-    count_layers = OnNthCall(pipeline.process_pair, cancel_at, press_cancel)
-    monkeypatch.setattr(pipeline, "process_pair", count_layers)
+    count_layers = OnNthCall(layer_work.process_pair, cancel_at, press_cancel)
+    monkeypatch.setattr(layer_work, "process_pair", count_layers)
     if node_name == "LoraExtractV2":
         monkeypatch.setattr(layer_store, "process_pair", count_layers)
     empties = mm._soft_empty_cache_calls
