@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import signal
 import threading
 import time
 
@@ -144,8 +145,19 @@ def test_cancel_stops_within_two_seconds_with_the_reader_stuck(models, tmp_path,
     assert not _threads_of_runs()
 
 
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """SIGINT handled by Python, as in a terminal. A test run started in the background or with
+    nohup inherits SIGINT ignored, and ``_thread.interrupt_main`` then does nothing."""
+    old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("name", ["v1", "v2_rolling", "v2_barrier"])
-def test_ctrl_c_reaches_the_main_thread_while_it_waits(models, tmp_path, name: str) -> None:
+def test_ctrl_c_reaches_the_main_thread_while_it_waits(models, tmp_path, name: str,
+                                                       ctrl_c_as_in_a_terminal) -> None:
     base_sd, tuned_sd = models
     tuned = StuckSource(tuned_sd, "tuned", 3)
     pressed: list[float] = []
