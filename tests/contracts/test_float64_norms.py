@@ -68,6 +68,21 @@ def test_split_sum_is_exact_and_the_same_each_time(big: torch.Tensor, exact: flo
     assert sum_of_squares(big) == first
 
 
+def test_split_sum_raises_a_helpers_exception_in_the_caller(big: torch.Tensor, monkeypatch) -> None:
+    from lora_extract.extract import norms
+    monkeypatch.setattr(norms.torch, "get_num_threads", lambda: 2)
+    real = norms._einsum_sq
+
+    def second_part_fails(a):
+        if a.base is not None and a.ctypes.data != big.numpy().ctypes.data:
+            raise KeyboardInterrupt
+        return real(a)
+
+    monkeypatch.setattr(norms, "_einsum_sq", second_part_fails)
+    with pytest.raises(KeyboardInterrupt):
+        sum_of_squares(big)
+
+
 def test_chunked_route_is_exact_on_28m_entries(big: torch.Tensor, exact: float,
                                               monkeypatch) -> None:
     # The torch chunk loop (GPUs, bfloat16 and other dtypes numpy cannot read), run on the CPU.
