@@ -45,7 +45,7 @@ CHUNKS: dict[str, tuple[list[str], list[str]]] = {
                        f"{UO}::test_lowrank_iters_buys_accuracy"]),
     "extract-decompose": (["extract/decompose.py", "extract/partial_eigh.py", "extract/norms.py"],
                           ["tests/extract/test_partial_eigh.py", "tests/extract/test_randomized_accuracy.py",
-                           "tests/contracts/test_float64_norms.py"]),
+                           "tests/contracts/test_float64_norms.py", "tests/contracts/test_gpu_paths_emulated.py"]),
     "extract-pipeline": (["extract/pipeline.py", "extract/pair_output.py", "extract/result.py"],
                          ["tests/extract/test_pipeline.py", "tests/contracts/test_user_options.py", "tests/cli/test_bad_model_files.py",
                           "tests/nodes/test_text_encoders.py", "tests/extract/keys/test_diffusers_keys.py",

@@ -81,6 +81,16 @@ def test_rank_deficient_layer_falls_back_and_stays_exact(gen) -> None:
     assert _rel_error(a, svd.truncate(6)) <= 1e-6
     assert float(svd.S[6:].abs().max()) <= 1e-5
 
+    # A zero singular value gets a zero column of U (not A v divided by a tiny number): five
+    # nonzero columns, the rest exactly zero.
+    b = torch.zeros(700, 300)
+    b[:, :5] = torch.randn(700, 5, generator=gen)
+    svd = dec.exact_svd(b, k_max=32)
+    zero = svd.S[:32] == 0
+    assert int(zero.sum()) >= 20
+    assert float(svd.U[:, zero].abs().max()) == 0.0
+    assert _rel_error(b, svd.truncate(5)) <= 1e-6
+
 
 def test_energy_check_sees_a_missing_direction() -> None:
     evals = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
