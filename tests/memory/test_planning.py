@@ -57,6 +57,19 @@ def test_without_accelerator_nothing_is_resident() -> None:
     assert plan.staging_bytes == 10 * 10 * MIB
 
 
+@pytest.mark.parametrize("ahead", [0, 1, 3, 8])
+def test_a_batch_may_fill_its_share_of_the_staging_bytes(ahead: int) -> None:
+    # Staging holds the batches read ahead plus the one in compute plus one layer; each batch
+    # may take an equal share of it (never less than the largest layer): with a larger divisor
+    # batches of big layers would be split more than the read-ahead needs.
+    largest = 10 * MIB
+    plan = plan_memory(_unet_blocks(), largest, None, MemoryOptions(mode="balanced",
+                                                                    prefetch_ahead=ahead))
+    assert plan.staging_bytes == (ahead + 2) * largest
+    assert plan.max_batch_bytes == max(largest, (ahead + 2) * largest // (ahead + 1))
+    assert isinstance(plan.max_batch_bytes, int)
+
+
 def test_resident_blocks_follow_priority_and_count() -> None:
     opts = MemoryOptions(mode="balanced", blocks_in_gpu=3, batch_size=2, prefetch_ahead=1)
     plan = plan_memory(_unet_blocks(), 10 * MIB, 100 * 2**30, opts)
