@@ -1,5 +1,6 @@
-"""What V1 does with each layer: read its difference, extract it into the tensors and a report
-entry; on accelerator out-of-memory, the same layer again on the CPU (``OomFallback``).
+"""What V1 (and the size budget's second pass) does with each layer: read its difference,
+extract it into the tensors and a report entry; on accelerator out-of-memory, the same layer
+again on the CPU (``OomFallback``).
 
 The retry is written here, around the call, rather than passed into the fallback as a callback:
 the path from the layer loop to the decomposition then runs straight down (layer loop -> this
@@ -8,11 +9,13 @@ module -> pair output -> layer -> decomposition) and never comes back to a modul
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import ExtractConfig
+from .layer import LayerExtraction
 from .oom_fallback import OOM_ERRORS, OomFallback
 from .pair_output import process_pair
 from .pairing import KeyPair, PairPlan, load_difference
@@ -30,20 +33,23 @@ class LayerWork:
     plan: PairPlan
     fallback: OomFallback
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The size budget's second pass: a layer's factors at its allocated rank from the first
+    # pass's decomposition (None: decompose here), and what to release once it is stored.
+    finish: Callable[[KeyPair, torch.Tensor, float], LayerExtraction | None] | None = None
+    stored: Callable[[str], None] | None = None
 
     def load(self, pair: KeyPair) -> tuple[torch.Tensor, float]:
         """The float32 difference of ``pair`` and its norm (the prefetch thread calls this)."""
-        device = self.fallback.first_device(pair.tuned_key)
-        if device == "cpu":
-            return self._difference(pair, device)
-        try:
-            return self._difference(pair, device)
-        except OOM_ERRORS:
-            pass  # retried below, outside the handler, so the failed attempt's tensors are freed
-        return self._difference(pair, self.fallback.after_oom(pair.tuned_key, device))
+        return self.fallback.call(pair.tuned_key, lambda dev: self._difference(pair, dev))
 
     def process(self, pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
         """Extract ``diff`` (read by ``load``) into the tensors; its report entry."""
+        entry = self._extract_with_fallback(pair, diff, fro)
+        if self.stored is not None:
+            self.stored(pair.tuned_key)
+        return entry
+
+    def _extract_with_fallback(self, pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
         loaded_on = "cpu" if self.fallback.ran_on_cpu(pair.tuned_key) else self.fallback.requested
         device = self.fallback.first_device(pair.tuned_key, loaded_on)
         if device == "cpu":
@@ -51,7 +57,7 @@ class LayerWork:
         try:
             return self._extract(pair, diff, fro)
         except OOM_ERRORS:
-            pass
+            pass  # retried below, outside the handler, so the failed attempt's tensors are freed
         # The failed attempt consumed the difference in place: read it again, on the CPU.
         del diff
         device = self.fallback.after_oom(pair.tuned_key, device)
@@ -64,5 +70,6 @@ class LayerWork:
         def base_weight(dev: torch.device) -> torch.Tensor:
             return self.base.get(pair.base_key, dev, torch.float32)
 
-        return process_pair(pair, diff, fro, self.cfg, self.plan, self.tensors,
+        extraction = self.finish(pair, diff, fro) if self.finish is not None else None
+        return process_pair(pair, diff, fro, self.cfg, self.plan, self.tensors, extraction,
                             base_weight=base_weight)

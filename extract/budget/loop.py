@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from ..callbacks import InterruptFn, ProgressFn
 from ..config import ExtractConfig
+from ..layer import LayerExtraction
 from ..layer_loop import run_layers
+from ..layer_work import LayerWork
 from ..new_tensors import store_new_tensors
 from ..oom_fallback import OomFallback
-from ..pair_output import layer_generator, needs_svd, process_pair
-from ..pairing import KeyPair, load_difference
-from ..report import LayerReport
+from ..pair_output import layer_generator, needs_svd
+from ..pairing import KeyPair
 from ..result import ExtractionResult, finish_result
 from ..run_setup import set_up_run
 from ..sources import WeightSource
@@ -33,28 +36,16 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
                         fallback=fallback, progress=progress, check_interrupt=check_interrupt,
                         prefetch=prefetch)
     progress = budget.second_pass_progress(progress)
-    tensors = {}
 
-    def load(pair: KeyPair):
-        return fallback.call(pair.tuned_key, lambda dev: load_difference(
-            base, tuned, pair.tuned_key, pair.base_key, dev))
+    def finish(pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerExtraction | None:
+        # The factors at the allocated rank, from the first pass's decomposition.
+        return budget.finish(pair.tuned_key, diff, fro) if needs_svd(pair, fro, cfg, plan) else None
 
-    def process(pair: KeyPair, diff, fro: float) -> LayerReport:
-        loaded_on = "cpu" if fallback.ran_on_cpu(pair.tuned_key) else fallback.requested
-
-        def work(dev: str) -> LayerReport:
-            d, f = (diff, fro) if dev == loaded_on else load_difference(
-                base, tuned, pair.tuned_key, pair.base_key, dev)
-            ex = budget.finish(pair.tuned_key, d, f) if needs_svd(pair, f, cfg, plan) else None
-            return process_pair(pair, d, f, cfg, plan, tensors, extraction=ex)
-        entry = fallback.call(pair.tuned_key, work, loaded_on)
-        budget.spectra.release(pair.tuned_key)
-        return entry
-
-    run_layers(plan.common, load, process, report, prefetch=prefetch, progress=progress,
+    work = LayerWork(base, tuned, cfg, plan, fallback, finish=finish, stored=budget.spectra.release)
+    run_layers(plan.common, work.load, work.process, report, prefetch=prefetch, progress=progress,
                check_interrupt=check_interrupt, total=total)
     report.notes.extend(fallback.notes())
-    store_new_tensors(plan, base, tuned, cfg, tensors, report)
+    store_new_tensors(plan, base, tuned, cfg, work.tensors, report)
     budget.annotate(report)
     report.seconds = time.perf_counter() - t0
-    return finish_result(cfg, report, tensors)
+    return finish_result(cfg, report, work.tensors)
