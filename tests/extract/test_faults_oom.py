@@ -148,3 +148,31 @@ def test_other_errors_on_the_accelerator_are_not_retried() -> None:
     with pytest.raises(RuntimeError, match="illegal memory access"):
         fb.call("k", work)
     assert attempts == ["cuda"] and fb.notes() == []
+
+
+class OomOnDevice(PretendAccelerator):
+    """On the emulated GPU: device reads give device tensors, or run out of memory."""
+
+    def get(self, key: str, device="cpu", dtype=None) -> torch.Tensor:
+        dev = torch.device(device).type
+        self.devices.setdefault(key, []).append(dev)
+        if dev != "cpu" and self.oom_left.get(key, 0) > 0:
+            self.oom_left[key] -= 1
+            raise OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self._inner.get(key, device, dtype)
+
+
+def test_oom_in_both_passes_of_a_size_budget_run_keeps_its_file(models, emulated_gpu) -> None:
+    # The size budget's spectra pass and its finishing pass (V1's per-layer work) each run out
+    # of memory reading one layer: both redo it on the CPU, and the run completes with the
+    # same ranks and the note.
+    base, tuned = models
+    cfg = dict(rank=8, target_size_mb=0.05)
+    cpu = extract_lora(StateDictSource(base, "base"), StateDictSource(tuned, "tuned"), ExtractConfig(**cfg))
+    tuned_src = OomOnDevice(StateDictSource(tuned, "tuned"), {QKV: 2})
+    res = extract_lora(OomOnDevice(StateDictSource(base, "base")), tuned_src,
+                       ExtractConfig(device="cuda", **cfg), prefetch=2)
+    assert res.tensors.keys() == cpu.tensors.keys()
+    assert {r.key: r.rank for r in res.report.layers} == {r.key: r.rank for r in cpu.report.layers}
+    assert tuned_src.devices[QKV] == ["cuda", "cpu", "cuda", "cpu"]
+    assert QKV in _oom_notes(res)[0]
