@@ -16,7 +16,7 @@ Kinds of pair (shapes from ``bench_pairs.py``; every delta a structured part plu
 
 Each extractor runs as a fresh process (interpreter start, imports, reading both files,
 writing the LoRA file), rank ``--rank``, fp32 factors, no clamp, default threads:
-- ours ``svd_lowrank`` (the default) and ours ``svd_linalg`` (exact): ``lora-extract extract``;
+- ours ``svd_lowrank`` (randomized, the fast one) and ours ``svd_linalg`` (exact, the nodes' default): ``lora-extract extract``;
 - KJ's default, ``torch.svd_lowrank(q=rank, niter=7)`` per layer (``peer_process.py kj``);
 - the full SVD per layer (ComfyUI's "Extract and Save Lora", KJ's ``svd_linalg``;
   ``peer_process.py full``). ``--full-svd per-shape`` (default) decomposes the first layer of

@@ -25,6 +25,7 @@ import torch
 
 from .norms import gram_float64
 from .partial_eigh import top_eigenvectors
+from .power_stop import ESTIMATE_RESOLUTION, converged, gap_rate, kept_energy
 
 
 @dataclass
@@ -182,91 +183,6 @@ def gaussian_sketch(shape: tuple[int, ...], width: int, generator: torch.Generat
     depend on the device or on which other layers share a batch."""
     m, n = shape[-2:]
     return torch.randn(min(m, n), width, generator=generator, dtype=dtype, device="cpu")
-
-
-# Power iterations stop once the energy the kept components capture has converged: when the
-# gain still to come, extrapolated from the last two gains (they shrink geometrically), is
-# below STOP_TOL of the energy left out. That keeps the error within ~STOP_TOL / 2 of what all
-# ``niter`` iterations give. On DiT-like layers at rank 32 the error / optimum after 2, 3, 4 and
-# 7 iterations measured 1.002-1.003, 1.0004-1.0009, 1.0001-1.0003 and 1.00001-1.00002; by those
-# numbers the test stops after about 5 of 7 there; tests/extract/test_randomized_accuracy.py bounds it at 1.001x
-# on constructed spectra. Below ENERGY_FLOOR of the total energy, float32 rounding of the
-# estimates is of the order of the gains: the tolerance stops shrinking there.
-STOP_TOL = 2e-4
-ENERGY_FLOOR = 1e-3
-MIN_ITERS = 2
-
-# The kept-energy estimates of bfloat16 iterations wander by about 2.5e-4 of the kept energy
-# from one iteration to the next (bfloat16 rounding of the basis and the products; measured on
-# a clean low-rank change over a noise floor, where the true gains are smaller): gains below
-# this share of it are unresolved. Float32 estimates resolve far below ENERGY_FLOOR.
-ESTIMATE_RESOLUTION = {torch.bfloat16: 2.0 ** -11}
-
-
-def kept_energy(r: torch.Tensor, k: int) -> torch.Tensor:
-    """Energy of the top ``k`` Ritz values of the current subspace, float64, per matrix.
-
-    ``r`` is the R factor of ``A^T Q``: its singular values are those of ``Q^T A``, the
-    Rayleigh-Ritz estimates of ``A``'s top singular values in the subspace ``Q``; computing
-    them costs a ``width x width`` SVD, nothing next to the matmuls.
-    """
-    s = torch.linalg.svdvals(r.double())
-    return (s[..., :k] ** 2).sum(-1)
-
-
-# Subspace iteration turns the angle to the k-th singular direction by ``sigma_width / sigma_k``
-# per half-step, so the kept energy's deficit falls by about the 4th power of that ratio per
-# iteration. The Ritz values read it low early on, and a floor at the 4th power added one
-# iteration on SDXL/DiT-like spectra (decay 0.985 plus noise; already at 1.0001-1.0002x the
-# optimum there); at the 8th it keeps their counts (3-5 of 7) and still reads 0.3-0.9 past a
-# gap into a flat noise floor, where the kept Ritz values are nearly equal.
-GAP_RATE_POWER = 8
-
-
-def gap_rate(r: torch.Tensor, k: int) -> torch.Tensor:
-    """Per matrix: a least rate at which the kept energy's gains shrink per iteration, from
-    the Ritz values (the singular values of ``r``): ``(s_width / s_k) ** GAP_RATE_POWER``;
-    0 when the subspace is no wider than ``k``.
-
-    After a gap (a clean low-rank change kept past its rank) the kept components past the gap
-    are noise directions of nearly equal singular values: their gains shrink slowly while the
-    first gain (the change converging) is large, and the rate of the last two gains alone
-    mistook that for convergence (error 1.0012-1.0034x the optimum after 2 iterations).
-    """
-    s = torch.linalg.svdvals(r.double())
-    width = s.shape[-1]
-    if width <= k:
-        return torch.zeros(s.shape[:-1], dtype=torch.float64, device=s.device)
-    ratio = s[..., width - 1] / s[..., k - 1].clamp_min(1e-300)
-    return ratio.clamp(0, 1) ** GAP_RATE_POWER
-
-
-def converged(energies: list[torch.Tensor], fro2: torch.Tensor, ahead: int = 0,
-              floor_rate: torch.Tensor | None = None, resolution: float = 0.0) -> torch.Tensor:
-    """Per matrix: whether the kept energy has converged (see STOP_TOL), from its history.
-
-    ``ahead``: iterations that will run after the stop anyway (the float32 step that ends
-    bfloat16 iterations); the gain they deliver is not counted as still to come.
-    ``floor_rate``: the least rate at which gains shrink (``gap_rate``): the gains still to
-    come are extrapolated at the larger of it and the rate of the last two gains.
-    ``resolution``: the share of the kept energy below which a gain cannot be told from the
-    estimates' rounding (``ESTIMATE_RESOLUTION``); such a gain counts as that large.
-    """
-    if len(energies) < MIN_ITERS + 1:
-        return torch.zeros_like(fro2, dtype=torch.bool)
-    e0, e1, e2 = energies[-3:]
-    d1, d2 = e1 - e0, e2 - e1
-    rate = torch.where(d1 > 0, d2 / d1.clamp_min(1e-300), torch.zeros_like(d1)).clamp_min(0)
-    if floor_rate is not None:
-        rate = torch.maximum(rate, floor_rate.to(rate.device))
-    # A gain below 0 or below the resolution is rounding (bfloat16 products): what may still
-    # come is as large as what the estimates cannot resolve, not 0. Gains that do not shrink
-    # (rate >= 1) are never taken for convergence.
-    gain = torch.maximum(d2.abs(), resolution * e2)
-    still = torch.where(rate < 1, gain * rate ** (1 + ahead) / (1 - rate).clamp_min(1e-12),
-                        torch.full_like(d2, float("inf")))
-    left_out = torch.maximum(fro2 - e2, ENERGY_FLOOR * fro2)
-    return still <= STOP_TOL * left_out
 
 
 def _product(low: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -466,7 +382,7 @@ def randomized_svd(a: torch.Tensor, k: int, oversample: int, niter: int,
     ``oversample`` extra sketch columns and ``niter`` power iterations trade time for accuracy;
     the smallest returned singular values are the least accurate (they run low), which is why
     callers that choose a rank from them oversample past the rank cap. ``niter`` is the most
-    iterations: in float32 they stop once the kept spectrum has converged (``STOP_TOL``).
+    iterations: in float32 they stop once the kept spectrum has converged (``power_stop.STOP_TOL``).
     """
     width = sketch_width(tuple(a.shape), k, oversample)
     omega = gaussian_sketch(tuple(a.shape), width, generator, a.dtype)

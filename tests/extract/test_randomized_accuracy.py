@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lora_extract.extract import ExtractConfig, extract_matrix
+from lora_extract.extract import ExtractConfig, extract_matrix, power_stop
 from lora_extract.extract import decompose as dec
 from lora_extract.extract.decompose import gaussian_sketch, randomized_svd, randomized_svd_with
 from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
@@ -87,7 +87,7 @@ def test_early_stop_saves_iterations_and_keeps_the_error(shape, kind, cpu_dtype,
     full = _rel_error(a, randomized_svd_with(a, omega, k, 7))
     # All 7 iterations, each checked (with bfloat16 products a float32 step may follow them).
     assert len(calls) == 7
-    assert dec.MIN_ITERS <= used <= 7
+    assert power_stop.MIN_ITERS <= used <= 7
     # STOP_TOL bounds the energy still to come relative to the energy left out: error within
     # ~1e-4 of what all iterations give.
     assert early <= full * (1 + 2e-4), (early, full, used)
@@ -276,7 +276,7 @@ def test_stop_test_does_not_take_rounding_wobble_for_convergence() -> None:
 
 def test_gap_rate_from_the_ritz_values() -> None:
     r = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64))
-    torch.testing.assert_close(dec.gap_rate(r, 2), torch.tensor((0.5 / 2.0) ** dec.GAP_RATE_POWER,
+    torch.testing.assert_close(dec.gap_rate(r, 2), torch.tensor((0.5 / 2.0) ** power_stop.GAP_RATE_POWER,
                                                                 dtype=torch.float64))
     assert float(dec.gap_rate(r, 4)) == 0.0
 
