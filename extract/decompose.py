@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .block_ritz import RITZ_BLOCKS, block_span, ritz_bases
+from .difference_pool import scratch
 from .norms import gram_float64
 from .partial_eigh import top_eigenvectors
-from .power_stop import ESTIMATE_RESOLUTION, converged, gap_rate, kept_energy
+from .power_stop import (
+    ESTIMATE_RESOLUTION,
+    converged,
+    gap_rate,
+    iterations_left,
+    kept_energy,
+    ritz_values,
+)
 
 
 @dataclass
@@ -142,25 +152,48 @@ def _orthonormal(y: torch.Tensor) -> torch.Tensor:
 CHOLQR_MIN_PIVOT = 1e-4
 
 
-def _cholesky_qr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Between power iterations Cholesky-QR reads a float32 Gram matrix when its pivots say the
+# block is this well conditioned (smallest / largest pivot, i.e. about 1 / cond): its rounding
+# (~float32 eps x cond^2 of the smallest eigenvalue, <= 6e-4 here) leaves the basis orthonormal
+# to ~1e-3, which spans the same columns and is all an iteration needs; the kept-energy
+# estimates read from it moved by ~1e-6 of the left-out energy (measured on SDXL-like and clean
+# low-rank layers), 200x below the stop test's tolerance. Half the cost of the float64 Gram
+# (0.62 vs 1.23 ms at 10240 x 48: no float64 copy, a float32 GEMM).
+CHOLQR_FAST_MIN_PIVOT = 1e-2
+
+
+def _cholesky_qr(y: torch.Tensor, precise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A basis ``q`` of the columns of ``y`` ``[..., M, w]`` and ``r`` (float64) with ``y = q r``.
 
     Between power iterations only the span of the basis matters, not its exact orthogonality:
-    a float64 Gram matrix (``w x w``), its Cholesky factor and one float32 triangular solve
-    replace LAPACK's Householder QR, which on a tall ``M x 48`` block is a sequence of small
-    level-2 steps (measured 1.5-10x slower, the most on a busy machine, where each step's
-    thread barrier waits for a core). ``r`` has the singular values of ``y`` (float64), which
-    is what the convergence test reads. Householder QR when the pivots say Cholesky is unsafe.
+    a Gram matrix (``w x w``), its Cholesky factor and one float32 GEMM with ``r^-1`` replace
+    LAPACK's Householder QR, which on a tall ``M x 48`` block is a sequence of small level-2
+    steps (measured 1.5-10x slower, the most on a busy machine, where each step's thread
+    barrier waits for a core). ``r`` has the singular values of ``y`` (float64), which is what
+    the convergence test reads. ``precise``: the Gram matrix in float64 (``q`` orthonormal to
+    float32 rounding); otherwise float32 where the block is well conditioned
+    (``CHOLQR_FAST_MIN_PIVOT``). Householder QR when the pivots say Cholesky is unsafe.
     """
+    if not precise:
+        r, info = torch.linalg.cholesky_ex((y.mT @ y).double(), upper=True)
+        if _pivots_above(r, info, CHOLQR_FAST_MIN_PIVOT):
+            return y @ _inverse_upper(r).to(y.dtype), r
     y64 = y.double()
     r, info = torch.linalg.cholesky_ex(y64.mT @ y64, upper=True)
     del y64
-    pivots = r.diagonal(dim1=-2, dim2=-1)
-    if bool((info != 0).any()) or bool(
-            (pivots.amin(-1) <= CHOLQR_MIN_PIVOT * pivots.amax(-1)).any()):
+    if not _pivots_above(r, info, CHOLQR_MIN_PIVOT):
         q, rq = torch.linalg.qr(y, mode="reduced")
         return q, rq.double()
     return y @ _inverse_upper(r).to(y.dtype), r
+
+
+def _pivots_above(r: torch.Tensor, info: torch.Tensor, share: float) -> bool:
+    """Whether every Cholesky factor in ``r`` exists and its smallest pivot is above ``share``
+    of its largest."""
+    if bool((info != 0).any()):
+        return False
+    pivots = r.diagonal(dim1=-2, dim2=-1)
+    return bool((pivots.amin(-1) > share * pivots.amax(-1)).all())
 
 
 def _inverse_upper(r: torch.Tensor) -> torch.Tensor:
@@ -214,6 +247,16 @@ BF16_LEAK_SHARE = 2.0 ** -16
 BF16_LEAK_TOL = 1e-4
 
 
+# Iterations after which a matrix the stop test expects to need more than BLOCK_IF_MORE_THAN
+# further iterations stops and takes the block Rayleigh-Ritz step (``block_ritz``): measured on
+# slowly decaying layers (decay 0.995 plus noise, rank 32), 4 iterations and the last three
+# bases together gave 1.00009x the optimum, against 1.0007x after all 8 from the last basis,
+# at ~0.75x the time; layers that converge within two more iterations (SDXL-like spectra) keep
+# iterating, for which the wider step costs more than it saves.
+BLOCK_AFTER = 4
+BLOCK_IF_MORE_THAN = 2.0
+
+
 def _bf16_leak_matters(energies: list[torch.Tensor], fro2: torch.Tensor) -> bool:
     """Whether any matrix keeps so much of its energy that the bfloat16 basis's leak counts."""
     if not energies:
@@ -236,54 +279,99 @@ def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int
     end. In a stack each matrix stops on its own (its ``q`` is frozen once converged), so a
     layer gets the same iterations whether it is decomposed alone or in a batch.
     """
-    batch = mat.shape[:-2]
-    low = mat if dtype == mat.dtype else mat.to(dtype)
+    if dtype == mat.dtype:
+        return _iterate(mat, mat, omega, k, niter, fro2, dtype)
+    # The low-precision copy keeps the layout of the stored matrix (a wide layer is iterated
+    # as its transpose view), in a reused buffer where the layer loop has a pool.
+    flipped = not mat.is_contiguous() and mat.mT.is_contiguous()
+    stored = mat.mT if flipped else mat
+    with scratch(stored, dtype) as low:
+        low.copy_(stored)
+        return _iterate(mat, low.mT if flipped else low, omega, k, niter, fro2, dtype)
 
+
+def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, niter: int,
+             fro2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of ``_power_iterations``; ``low`` is ``mat`` in ``dtype``."""
+    batch = mat.shape[:-2]
     done = torch.zeros(batch, dtype=torch.bool, device=fro2.device)
+    blocked = torch.zeros_like(done)
     energies: list[torch.Tensor] = []
-    q, _ = _cholesky_qr(_product(low, omega))               # [..., M, width]
+    q, _ = _cholesky_qr(_product(low, omega), precise=False)   # [..., M, width]
+    # Each matrix's own bases, for the Rayleigh-Ritz step (``block_ritz``).
+    histories = [[x] for x in q.reshape(-1, *q.shape[-2:])]
     y = _product_t(low, q)
     for i in range(niter):
-        z, r = _cholesky_qr(y)
-        energies.append(kept_energy(r, k).to(fro2.device))
+        z, r = _cholesky_qr(y, precise=False)
+        ritz = ritz_values(r)
+        energies.append(kept_energy(ritz, k).to(fro2.device))
         # With bfloat16 products a float32 iteration follows where their leak counts: the stop
         # test counts on it as one still to come, and it is the last of the ``niter``.
         ahead = int(dtype != mat.dtype and _bf16_leak_matters(energies, fro2))
-        done = done | converged(energies, fro2, ahead, gap_rate(r, k).to(fro2.device),
-                                ESTIMATE_RESOLUTION.get(dtype, 0.0))
+        floor = gap_rate(ritz, k).to(fro2.device)
+        done = done | converged(energies, fro2, ahead, floor, ESTIMATE_RESOLUTION.get(dtype, 0.0))
+        if i + 1 >= BLOCK_AFTER:
+            # Slow to converge: a matrix stops here and its Rayleigh-Ritz step reads its last
+            # bases together (``block_ritz``).
+            slow = ~done & (iterations_left(energies, fro2, floor) > BLOCK_IF_MORE_THAN)
+            blocked, done = blocked | slow, done | slow
         if bool(done.all()) or (ahead and i == niter - 1):
             break
-        q_next, _ = _cholesky_qr(_product(low, z))
+        q_next, _ = _cholesky_qr(_product(low, z), precise=False)
         y_next = _product_t(low, q_next)
         if batch:
             keep = done.to(q.device).view(*batch, 1, 1)
             q, y = torch.where(keep, q, q_next), torch.where(keep, y, y_next)
         else:
             q, y = q_next, y_next
-    del low
-    if dtype != mat.dtype:
-        if _bf16_leak_matters(energies, fro2):
-            # One more iteration in float32. bfloat16 products leave the basis within ~1e-3 of
-            # the dominant subspace: harmless where the left-out energy dwarfs that, but a clean
-            # low-rank difference kept past its rank leaves out so little that the leak alone
-            # measured 1.018x the optimum. One float32 step shrinks the leak by
-            # (sigma_width / sigma_k)^2.
-            z, _ = _cholesky_qr(y)
-            q, _ = _cholesky_qr(mat @ z)
-            # The Rayleigh-Ritz step reads the exact (float32) matrix.
-            y = mat.mT @ q
-        # Elsewhere it takes y = A^T q from the last bfloat16 product as it is: the rounding of A
-        # and q adds a random error whose energy is ~2^-18 w / M of ||A||^2 (1.5e-8 of it at
-        # w = 48, M = 12288), next to a left-out energy of at least 1/7.5 of ||A||^2 here: the
-        # error / optimum moves by < 1e-7, and a float32 product (24-32 ms on 9216..12288 x
-        # 3072, ~10% of the layer's SVD) is saved.
-    # The Rayleigh-Ritz step needs an orthonormal basis: q = Q R, and mat^T Q = y R^-1 (no new
-    # matmul). q is already orthonormal to rounding (it came out of a Cholesky-QR), so R is
-    # within rounding of the identity and one more Cholesky-QR makes Q orthonormal to float32
-    # precision: a Householder QR here cost 50-60 ms per 9216-tall layer, ~10% of its SVD.
-    q_orth, r_final = _cholesky_qr(q)
-    y = y @ _inverse_upper(r_final).to(y.dtype)
-    return q_orth, y
+        frozen = done.reshape(-1).tolist()
+        for history, x, stopped in zip(histories, q.reshape(-1, *q.shape[-2:]), frozen, strict=True):
+            if not stopped:
+                history.append(x)
+    exact_product = dtype == mat.dtype
+    if not exact_product and _bf16_leak_matters(energies, fro2):
+        # One more iteration in float32. bfloat16 products leave the bases within ~1e-3 of
+        # the dominant subspace: harmless where the left-out energy dwarfs that, but a clean
+        # low-rank difference kept past its rank leaves out so little that the leak alone
+        # measured 1.018x the optimum. One float32 step shrinks the leak by
+        # (sigma_width / sigma_k)^2; the Rayleigh-Ritz step then reads the float32 matrix.
+        z, _ = _cholesky_qr(y)
+        q, _ = _cholesky_qr(mat @ z)
+        for history, x in zip(histories, q.reshape(-1, *q.shape[-2:]), strict=True):
+            history.append(x)
+        exact_product = True
+    # Converged matrices: the last basis alone is as good, and the Rayleigh-Ritz step takes the
+    # last bfloat16 product as it is (q = Q R, mat^T Q = y R^-1: no new matmul; q came out of a
+    # Cholesky-QR, so R is within rounding of the identity). The others (stopped as slow, not
+    # converged within ``niter``, or after a float32 step): the last RITZ_BLOCKS bases together
+    # (``block_ritz``), made orthonormal to float32 precision by a Cholesky-QR on a float64
+    # Gram matrix, and a new product. Where the leak does not count that product stays in
+    # bfloat16: its rounding adds a random error whose energy is ~2^-18 w / M of ||A||^2
+    # (1.5e-8 of it at w = 48, M = 12288), next to a left-out energy of at least 1/7.5 of
+    # ||A||^2 there: the error moves by < 1e-7.
+    plain = [not exact_product and bool(x) for x in (done & ~blocked).reshape(-1).tolist()]
+    if all(plain):
+        q_orth, r_final = _cholesky_qr(q)
+        return q_orth, y @ _inverse_upper(r_final).to(y.dtype)
+    if not batch or not any(plain):
+        q_orth = _ritz_basis(histories, batch, lambda b: _cholesky_qr(b)[0])
+        return q_orth, (mat.mT @ q_orth if exact_product else _product_t(low, q_orth))
+    # A stack with both kinds: each matrix as it goes alone, zero columns padding the narrower.
+    pieces = []
+    for j, (history, is_plain) in enumerate(zip(histories, plain, strict=True)):
+        a, a_low = mat.reshape(-1, *mat.shape[-2:])[j], low.reshape(-1, *low.shape[-2:])[j]
+        if is_plain:
+            q_j, r_j = _cholesky_qr(history[-1])
+            y_j = y.reshape(-1, *y.shape[-2:])[j] @ _inverse_upper(r_j).to(y.dtype)
+        else:
+            q_j, _ = _cholesky_qr(block_span(history[-RITZ_BLOCKS:]))
+            y_j = a.mT @ q_j if exact_product else _product_t(a_low, q_j)
+        pieces.append((q_j, y_j))
+    width = max(q_j.shape[-1] for q_j, _ in pieces)
+    pad = torch.nn.functional.pad
+    q_orth = torch.stack([pad(q_j, (0, width - q_j.shape[-1])) for q_j, _ in pieces])
+    y = torch.stack([pad(y_j, (0, width - y_j.shape[-1])) for _, y_j in pieces])
+    return q_orth.reshape(*batch, *q_orth.shape[-2:]), y.reshape(*batch, *y.shape[-2:])
 
 
 @functools.lru_cache(maxsize=1)
@@ -311,7 +399,7 @@ def cpu_has_bf16_matmul() -> bool:
 # SDXL-like layer (rank 32), bf16 against float32 iterations: 1280x1280 63 vs 34 ms, 640x640
 # 16 vs 14, 320x2880 22 vs 22; from 1280x2048 (2.6M) on bf16 wins (30 vs 39 ms; 1280x5120
 # 55 vs 80).
-CPU_BF16_MIN_ELEMENTS = 2_000_000
+CPU_BF16_MIN_ELEMENTS = 0
 
 
 def power_dtype(device: torch.device) -> torch.dtype:
@@ -333,11 +421,24 @@ def _low_precision_iterations(mat: torch.Tensor, q: torch.Tensor, niter: int,
     """``niter`` power iterations with the matmuls in ``dtype`` (QRs in float32), then one
     float32 ``y = mat^T q`` for the Rayleigh-Ritz step."""
     low = mat.to(dtype)
+    histories = [[x] for x in q.reshape(-1, *q.shape[-2:])]
     for _ in range(niter):
         z = _orthonormal((low.mT @ q.to(dtype)).float())
         q = _orthonormal((low @ z.to(dtype)).float())
+        for history, x in zip(histories, q.reshape(-1, *q.shape[-2:]), strict=True):
+            history.append(x)
     del low
+    q = _ritz_basis(histories, mat.shape[:-2], _orthonormal)   # the last bases together
     return q, mat.mT @ q
+
+
+def _ritz_basis(histories: list[list[torch.Tensor]], batch: torch.Size,
+                orthonormal: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The Rayleigh-Ritz basis from each matrix's bases (``block_ritz``), shaped as the stack."""
+    if not batch:
+        return orthonormal(block_span(histories[0][-RITZ_BLOCKS:]))
+    q = ritz_bases(histories, orthonormal)
+    return q.reshape(*batch, *q.shape[-2:])
 
 
 def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int, *,

@@ -9,17 +9,20 @@ module -> pair output -> layer -> decomposition) and never comes back to a modul
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import ExtractConfig
+from .difference_pool import DifferencePool
+from .file_difference import ChunkBuffers
 from .layer import LayerExtraction
 from .oom_fallback import OOM_ERRORS, OomFallback
 from .pair_output import process_pair
 from .pairing import KeyPair, PairPlan, load_difference
-from .report import LayerReport
+from .report import STATUS_LORA, LayerReport
 from .sources import WeightSource
 
 
@@ -37,16 +40,31 @@ class LayerWork:
     # pass's decomposition (None: decompose here), and what to release once it is stored.
     finish: Callable[[KeyPair, torch.Tensor, float], LayerExtraction | None] | None = None
     stored: Callable[[str], None] | None = None
+    # CPU differences formed in recycled memory (``DifferencePool``), read through per-thread
+    # chunk buffers (the reader thread, and this thread when a layer is read again).
+    pool: DifferencePool = field(default_factory=lambda: DifferencePool(keep=4))
+    _buffers: threading.local = field(default_factory=threading.local)
 
     def load(self, pair: KeyPair) -> tuple[torch.Tensor, float]:
         """The float32 difference of ``pair`` and its norm (the prefetch thread calls this)."""
         return self.fallback.call(pair.tuned_key, lambda dev: self._difference(pair, dev))
 
+    def hint(self, pair: KeyPair) -> None:
+        """Ask the files for ``pair``'s bytes ahead of ``load`` (read-ahead without a thread)."""
+        for source, key in ((self.tuned, pair.tuned_key), (self.base, pair.base_key)):
+            will_need = getattr(source, "will_need", None)
+            if will_need is not None:
+                will_need(key)
+
     def process(self, pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
         """Extract ``diff`` (read by ``load``) into the tensors; its report entry."""
-        entry = self._extract_with_fallback(pair, diff, fro)
+        with self.pool.using():
+            entry = self._extract_with_fallback(pair, diff, fro)
         if self.stored is not None:
             self.stored(pair.tuned_key)
+        if entry.status == STATUS_LORA:
+            # Extracted into new factor tensors: the difference (now the residual) is free.
+            self.pool.give_back(diff)
         return entry
 
     def _extract_with_fallback(self, pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
@@ -64,7 +82,11 @@ class LayerWork:
         return self._extract(pair, *self._difference(pair, device))
 
     def _difference(self, pair: KeyPair, device: str) -> tuple[torch.Tensor, float]:
-        return load_difference(self.base, self.tuned, pair.tuned_key, pair.base_key, device)
+        buffers = getattr(self._buffers, "chunks", None)
+        if buffers is None:
+            buffers = self._buffers.chunks = ChunkBuffers()
+        return load_difference(self.base, self.tuned, pair.tuned_key, pair.base_key, device,
+                               self.pool, buffers)
 
     def _extract(self, pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
         def base_weight(dev: torch.device) -> torch.Tensor:

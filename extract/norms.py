@@ -74,6 +74,15 @@ def _numpy_sum_of_squares(a: np.ndarray) -> float:
     return math.fsum(float(p) for p in sums)  # type: ignore[arg-type]
 
 
+def small_sum_of_squares(x: torch.Tensor) -> float:
+    """``sum(x_i^2)`` in float64 of a cache-sized CPU chunk, on the calling thread only (no
+    helper threads: for a chunk already in the cache a hand-off costs more than the sum)."""
+    flat = x.detach().reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES and not flat.is_conj():
+        return _einsum_sq(flat.numpy())
+    return sum_of_squares(flat)
+
+
 def sum_of_squares_tensor(x: torch.Tensor) -> torch.Tensor:
     """``sum(x_i^2)`` as a 0-dim float64 tensor on ``x``'s device (no host sync)."""
     flat = x.detach().reshape(-1)

@@ -6,13 +6,16 @@ two models is reported before minutes of SVD, and no key can fall through the cr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .difference import difference_into
+from .difference_pool import DifferencePool
 from .errors import ExtractionInputError
+from .file_difference import ChunkBuffers, difference_from_files, reads_from_files
 from .keys.te_keys import encoders_in, left_out_reason, model_path
 from .norms import frobenius_norm
 from .selection import SelectionOutcome
@@ -163,17 +166,28 @@ def check_same_text_encoders(base: WeightSource, base_keys: list[str], tuned: We
 
 
 def load_difference(base: WeightSource, tuned: WeightSource, tuned_key: str, base_key: str,
-                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, float]:
+                    device: str | torch.device = "cpu", pool: DifferencePool | None = None,
+                    buffers: ChunkBuffers | None = None) -> tuple[torch.Tensor, float]:
     """``tuned - base`` in float32 on ``device`` and its Frobenius norm.
 
-    A NaN or Inf in either model is an input error naming the key and the model.
+    On the CPU, from two files (``reads_from_files``): formed chunk by chunk straight from
+    their bytes with its norm in the same pass (``difference_from_files``), into a buffer from
+    ``pool`` if given (with ``buffers``, the caller's reused read buffers). A NaN or Inf in
+    either model is an input error naming the key and the model.
     """
-    diff = tuned.get(tuned_key, device, torch.float32)
-    b = base.get(base_key, device)
-    # In place, upcasting b chunk by chunk: no second float32 buffer of the layer's size.
-    difference_into(diff, None, b)
-    del b
-    fro = frobenius_norm(diff)
+    if torch.device(device).type == "cpu" and reads_from_files(tuned, base):
+        shape = tuple(tuned.shape(tuned_key))
+        diff = pool.take(shape) if pool is not None else torch.empty(shape, dtype=torch.float32)
+        energy = difference_from_files(tuned, tuned_key, base, base_key, diff,
+                                       buffers if buffers is not None else ChunkBuffers())
+        fro = math.sqrt(energy)     # NaN and Inf stay what they are
+    else:
+        diff = tuned.get(tuned_key, device, torch.float32)
+        b = base.get(base_key, device)
+        # In place, upcasting b chunk by chunk: no second float32 buffer of the layer's size.
+        difference_into(diff, None, b)
+        del b
+        fro = frobenius_norm(diff)
     if fro != fro or fro == float("inf"):
         for src, k in ((tuned, tuned_key), (base, base_key)):
             if not bool(torch.isfinite(src.get(k, "cpu", torch.float32)).all()):

@@ -28,14 +28,19 @@ MIN_ITERS = 2
 ESTIMATE_RESOLUTION = {torch.bfloat16: 2.0 ** -11}
 
 
-def kept_energy(r: torch.Tensor, k: int) -> torch.Tensor:
-    """Energy of the top ``k`` Ritz values of the current subspace, float64, per matrix.
+def ritz_values(r: torch.Tensor) -> torch.Tensor:
+    """The Ritz values of the current subspace, descending, float64, per matrix.
 
     ``r`` is the R factor of ``A^T Q``: its singular values are those of ``Q^T A``, the
     Rayleigh-Ritz estimates of ``A``'s top singular values in the subspace ``Q``; computing
-    them costs a ``width x width`` SVD, nothing next to the matmuls.
+    them costs a ``width x width`` SVD, nothing next to the matmuls. Taken once per iteration
+    and read by both ``kept_energy`` and ``gap_rate``.
     """
-    s = torch.linalg.svdvals(r.double())
+    return torch.linalg.svdvals(r.double())
+
+
+def kept_energy(s: torch.Tensor, k: int) -> torch.Tensor:
+    """Energy of the top ``k`` Ritz values ``s`` (``ritz_values``), float64, per matrix."""
     return (s[..., :k] ** 2).sum(-1)
 
 
@@ -48,9 +53,9 @@ def kept_energy(r: torch.Tensor, k: int) -> torch.Tensor:
 GAP_RATE_POWER = 8
 
 
-def gap_rate(r: torch.Tensor, k: int) -> torch.Tensor:
+def gap_rate(s: torch.Tensor, k: int) -> torch.Tensor:
     """Per matrix: a least rate at which the kept energy's gains shrink per iteration, from
-    the Ritz values (the singular values of ``r``): ``(s_width / s_k) ** GAP_RATE_POWER``;
+    the Ritz values ``s`` (``ritz_values``): ``(s_width / s_k) ** GAP_RATE_POWER``;
     0 when the subspace is no wider than ``k``.
 
     After a gap (a clean low-rank change kept past its rank) the kept components past the gap
@@ -58,12 +63,30 @@ def gap_rate(r: torch.Tensor, k: int) -> torch.Tensor:
     first gain (the change converging) is large, and the rate of the last two gains alone
     mistook that for convergence (error 1.0012-1.0034x the optimum after 2 iterations).
     """
-    s = torch.linalg.svdvals(r.double())
     width = s.shape[-1]
     if width <= k:
         return torch.zeros(s.shape[:-1], dtype=torch.float64, device=s.device)
     ratio = s[..., width - 1] / s[..., k - 1].clamp_min(1e-300)
     return ratio.clamp(0, 1) ** GAP_RATE_POWER
+
+
+def iterations_left(energies: list[torch.Tensor], fro2: torch.Tensor,
+                    floor_rate: torch.Tensor | None = None) -> torch.Tensor:
+    """Per matrix: about how many more iterations the stop test needs (inf where the gains do
+    not shrink), from the last two gains and the least rate ``floor_rate`` as ``converged``
+    extrapolates them. A slowly converging matrix is better served by a Rayleigh-Ritz step
+    over its last bases together (``block_ritz``) than by those iterations."""
+    if len(energies) < MIN_ITERS + 1:
+        return torch.full_like(fro2, float("inf"))
+    e0, e1, e2 = energies[-3:]
+    d1, d2 = e1 - e0, e2 - e1
+    rate = torch.where(d1 > 0, d2 / d1.clamp_min(1e-300), torch.zeros_like(d1)).clamp_min(0)
+    if floor_rate is not None:
+        rate = torch.maximum(rate, floor_rate.to(rate.device))
+    left_out = torch.maximum(fro2 - e2, ENERGY_FLOOR * fro2)
+    need = (STOP_TOL * left_out / d2.abs().clamp_min(1e-300)).clamp(max=1.0)
+    steps = torch.log(need) / torch.log(rate.clamp(1e-300, 1 - 1e-12))
+    return torch.where(rate < 1, steps.clamp_min(0), torch.full_like(steps, float("inf")))
 
 
 def converged(energies: list[torch.Tensor], fro2: torch.Tensor, ahead: int = 0,

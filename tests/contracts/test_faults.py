@@ -105,7 +105,8 @@ def test_failure_at_any_layer_propagates_and_leaves_no_file(pair, tmp_path, monk
 @pytest.mark.parametrize("exc", [OSError(errno.EIO, "Input/output error"), NewComfyInterrupt()])
 def test_failure_while_reading_a_layer_propagates(pair, tmp_path, exc: BaseException) -> None:
     tuned = SafetensorsSource(pair[1])
-    tuned.get = fail_on_call(tuned.get, 5, exc)  # type: ignore[method-assign]
+    # Differences are read chunk by chunk from the files (``read_elements``).
+    tuned.read_elements = fail_on_call(tuned.read_elements, 5, exc)  # type: ignore[method-assign]
     with pytest.raises(type(exc)) as info:
         extract_to_file(SafetensorsSource(pair[0]), tuned, ExtractConfig(rank=2), str(tmp_path / "x.safetensors"))
     assert info.value is exc

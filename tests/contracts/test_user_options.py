@@ -107,12 +107,15 @@ def _ratios_v2(mats: list[torch.Tensor], iters: int) -> list[float]:
 @pytest.mark.parametrize("ratios", [_ratios_v1, _ratios_v2], ids=["v1", "v2_batched"])
 def test_lowrank_iters_buys_accuracy(ratios) -> None:
     """Power iterations close the gap to the optimal rank-8 error on a slowly decaying
-    spectrum: 1 iteration is measurably worse than 8, and 8 is near optimal."""
+    spectrum: 1 iteration is measurably worse than 8, and 8 is near optimal.
+
+    (The Rayleigh-Ritz step over the last bases together brought 1 iteration from ~1.02x to
+    ~1.009x the optimum; 8 are within the product's 1.001x.)"""
     mats = [_slow_spectrum_matrix(s) for s in (1, 2)]
     by_iters = {it: ratios(mats, it) for it in (1, 8)}
     for one, eight in zip(by_iters[1], by_iters[8], strict=True):
-        assert eight < 1.01, by_iters
-        assert one > eight + 0.01, by_iters
+        assert eight < 1.001, by_iters
+        assert one > eight + 0.005 and one - 1 > 10 * (eight - 1), by_iters
 
 
 # --- key_style, alpha, bias_diff, ss_network_alpha ----------------------------------------------

@@ -1,0 +1,61 @@
+"""The span the randomized SVD's Rayleigh-Ritz step reads: the last few bases of its power
+iterations together, not the last one alone.
+
+Consecutive bases of a subspace iteration differ in the directions still converging; their
+joint span is a block Krylov space, which holds the top singular directions far better than
+the last basis: measured at rank 32, width 48, on slowly decaying DiT-like layers (decay 0.995
+plus noise), the error / optimum after 4 iterations was 1.0041 from the last basis, 1.0004
+from the last two and 1.00007 from the last three, against 1.0005 after 8 iterations from the
+last basis. The step then reads ``A^T Q`` for the wider ``Q`` (one product of ``3 x width``
+columns, ~2.5x a power half-step) in place of reusing the last half-step's product, and the
+iterations needed fall by half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# Bases read by the Rayleigh-Ritz step (the last RITZ_BLOCKS of the iterations).
+RITZ_BLOCKS = 3
+
+# Directions the earlier bases add to the last one are kept where their share (singular value
+# of their part orthogonal to the last basis) is above this: below it they are float32 rounding
+# of directions the bases agree on (a difference of two float32 bases is exact to ~6e-8).
+NEW_DIRECTION_MIN = 1e-4
+
+
+def block_span(bases: list[torch.Tensor]) -> torch.Tensor:
+    """A basis (near-orthonormal: finish it with a Cholesky-QR) of the joint span of ``bases``
+    (each ``[M, w]``, orthonormal, the last one the best): the last basis itself, then the
+    directions the earlier ones add to it.
+
+    The last basis is kept whole, so its span is exactly in the result (where it came from a
+    float32 step after bfloat16 iterations, it corrects the earlier bases by ~1e-3 only, which
+    a joint orthonormalization would drop as rounding). The earlier bases are projected off
+    it (twice, for float32 accuracy) and their remaining span found from the eigenvectors of
+    its Gram matrix (a few small GEMMs; Householder QR of ``M x 144`` cost twice as much).
+    """
+    last = bases[-1]
+    if len(bases) == 1:
+        return last
+    rest = torch.cat(bases[:-1], dim=-1)
+    for _ in range(2):
+        rest = rest - last @ (last.mT @ rest)
+    evals, evecs = torch.linalg.eigh((rest.mT @ rest).double())
+    keep = evals > NEW_DIRECTION_MIN ** 2
+    extra = rest @ (evecs[:, keep] * evals[keep].rsqrt()).to(rest.dtype)
+    return torch.cat([last, extra], dim=-1)
+
+
+def ritz_bases(histories: list[list[torch.Tensor]],
+               orthonormal: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The Rayleigh-Ritz bases of a stack: per matrix, the last ``RITZ_BLOCKS`` of its own
+    bases (``histories[i]``, each ``[M, w]``) through ``block_span`` and ``orthonormal``;
+    stacked ``[B, M, width]``, zero columns padding the narrower ones (a zero column adds a
+    zero singular value, which the top ``k`` never reach). Each matrix so gets the span it gets
+    when decomposed alone, however long the others iterate."""
+    qs = [orthonormal(block_span(h[-RITZ_BLOCKS:])) for h in histories]
+    width = max(q.shape[-1] for q in qs)
+    return torch.stack([torch.nn.functional.pad(q, (0, width - q.shape[-1])) for q in qs])
