@@ -16,12 +16,11 @@ from .waits import RunWatch
 def run_layers(pairs: list[KeyPair], load: Callable[[KeyPair], tuple[torch.Tensor, float]],
                process: Callable[[KeyPair, torch.Tensor, float], LayerReport],
                report: ExtractionReport, *, prefetch: int, progress: ProgressFn | None,
-               check_interrupt: InterruptFn | None, total: int,
-               hint: Callable[[KeyPair], None] | None = None, on_demand: bool = False) -> None:
+               check_interrupt: InterruptFn | None, total: int) -> None:
     """The V1 layer loop: read ahead, check the interrupt between layers, process each
     difference into the report, report progress; the difference is dropped before the next."""
     layers = Prefetcher(pairs, load, prefetch, watch=RunWatch(check_interrupt),
-                        what="the next layer from the reader", hint=hint, on_demand=on_demand)
+                        what="the next layer from the reader")
     for i, (pair, (diff, fro)) in enumerate(layers):
         if check_interrupt is not None:
             check_interrupt()

@@ -42,19 +42,12 @@ class LayerWork:
     stored: Callable[[str], None] | None = None
     # CPU differences formed in recycled memory (``DifferencePool``), read through per-thread
     # chunk buffers (the reader thread, and this thread when a layer is read again).
-    pool: DifferencePool = field(default_factory=lambda: DifferencePool(keep=4))
+    pool: DifferencePool = field(default_factory=lambda: DifferencePool(keep=2))
     _buffers: threading.local = field(default_factory=threading.local)
 
     def load(self, pair: KeyPair) -> tuple[torch.Tensor, float]:
         """The float32 difference of ``pair`` and its norm (the prefetch thread calls this)."""
         return self.fallback.call(pair.tuned_key, lambda dev: self._difference(pair, dev))
-
-    def hint(self, pair: KeyPair) -> None:
-        """Ask the files for ``pair``'s bytes ahead of ``load`` (read-ahead without a thread)."""
-        for source, key in ((self.tuned, pair.tuned_key), (self.base, pair.base_key)):
-            will_need = getattr(source, "will_need", None)
-            if will_need is not None:
-                will_need(key)
 
     def process(self, pair: KeyPair, diff: torch.Tensor, fro: float) -> LayerReport:
         """Extract ``diff`` (read by ``load``) into the tensors; its report entry."""

@@ -13,7 +13,6 @@ from .layer_loop import run_layers
 from .layer_work import LayerWork
 from .new_tensors import store_new_tensors
 from .oom_fallback import OomFallback
-from .prefetch import reads_ahead
 from .report import ExtractionReport
 from .result import ExtractionResult, finish_result
 from .run_setup import set_up_run
@@ -41,9 +40,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     # Accelerator OOM on a layer: that layer is redone on the CPU (noted in the report).
     fallback = OomFallback(cfg.device)
     work = LayerWork(base, tuned, cfg, plan, fallback)
-    run_layers(plan.common, work.load, work.process, report,
-               prefetch=prefetch, on_demand=not reads_ahead(cfg.device), hint=work.hint,
-               progress=progress,
+    run_layers(plan.common, work.load, work.process, report, prefetch=prefetch, progress=progress,
                check_interrupt=check_interrupt, total=len(plan.common))
     report.notes.extend(fallback.notes())
     store_new_tensors(plan, base, tuned, cfg, work.tensors, report)

@@ -1,10 +1,5 @@
 """Background loading that overlaps reading the next layers with computing the current one.
 
-``on_demand``: the worker loads the next item only when the consumer asks for it (no overlap
-of its CPU work with the consumer's; see ``reads_ahead``). ``hint`` (if given) is called with
-the next item once an item is loaded, so that a read-ahead the kernel does on its own overlaps
-the consumer's work. Without a worker (``depth`` 0) items load in the consumer's thread.
-
 A single worker thread runs ``load(item)`` ahead of the consumer, at most ``depth`` results in
 flight, so memory stays bounded by ``depth`` loaded items. torch and file reads release the
 GIL, so the overlap is real on CPU too. Errors raised by ``load`` are re-raised in the consumer
@@ -50,14 +45,10 @@ class Prefetcher(Generic[K, V]):
 
     def __init__(self, items: Sequence[K], load: Callable[[K], V], depth: int = 2, *,
                  watch: RunWatch | None = None, discard: Callable[[V], None] | None = None,
-                 what: str = "the next item from the reader",
-                 hint: Callable[[K], None] | None = None, on_demand: bool = False) -> None:
+                 what: str = "the next item from the reader") -> None:
         self._items = items
         self._load = load
         self._depth = max(0, depth)
-        self._hint = hint
-        # The worker loads an item only when the consumer asks for it (see ``reads_ahead``).
-        self._asks: threading.Semaphore | None = threading.Semaphore(0) if on_demand else None
         self.watch = watch if watch is not None else RunWatch()
         self._discard = discard
         self._what = what
@@ -69,18 +60,9 @@ class Prefetcher(Generic[K, V]):
         with torch.no_grad():
             return self._load(item)
 
-    def _asked(self) -> bool:
-        """Wait until the consumer asks for the next item (on demand) or stops (False)."""
-        if self._asks is None:
-            return not self._stop.is_set()
-        while not self._stop.is_set():
-            if self._asks.acquire(timeout=0.1):
-                return True
-        return False
-
     def _worker(self) -> None:
-        for i, item in enumerate(self._items):
-            if not self._asked():
+        for item in self._items:
+            if self._stop.is_set():
                 break
             try:
                 value: object = ("ok", item, self._load_no_grad(item))
@@ -96,8 +78,6 @@ class Prefetcher(Generic[K, V]):
                 self._drop(value)   # loaded after the consumer left: nobody takes it
             if value[0] == "error":
                 break
-            if self._hint is not None and i + 1 < len(self._items):
-                self._hint(self._items[i + 1])   # the next item's read starts meanwhile
         while not self._stop.is_set():
             try:
                 self._queue.put(_DONE, timeout=0.1)
@@ -117,8 +97,6 @@ class Prefetcher(Generic[K, V]):
         self._thread.start()
         try:
             while True:
-                if self._asks is not None:
-                    self._asks.release()
                 got = self.watch.get(self._queue, self._what)
                 if got is _DONE:
                     return
@@ -165,19 +143,3 @@ class Prefetcher(Generic[K, V]):
                             "not return); it is left behind and stops when the read does",
                             CLOSE_WAIT_S)
             self._thread = None
-
-
-def reads_ahead(device: str | torch.device) -> bool:
-    """Whether a layer loop computing on ``device`` has its reader load layers ahead
-    (``depth``), or only the one it asks for next (``on_demand``).
-
-    Ahead where an accelerator computes: there the reader's CPU work (reading, upcasting,
-    differencing) runs beside the device's. On demand on the CPU: there the reader's work takes
-    cores from the decomposition's matmuls, whose threads wait for each other at every step;
-    measured on 2 cores, the decomposition took 1.3-1.7x longer beside a reader, more than
-    reading in between saved (whole runs 5-10% faster on demand). The reader stays a thread,
-    so a stuck read never freezes the caller (cancel and the stall bound still reach it), and
-    it asks the files for the next layer's pages once a layer is read (``hint``), so disk
-    reads still overlap compute.
-    """
-    return torch.device(device).type != "cpu"

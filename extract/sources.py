@@ -140,20 +140,6 @@ class SafetensorsSource:
         self._pread(key, begin + lo * size, begin + hi * size, buffer)
         return buffer[: (hi - lo) * size].view(file_dtype)
 
-    def will_need(self, key: str) -> None:
-        """Ask the kernel to start reading ``key``'s bytes into the page cache now (read-ahead
-        without a thread: the read from disk overlaps the caller's compute). Advice only: where
-        the platform has no ``posix_fadvise`` it does nothing."""
-        _file_dtype, _shape, (begin, end) = self._entries[key]
-        if end == begin or not hasattr(os, "posix_fadvise"):
-            return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(self._fd, self._data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass  # advice refused (some file systems): the read itself still works
-
     def _pread(self, key: str, begin: int, end: int, buffer: torch.Tensor) -> None:
         """Bytes ``begin:end`` of the data section into the start of ``buffer``."""
         nbytes = end - begin

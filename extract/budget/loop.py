@@ -16,7 +16,6 @@ from ..new_tensors import store_new_tensors
 from ..oom_fallback import OomFallback
 from ..pair_output import layer_generator, needs_svd
 from ..pairing import KeyPair
-from ..prefetch import reads_ahead
 from ..result import ExtractionResult, finish_result
 from ..run_setup import set_up_run
 from ..sources import WeightSource
@@ -43,9 +42,7 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
         return budget.finish(pair.tuned_key, diff, fro) if needs_svd(pair, fro, cfg, plan) else None
 
     work = LayerWork(base, tuned, cfg, plan, fallback, finish=finish, stored=budget.spectra.release)
-    run_layers(plan.common, work.load, work.process, report,
-               prefetch=prefetch, on_demand=not reads_ahead(cfg.device), hint=work.hint,
-               progress=progress,
+    run_layers(plan.common, work.load, work.process, report, prefetch=prefetch, progress=progress,
                check_interrupt=check_interrupt, total=total)
     report.notes.extend(fallback.notes())
     store_new_tensors(plan, base, tuned, cfg, work.tensors, report)

@@ -27,7 +27,7 @@ from ..new_tensors import new_tensor_bytes
 from ..oom_fallback import OomFallback
 from ..pair_output import left_out_as_noise, needs_svd, stored_role
 from ..pairing import KeyPair, PairPlan, load_difference
-from ..prefetch import Prefetcher, reads_ahead
+from ..prefetch import Prefetcher
 from ..report import ExtractionReport
 from ..run_setup import set_up_run
 from ..sources import WeightSource
@@ -103,7 +103,7 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     out.fixed_bytes += new_tensor_bytes(plan, cfg, base)   # set_weight tensors (new_tensors.py)
     for i, (pair, (diff, fro)) in enumerate(Prefetcher(
             plan.common, load, prefetch, watch=RunWatch(check_interrupt),
-            what="the next layer from the reader", on_demand=not reads_ahead(cfg.device))):
+            what="the next layer from the reader")):
         if check_interrupt is not None:
             check_interrupt()
         if needs_svd(pair, fro, cfg, plan):

@@ -84,9 +84,6 @@ class ShardedSafetensorsSource:
     def read_elements(self, key: str, lo: int, hi: int, buffer: torch.Tensor) -> torch.Tensor:
         return self._owner[key].read_elements(key, lo, hi, buffer)
 
-    def will_need(self, key: str) -> None:
-        self._owner[key].will_need(key)
-
     def describe(self) -> str:
         kinds = sorted({format_of(self, k) for k in self._owner})
         return f"{self.name}: {len(self.shards)} shards ({', '.join(kinds)})"

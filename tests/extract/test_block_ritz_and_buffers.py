@@ -1,10 +1,9 @@
 """The speed levers of the CPU route: the block Rayleigh-Ritz step, differences formed straight
-from the files with their energy, recycled buffers, the on-demand reader."""
+from the files with their energy, recycled buffers."""
 
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from lora_extract.extract.block_ritz import block_span
 from lora_extract.extract.difference_pool import DifferencePool, scratch
 from lora_extract.extract.file_difference import ChunkBuffers, difference_from_files
 from lora_extract.extract.pairing import load_difference
-from lora_extract.extract.prefetch import Prefetcher, reads_ahead
 from lora_extract.extract.sources import SafetensorsSource
 from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
 
@@ -140,34 +138,3 @@ def test_scratch_uses_the_pool_only_inside_using() -> None:
         assert t.data_ptr() == storage.data_ptr() and t.dtype == torch.bfloat16
     # Given back after the block.
     assert pool.take((4096,)).data_ptr() == storage.data_ptr()
-
-
-def test_on_demand_reader_loads_only_what_is_asked() -> None:
-    loaded: list[int] = []
-    consumed: list[int] = []
-    hinted: list[int] = []
-
-    def load(i: int) -> int:
-        loaded.append(i)
-        # Never ahead of the consumer: item i loads only after i-1 was taken.
-        assert len(loaded) == len(consumed) + 1, (loaded, consumed)
-        return i * 10
-
-    for i, v in Prefetcher(list(range(6)), load, 2, on_demand=True, hint=hinted.append):
-        assert v == i * 10
-        consumed.append(i)
-        assert threading.active_count() >= 1
-    assert loaded == consumed == list(range(6))
-    assert hinted == list(range(1, 6))
-
-
-def test_cpu_loops_read_on_demand_and_accelerators_ahead() -> None:
-    assert not reads_ahead("cpu")
-    assert reads_ahead("cuda") and reads_ahead(torch.device("cuda", 1))
-
-
-def test_will_need_is_harmless_advice(tmp_path, gen) -> None:
-    b, t, _, _ = _pair(tmp_path, gen)
-    t.will_need("w")
-    t.will_need("c")
-    assert torch.equal(t.get("w"), t.get("w"))
