@@ -56,6 +56,10 @@ def ritz_bases(histories: list[list[torch.Tensor]],
     stacked ``[B, M, width]``, zero columns padding the narrower ones (a zero column adds a
     zero singular value, which the top ``k`` never reach). Each matrix so gets the span it gets
     when decomposed alone, however long the others iterate."""
-    qs = [orthonormal(block_span(h[-RITZ_BLOCKS:])) for h in histories]
-    width = max(q.shape[-1] for q in qs)
-    return torch.stack([torch.nn.functional.pad(q, (0, width - q.shape[-1])) for q in qs])
+    return pad_stack([orthonormal(block_span(h[-RITZ_BLOCKS:])) for h in histories])
+
+
+def pad_stack(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``[..., w_i]`` blocks stacked, zero columns padding each to the widest."""
+    width = max(b.shape[-1] for b in blocks)
+    return torch.stack([torch.nn.functional.pad(b, (0, width - b.shape[-1])) for b in blocks])

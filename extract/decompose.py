@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_ritz import RITZ_BLOCKS, block_span, ritz_bases
+from .block_ritz import RITZ_BLOCKS, block_span, pad_stack, ritz_bases
+from .cholesky_qr import cholesky_qr, inverse_upper, orthonormal
 from .difference_pool import scratch
 from .norms import gram_float64
 from .partial_eigh import top_eigenvectors
@@ -140,71 +141,6 @@ def _gram_svd(tall: torch.Tensor, k_max: int | None, transposed: bool) -> Trunca
     return _split(u, s.to(tall.dtype), vk.mT, transposed)
 
 
-def _orthonormal(y: torch.Tensor) -> torch.Tensor:
-    q, _ = torch.linalg.qr(y, mode="reduced")
-    return q
-
-
-# Cholesky-QR falls back to Householder QR when the smallest pivot of R is below this share of
-# the largest: past it the float32 triangular solve would lose the basis' weak directions
-# (orthogonality error ~ float32 eps x the pivot ratio), and an exactly rank-deficient block
-# (a difference of lower rank than the sketch) has no Cholesky factor at all.
-CHOLQR_MIN_PIVOT = 1e-4
-
-
-# Between power iterations Cholesky-QR reads a float32 Gram matrix when its pivots say the
-# block is this well conditioned (smallest / largest pivot, i.e. about 1 / cond): its rounding
-# (~float32 eps x cond^2 of the smallest eigenvalue, <= 6e-4 here) leaves the basis orthonormal
-# to ~1e-3, which spans the same columns and is all an iteration needs; the kept-energy
-# estimates read from it moved by ~1e-6 of the left-out energy (measured on SDXL-like and clean
-# low-rank layers), 200x below the stop test's tolerance. Half the cost of the float64 Gram
-# (0.62 vs 1.23 ms at 10240 x 48: no float64 copy, a float32 GEMM).
-CHOLQR_FAST_MIN_PIVOT = 1e-2
-
-
-def _cholesky_qr(y: torch.Tensor, precise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """A basis ``q`` of the columns of ``y`` ``[..., M, w]`` and ``r`` (float64) with ``y = q r``.
-
-    Between power iterations only the span of the basis matters, not its exact orthogonality:
-    a Gram matrix (``w x w``), its Cholesky factor and one float32 GEMM with ``r^-1`` replace
-    LAPACK's Householder QR, which on a tall ``M x 48`` block is a sequence of small level-2
-    steps (measured 1.5-10x slower, the most on a busy machine, where each step's thread
-    barrier waits for a core). ``r`` has the singular values of ``y`` (float64), which is what
-    the convergence test reads. ``precise``: the Gram matrix in float64 (``q`` orthonormal to
-    float32 rounding); otherwise float32 where the block is well conditioned
-    (``CHOLQR_FAST_MIN_PIVOT``). Householder QR when the pivots say Cholesky is unsafe.
-    """
-    if not precise:
-        r, info = torch.linalg.cholesky_ex((y.mT @ y).double(), upper=True)
-        if _pivots_above(r, info, CHOLQR_FAST_MIN_PIVOT):
-            return y @ _inverse_upper(r).to(y.dtype), r
-    y64 = y.double()
-    r, info = torch.linalg.cholesky_ex(y64.mT @ y64, upper=True)
-    del y64
-    if not _pivots_above(r, info, CHOLQR_MIN_PIVOT):
-        q, rq = torch.linalg.qr(y, mode="reduced")
-        return q, rq.double()
-    return y @ _inverse_upper(r).to(y.dtype), r
-
-
-def _pivots_above(r: torch.Tensor, info: torch.Tensor, share: float) -> bool:
-    """Whether every Cholesky factor in ``r`` exists and its smallest pivot is above ``share``
-    of its largest."""
-    if bool((info != 0).any()):
-        return False
-    pivots = r.diagonal(dim1=-2, dim2=-1)
-    return bool((pivots.amin(-1) > share * pivots.amax(-1)).all())
-
-
-def _inverse_upper(r: torch.Tensor) -> torch.Tensor:
-    """``r^-1`` of an upper-triangular ``[..., w, w]`` (float64, as ``r``).
-
-    ``y @ r^-1`` is one GEMM: 2-3x faster on the CPU than a triangular solve against a tall
-    ``y`` (0.34 vs 1.1 ms at 12288 x 48), with the same result to float32 rounding."""
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
-    return torch.linalg.solve_triangular(r, eye, upper=True)
-
-
 def sketch_width(shape: tuple[int, ...], k: int, oversample: int) -> int:
     """Columns of the Gaussian test matrix for the top-``k`` triplets of an ``m x n`` matrix."""
     return min(k + oversample, shape[-2], shape[-1])
@@ -297,12 +233,12 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
     done = torch.zeros(batch, dtype=torch.bool, device=fro2.device)
     blocked = torch.zeros_like(done)
     energies: list[torch.Tensor] = []
-    q, _ = _cholesky_qr(_product(low, omega), precise=False)   # [..., M, width]
+    q, _ = cholesky_qr(_product(low, omega), precise=False)   # [..., M, width]
     # Each matrix's own bases, for the Rayleigh-Ritz step (``block_ritz``).
     histories = [[x] for x in q.reshape(-1, *q.shape[-2:])]
     y = _product_t(low, q)
     for i in range(niter):
-        z, r = _cholesky_qr(y, precise=False)
+        z, r = cholesky_qr(y, precise=False)
         ritz = ritz_values(r)
         energies.append(kept_energy(ritz, k).to(fro2.device))
         # With bfloat16 products a float32 iteration follows where their leak counts: the stop
@@ -317,7 +253,7 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
             blocked, done = blocked | slow, done | slow
         if bool(done.all()) or (ahead and i == niter - 1):
             break
-        q_next, _ = _cholesky_qr(_product(low, z), precise=False)
+        q_next, _ = cholesky_qr(_product(low, z), precise=False)
         y_next = _product_t(low, q_next)
         if batch:
             keep = done.to(q.device).view(*batch, 1, 1)
@@ -335,8 +271,8 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
         # low-rank difference kept past its rank leaves out so little that the leak alone
         # measured 1.018x the optimum. One float32 step shrinks the leak by
         # (sigma_width / sigma_k)^2; the Rayleigh-Ritz step then reads the float32 matrix.
-        z, _ = _cholesky_qr(y)
-        q, _ = _cholesky_qr(mat @ z)
+        z, _ = cholesky_qr(y)
+        q, _ = cholesky_qr(mat @ z)
         for history, x in zip(histories, q.reshape(-1, *q.shape[-2:]), strict=True):
             history.append(x)
         exact_product = True
@@ -351,26 +287,24 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
     # ||A||^2 there: the error moves by < 1e-7.
     plain = [not exact_product and bool(x) for x in (done & ~blocked).reshape(-1).tolist()]
     if all(plain):
-        q_orth, r_final = _cholesky_qr(q)
-        return q_orth, y @ _inverse_upper(r_final).to(y.dtype)
+        q_orth, r_final = cholesky_qr(q)
+        return q_orth, y @ inverse_upper(r_final).to(y.dtype)
     if not batch or not any(plain):
-        q_orth = _ritz_basis(histories, batch, lambda b: _cholesky_qr(b)[0])
+        q_orth = _ritz_basis(histories, batch, lambda b: cholesky_qr(b)[0])
         return q_orth, (mat.mT @ q_orth if exact_product else _product_t(low, q_orth))
     # A stack with both kinds: each matrix as it goes alone, zero columns padding the narrower.
     pieces = []
     for j, (history, is_plain) in enumerate(zip(histories, plain, strict=True)):
         a, a_low = mat.reshape(-1, *mat.shape[-2:])[j], low.reshape(-1, *low.shape[-2:])[j]
         if is_plain:
-            q_j, r_j = _cholesky_qr(history[-1])
-            y_j = y.reshape(-1, *y.shape[-2:])[j] @ _inverse_upper(r_j).to(y.dtype)
+            q_j, r_j = cholesky_qr(history[-1])
+            y_j = y.reshape(-1, *y.shape[-2:])[j] @ inverse_upper(r_j).to(y.dtype)
         else:
-            q_j, _ = _cholesky_qr(block_span(history[-RITZ_BLOCKS:]))
+            q_j, _ = cholesky_qr(block_span(history[-RITZ_BLOCKS:]))
             y_j = a.mT @ q_j if exact_product else _product_t(a_low, q_j)
         pieces.append((q_j, y_j))
-    width = max(q_j.shape[-1] for q_j, _ in pieces)
-    pad = torch.nn.functional.pad
-    q_orth = torch.stack([pad(q_j, (0, width - q_j.shape[-1])) for q_j, _ in pieces])
-    y = torch.stack([pad(y_j, (0, width - y_j.shape[-1])) for _, y_j in pieces])
+    q_orth = pad_stack([q_j for q_j, _ in pieces])
+    y = pad_stack([y_j for _, y_j in pieces])
     return q_orth.reshape(*batch, *q_orth.shape[-2:]), y.reshape(*batch, *y.shape[-2:])
 
 
@@ -426,12 +360,12 @@ def _low_precision_iterations(mat: torch.Tensor, q: torch.Tensor, niter: int,
     low = mat.to(dtype)
     histories = [[x] for x in q.reshape(-1, *q.shape[-2:])]
     for _ in range(niter):
-        z = _orthonormal((low.mT @ q.to(dtype)).float())
-        q = _orthonormal((low @ z.to(dtype)).float())
+        z = orthonormal((low.mT @ q.to(dtype)).float())
+        q = orthonormal((low @ z.to(dtype)).float())
         for history, x in zip(histories, q.reshape(-1, *q.shape[-2:]), strict=True):
             history.append(x)
     del low
-    q = _ritz_basis(histories, mat.shape[:-2], _orthonormal)   # the last bases together
+    q = _ritz_basis(histories, mat.shape[:-2], orthonormal)   # the last bases together
     return q, mat.mT @ q
 
 
@@ -463,7 +397,7 @@ def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int
         dtype = a.dtype
     if a.device.type != "cpu" and dtype != mat.dtype:
         # CUDA: all ``niter`` bfloat16 iterations, no per-iteration host sync.
-        q = _orthonormal((mat.to(dtype) @ omega.to(a.device, dtype)).float())
+        q = orthonormal((mat.to(dtype) @ omega.to(a.device, dtype)).float())
         q, y = _low_precision_iterations(mat, q, niter, dtype)
     else:
         if fro2 is None:

@@ -59,10 +59,6 @@ class DifferencePool:
             if len(self._free) > self._keep:
                 self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
 
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-
     @contextlib.contextmanager
     def using(self) -> Iterator[None]:
         """``scratch`` takes from this pool inside the block (this thread and context only)."""

@@ -25,13 +25,15 @@ Which keys are resident and how big batches are is decided elsewhere (``planner.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..extract.difference import CHUNK, difference_into
+from ..extract.difference import difference_into
 from ..extract.errors import ExtractionInputError
+from ..extract.file_difference import ChunkBuffers, difference_from_files, reads_from_files
 from ..extract.norms import frobenius_norm, frobenius_norm_tensor
 from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
 from ..extract.pairing import KeyPair, load_difference
@@ -97,8 +99,7 @@ class PairStreamer:
         self.streams = streams if streams is not None else streams_for(device)
         # Reader-thread scratch, reused for every layer: a chunk of raw bytes of each weight,
         # and a cache-sized float32 chunk for forming the difference.
-        self._chunk_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._scratch: torch.Tensor | None = None
+        self._chunks: ChunkBuffers | None = None
         self._prefetcher: Prefetcher[Sequence[KeyPair], LoadedBatch] | None = None
         self.oom_keys: list[str] = []
         # Reader thread: bytes of staging buffers its batch in progress holds (the pool never
@@ -134,7 +135,7 @@ class PairStreamer:
             self.pool.close()
             prefetcher.close()
             self._prefetcher = None
-            self._chunk_buffers, self._scratch = None, None
+            self._chunks = None
 
     # --- reader thread -------------------------------------------------------------------
 
@@ -193,35 +194,21 @@ class PairStreamer:
 
     def _fill_host(self, pair: KeyPair, buf: torch.Tensor) -> LoadedLayer:
         diff = view_as(buf, torch.float32, tuple(pair.shape))
-        if self._scratch is None:
-            self._scratch = torch.empty(CHUNK, dtype=torch.float32)
-        if has_raw_reads(self.tuned) and has_raw_reads(self.base):
-            self._difference_from_files(pair, diff)
+        if self._chunks is None:
+            self._chunks = ChunkBuffers()
+        if reads_from_files(self.tuned, self.base):
+            # Straight from the files' bytes, chunk by chunk, the norm in the same pass.
+            fro = math.sqrt(difference_from_files(self.tuned, pair.tuned_key, self.base,
+                                                  pair.base_key, diff, self._chunks))
         else:
             tuned = self.tuned.get(pair.tuned_key, "cpu")
             base = self.base.get(pair.base_key, "cpu")
-            difference_into(diff, tuned, base, self._scratch)
+            difference_into(diff, tuned, base, self._chunks.scratch)
             del tuned, base
-        fro = frobenius_norm(diff)
+            fro = frobenius_norm(diff)
         self._check_finite(pair, fro)
         self.bytes_moved += diff.numel() * 4
         return LoadedLayer(pair, diff, fro, _buffer=buf, _pool=self.pool)
-
-    def _difference_from_files(self, pair: KeyPair, diff: torch.Tensor) -> None:
-        """Both weights read chunk by chunk into two small buffers, each chunk differenced while
-        it is in the cache: no host buffer of a whole raw weight, no fresh allocation."""
-        assert has_raw_reads(self.tuned) and has_raw_reads(self.base)
-        if self._chunk_buffers is None:
-            # CHUNK elements of the widest dtype a checkpoint holds (float64).
-            self._chunk_buffers = (torch.empty(CHUNK * 8, dtype=torch.uint8),
-                                   torch.empty(CHUNK * 8, dtype=torch.uint8))
-        flat = diff.view(-1)
-        n = flat.numel()
-        for lo in range(0, n, CHUNK):
-            hi = min(n, lo + CHUNK)
-            t = self.tuned.read_elements(pair.tuned_key, lo, hi, self._chunk_buffers[0])
-            b = self.base.read_elements(pair.base_key, lo, hi, self._chunk_buffers[1])
-            difference_into(flat[lo:hi], t, b, self._scratch)
 
     def _load_async(self, pair: KeyPair, streams: DeviceStreams, resident: bool) -> LoadedLayer:
         """The difference on the device, through the side stream (the cache's copies too, so

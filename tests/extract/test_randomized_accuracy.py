@@ -11,6 +11,7 @@ import torch
 
 from lora_extract.extract import ExtractConfig, extract_matrix, power_stop
 from lora_extract.extract import decompose as dec
+from lora_extract.extract.cholesky_qr import cholesky_qr
 from lora_extract.extract.decompose import gaussian_sketch, randomized_svd, randomized_svd_with
 from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
 
@@ -153,7 +154,7 @@ def test_cpu_bf16_detection_reads_the_cpu_flags() -> None:
 
 def test_cholesky_qr_spans_the_columns_with_their_singular_values(gen) -> None:
     y = matrix_with_spectrum(900, 48, _spectrum("power", 48), gen)
-    q, r = dec._cholesky_qr(y)
+    q, r = cholesky_qr(y)
     assert r.dtype == torch.float64
     # An orthonormal basis (to float32 rounding x the conditioning) of the same span.
     torch.testing.assert_close(q.mT @ q, torch.eye(48), rtol=0, atol=1e-5)
@@ -165,7 +166,7 @@ def test_cholesky_qr_spans_the_columns_with_their_singular_values(gen) -> None:
 def test_cholesky_qr_falls_back_to_householder_on_rank_deficient_blocks(gen) -> None:
     # A difference of rank 5 sketched 48 wide: the Gram matrix is singular.
     y = torch.randn(700, 5, generator=gen) @ torch.randn(5, 48, generator=gen)
-    q, r = dec._cholesky_qr(y)
+    q, r = cholesky_qr(y)
     assert bool(torch.isfinite(q).all())
     torch.testing.assert_close(q.mT @ q, torch.eye(48), rtol=0, atol=1e-5)
     torch.testing.assert_close(q.double() @ r, y.double(), rtol=0, atol=1e-4)
