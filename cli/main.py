@@ -7,6 +7,7 @@ Exit status: 0 success, 2 bad input (one line on stderr says why; no output file
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -178,7 +179,11 @@ def run_as_process(argv: Sequence[str] | None = None) -> NoReturn:
     log handlers and both streams are flushed here. An exception ``main`` does not handle
     (a bug: it prints its traceback) and ``SystemExit`` (``--help``, argument errors) take the
     normal way out.
+
+    Everything imported by then lives until the end: ``gc.freeze`` takes it out of the cyclic
+    collector's view, whose full passes over torch's objects took ~0.08 s each during a run.
     """
+    gc.freeze()
     code = main(argv)
     logging.shutdown()
     sys.stdout.flush()

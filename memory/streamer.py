@@ -118,7 +118,7 @@ class PairStreamer:
         layer (``LoadedLayer.release``) on every path; batches never taken are released here."""
         prefetcher = self._prefetcher = Prefetcher(
             batches, self._load_batch, self.prefetch_ahead, watch=watch, discard=release_batch,
-            what="the next batch from the reader")
+            what="the next batch from the reader", cpu_compute=self.device.type == "cpu")
         self.pool.watch = prefetcher.watch
         try:
             for _pairs, loaded in prefetcher:

@@ -192,7 +192,8 @@ def validate_lora(base: WeightSource, tuned: WeightSource, lora: WeightSource, *
 
     for i, (pair, weights) in enumerate(Prefetcher(
             plan.common, load, prefetch, watch=RunWatch(check_interrupt),
-            what="the next layer pair from the reader")):
+            what="the next layer pair from the reader",
+            cpu_compute=torch.device(device).type == "cpu")):
         if check_interrupt is not None:
             check_interrupt()
         skips = loader == LOADER_COMFYUI and plan.on_nonleaf_module(pair.path)

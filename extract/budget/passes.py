@@ -103,7 +103,7 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     out.fixed_bytes += new_tensor_bytes(plan, cfg, base)   # set_weight tensors (new_tensors.py)
     for i, (pair, (diff, fro)) in enumerate(Prefetcher(
             plan.common, load, prefetch, watch=RunWatch(check_interrupt),
-            what="the next layer from the reader")):
+            what="the next layer from the reader", cpu_compute=fallback.requested == "cpu")):
         if check_interrupt is not None:
             check_interrupt()
         if needs_svd(pair, fro, cfg, plan):
