@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -30,7 +31,7 @@ from .layer import LayerExtraction, choose_rank, finish_extraction, svd_plan
 
 
 def _unstack(svd: TruncatedSVD) -> list[TruncatedSVD]:
-    return [TruncatedSVD(svd.U[i], svd.S[i], svd.Vh[i]) for i in range(svd.S.shape[0])]
+    return [replace(svd, U=svd.U[i], S=svd.S[i], Vh=svd.Vh[i]) for i in range(svd.S.shape[0])]
 
 
 def batched_exact_svd(stack: torch.Tensor) -> list[TruncatedSVD]:

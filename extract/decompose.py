@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,14 +46,22 @@ class TruncatedSVD:
     U: torch.Tensor   # [m, k]
     S: torch.Tensor   # [k]
     Vh: torch.Tensor  # [k, n]
+    # Whether ``S`` is exact to float32 rounding: the singular values of ``Q^T A`` formed in
+    # float32. False where the Rayleigh-Ritz step read a bfloat16 product: its rounding moves
+    # the values by up to ~1e-3 of themselves on small noisy layers (768x96 at rank 4; ~4e-5 on
+    # SDXL-sized ones) while the subspace, and so the factors' error, stays optimal to ~1e-5.
+    exact_values: bool = True
 
     def truncate(self, k: int) -> TruncatedSVD:
-        return TruncatedSVD(self.U[:, :k], self.S[:k], self.Vh[:k, :])
+        return replace(self, U=self.U[:, :k], S=self.S[:k], Vh=self.Vh[:k, :])
 
 
-def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, transposed: bool) -> TruncatedSVD:
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, transposed: bool,
+           exact_values: bool = True) -> TruncatedSVD:
     # Undo the transposition used to factorize a wide matrix: A^T = U S Vh  =>  A = Vh^T S U^T.
-    return TruncatedSVD(vh.mT, s, u.mT) if transposed else TruncatedSVD(u, s, vh)
+    if transposed:
+        return TruncatedSVD(vh.mT, s, u.mT, exact_values)
+    return TruncatedSVD(u, s, vh, exact_values)
 
 
 # Above this aspect ratio a float64 Gram eigendecomposition of the small side beats LAPACK's
@@ -203,11 +211,11 @@ def _bf16_leak_matters(energies: list[torch.Tensor], fro2: torch.Tensor) -> bool
 
 
 def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int,
-                      fro2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                      fro2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Subspace iteration from the sketch ``mat @ omega`` until converged or ``niter``;
     returns an orthonormal
     ``q`` and ``y = mat^T q`` in float32 (the projected matrix, transposed, for the
-    Rayleigh-Ritz step).
+    Rayleigh-Ritz step), and whether ``y`` is a float32 product (``exact_values``).
 
     The big matmuls run in ``dtype`` (float32, or bfloat16 where the CPU has bfloat16
     instructions: 3-4x the float32 rate); the bases stay float32 and the convergence test reads
@@ -227,7 +235,7 @@ def _power_iterations(mat: torch.Tensor, omega: torch.Tensor, k: int, niter: int
 
 
 def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, niter: int,
-             fro2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+             fro2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The body of ``_power_iterations``; ``low`` is ``mat`` in ``dtype``."""
     batch = mat.shape[:-2]
     done = torch.zeros(batch, dtype=torch.bool, device=fro2.device)
@@ -288,10 +296,10 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
     plain = [not exact_product and bool(x) for x in (done & ~blocked).reshape(-1).tolist()]
     if all(plain):
         q_orth, r_final = cholesky_qr(q)
-        return q_orth, y @ inverse_upper(r_final).to(y.dtype)
+        return q_orth, y @ inverse_upper(r_final).to(y.dtype), exact_product
     if not batch or not any(plain):
         q_orth = _ritz_basis(histories, batch, lambda b: cholesky_qr(b)[0])
-        return q_orth, (mat.mT @ q_orth if exact_product else _product_t(low, q_orth))
+        return q_orth, (mat.mT @ q_orth if exact_product else _product_t(low, q_orth)), exact_product
     # A stack with both kinds: each matrix as it goes alone, zero columns padding the narrower.
     pieces = []
     for j, (history, is_plain) in enumerate(zip(histories, plain, strict=True)):
@@ -305,7 +313,8 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
         pieces.append((q_j, y_j))
     q_orth = pad_stack([q_j for q_j, _ in pieces])
     y = pad_stack([y_j for _, y_j in pieces])
-    return q_orth.reshape(*batch, *q_orth.shape[-2:]), y.reshape(*batch, *y.shape[-2:])
+    return (q_orth.reshape(*batch, *q_orth.shape[-2:]), y.reshape(*batch, *y.shape[-2:]),
+            exact_product)
 
 
 @functools.lru_cache(maxsize=1)
@@ -399,17 +408,18 @@ def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int
         # CUDA: all ``niter`` bfloat16 iterations, no per-iteration host sync.
         q = orthonormal((mat.to(dtype) @ omega.to(a.device, dtype)).float())
         q, y = _low_precision_iterations(mat, q, niter, dtype)
+        exact = True                            # its last product is float32
     else:
         if fro2 is None:
             fro2 = torch.linalg.vector_norm(mat, dim=(-2, -1), dtype=torch.float64) ** 2
         f2 = torch.as_tensor(fro2, dtype=torch.float64).to("cpu")
-        q, y = _power_iterations(mat, omega.to(a.device, mat.dtype), k, niter, f2, dtype)
+        q, y, exact = _power_iterations(mat, omega.to(a.device, mat.dtype), k, niter, f2, dtype)
     # y = (q^T mat)^T is tall: LAPACK is slower on wide matrices (5-18% of a whole randomized
     # SVD at 320..1280 wide layers, measured), so factorize it and swap its factors.
     vb, s, ubt = torch.linalg.svd(y, full_matrices=False)
     u = q @ ubt.mT
     vh = vb.mT
-    return _split(u[..., :k], s[..., :k], vh[..., :k, :], transposed)
+    return _split(u[..., :k], s[..., :k], vh[..., :k, :], transposed, exact)
 
 
 def randomized_svd(a: torch.Tensor, k: int, oversample: int, niter: int,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from .difference import CHUNK, difference_into
-from .norms import small_sum_of_squares
-from .sources import has_raw_reads
+from .norms import small_sum_of_squares, sum_of_squares
+from .sources import WeightSource, has_raw_reads
 
 
 class ChunkBuffers:
@@ -50,3 +50,19 @@ def difference_from_files(tuned: object, tuned_key: str, base: object, base_key:
         part = difference_into(flat[lo:hi], t, b, buffers.scratch)
         energy += small_sum_of_squares(part)
     return energy
+
+
+def host_difference(tuned: WeightSource, tuned_key: str, base: WeightSource, base_key: str,
+                    out: torch.Tensor, buffers: ChunkBuffers | None = None) -> float:
+    """``out = fp32(tuned[tuned_key]) - fp32(base[base_key])`` into the contiguous CPU float32
+    ``out``, and ``||out||_F^2`` in float64: from the files' bytes where both sources have
+    them (``difference_from_files``), else from the sources' tensors (a pass for the norm).
+    ``buffers``: the caller's reused ones (made here if None)."""
+    if reads_from_files(tuned, base):
+        return difference_from_files(tuned, tuned_key, base, base_key, out,
+                                     buffers if buffers is not None else ChunkBuffers())
+    t = tuned.get(tuned_key, "cpu")
+    b = base.get(base_key, "cpu")
+    difference_into(out, t, b, buffers.scratch if buffers is not None else None)
+    del t, b
+    return sum_of_squares(out)

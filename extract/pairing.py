@@ -15,7 +15,7 @@ import torch
 from .difference import difference_into
 from .difference_pool import DifferencePool
 from .errors import ExtractionInputError
-from .file_difference import ChunkBuffers, difference_from_files, reads_from_files
+from .file_difference import ChunkBuffers, host_difference
 from .keys.te_keys import encoders_in, left_out_reason, model_path
 from .norms import frobenius_norm
 from .selection import SelectionOutcome
@@ -170,17 +170,16 @@ def load_difference(base: WeightSource, tuned: WeightSource, tuned_key: str, bas
                     buffers: ChunkBuffers | None = None) -> tuple[torch.Tensor, float]:
     """``tuned - base`` in float32 on ``device`` and its Frobenius norm.
 
-    On the CPU, from two files (``reads_from_files``): formed chunk by chunk straight from
-    their bytes with its norm in the same pass (``difference_from_files``), into a buffer from
-    ``pool`` if given (with ``buffers``, the caller's reused read buffers). A NaN or Inf in
-    either model is an input error naming the key and the model.
+    On the CPU (``host_difference``; from two files chunk by chunk straight from their bytes,
+    the norm in the same pass) into a buffer from ``pool`` if given (with ``buffers``, the
+    caller's reused read buffers). A NaN or Inf in either model is an input error naming the
+    key and the model.
     """
-    if torch.device(device).type == "cpu" and reads_from_files(tuned, base):
+    if torch.device(device).type == "cpu":
         shape = tuple(tuned.shape(tuned_key))
         diff = pool.take(shape) if pool is not None else torch.empty(shape, dtype=torch.float32)
-        energy = difference_from_files(tuned, tuned_key, base, base_key, diff,
-                                       buffers if buffers is not None else ChunkBuffers())
-        fro = math.sqrt(energy)     # NaN and Inf stay what they are
+        # NaN and Inf stay what they are through the square root.
+        fro = math.sqrt(host_difference(tuned, tuned_key, base, base_key, diff, buffers))
     else:
         diff = tuned.get(tuned_key, device, torch.float32)
         b = base.get(base_key, device)

@@ -42,7 +42,7 @@ def extract_lora(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig, *,
     work = LayerWork(base, tuned, cfg, plan, fallback)
     run_layers(plan.common, work.load, work.process, report, prefetch=prefetch, progress=progress,
                check_interrupt=check_interrupt, total=len(plan.common),
-               cpu_compute=fallback.requested == "cpu")
+               cpu_compute=not fallback.on_accelerator)
     report.notes.extend(fallback.notes())
     store_new_tensors(plan, base, tuned, cfg, work.tensors, report)
     report.seconds = time.perf_counter() - t0

@@ -33,8 +33,8 @@ import torch
 
 from ..extract.difference import difference_into
 from ..extract.errors import ExtractionInputError
-from ..extract.file_difference import ChunkBuffers, difference_from_files, reads_from_files
-from ..extract.norms import frobenius_norm, frobenius_norm_tensor
+from ..extract.file_difference import ChunkBuffers, host_difference
+from ..extract.norms import frobenius_norm_tensor
 from ..extract.oom_fallback import OOM_ERRORS, release_accelerator_cache
 from ..extract.pairing import KeyPair, load_difference
 from ..extract.prefetch import Prefetcher
@@ -196,16 +196,8 @@ class PairStreamer:
         diff = view_as(buf, torch.float32, tuple(pair.shape))
         if self._chunks is None:
             self._chunks = ChunkBuffers()
-        if reads_from_files(self.tuned, self.base):
-            # Straight from the files' bytes, chunk by chunk, the norm in the same pass.
-            fro = math.sqrt(difference_from_files(self.tuned, pair.tuned_key, self.base,
-                                                  pair.base_key, diff, self._chunks))
-        else:
-            tuned = self.tuned.get(pair.tuned_key, "cpu")
-            base = self.base.get(pair.base_key, "cpu")
-            difference_into(diff, tuned, base, self._chunks.scratch)
-            del tuned, base
-            fro = frobenius_norm(diff)
+        fro = math.sqrt(host_difference(self.tuned, pair.tuned_key, self.base, pair.base_key,
+                                        diff, self._chunks))
         self._check_finite(pair, fro)
         self.bytes_moved += diff.numel() * 4
         return LoadedLayer(pair, diff, fro, _buffer=buf, _pool=self.pool)

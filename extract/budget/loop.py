@@ -44,7 +44,7 @@ def extract_lora_budgeted(base: WeightSource, tuned: WeightSource, cfg: ExtractC
     work = LayerWork(base, tuned, cfg, plan, fallback, finish=finish, stored=budget.spectra.release)
     run_layers(plan.common, work.load, work.process, report, prefetch=prefetch, progress=progress,
                check_interrupt=check_interrupt, total=total,
-               cpu_compute=fallback.requested == "cpu")
+               cpu_compute=not fallback.on_accelerator)
     report.notes.extend(fallback.notes())
     store_new_tensors(plan, base, tuned, cfg, work.tensors, report)
     budget.annotate(report)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,9 +64,9 @@ def decompose_at_cap(diff: torch.Tensor, cfg: ExtractConfig,
         svd = randomized_svd(mat, k, cfg.oversample, cfg.lowrank_iters, generator)
     kk = min(cap, m, n)
     # Copies, not views: a view would keep the full-size LAPACK factors alive.
-    return TruncatedSVD(svd.U[:, :kk].to("cpu", torch.float32, copy=True).contiguous(),
-                        svd.S.to("cpu", torch.float32, copy=True),
-                        svd.Vh[:kk, :].to("cpu", torch.float32, copy=True).contiguous())
+    return replace(svd, U=svd.U[:, :kk].to("cpu", torch.float32, copy=True).contiguous(),
+                   S=svd.S.to("cpu", torch.float32, copy=True),
+                   Vh=svd.Vh[:kk, :].to("cpu", torch.float32, copy=True).contiguous())
 
 
 @dataclass
@@ -103,7 +103,7 @@ def collect_spectra(base: WeightSource, tuned: WeightSource, cfg: ExtractConfig,
     out.fixed_bytes += new_tensor_bytes(plan, cfg, base)   # set_weight tensors (new_tensors.py)
     for i, (pair, (diff, fro)) in enumerate(Prefetcher(
             plan.common, load, prefetch, watch=RunWatch(check_interrupt),
-            what="the next layer from the reader", cpu_compute=fallback.requested == "cpu")):
+            what="the next layer from the reader", cpu_compute=not fallback.on_accelerator)):
         if check_interrupt is not None:
             check_interrupt()
         if needs_svd(pair, fro, cfg, plan):
@@ -130,7 +130,7 @@ def finisher(cfg: ExtractConfig, spectra: Spectra, ranks: dict[str, int]):
         t0 = time.perf_counter()
         svd, _ = spectra.kept[key]     # kept until stored: an OOM retry on the CPU needs it
         dev = diff.device
-        on = TruncatedSVD(svd.U.to(dev), svd.S.to(dev), svd.Vh.to(dev))
+        on = replace(svd, U=svd.U.to(dev), S=svd.S.to(dev), Vh=svd.Vh.to(dev))
         return finish_extraction(diff, on, ranks[key], fro, cfg, t0)
     return finish
 
