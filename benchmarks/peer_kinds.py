@@ -222,7 +222,7 @@ def main() -> int:
     for r in rows:
         full_s = f"{r['full_s']} s" if "full_s" in r else "-"
         print(f"| {r['kind']} | {r['matrices']} / {r['params_m']}M | {full_s} | {r['exact_s']} s | "
-              f"{statistics.median(r['kj_s'])} s | {statistics.median(r['lowrank_s'])} s | "
+              f"{statistics.median(r['kj_s']):.2f} s | {statistics.median(r['lowrank_s']):.2f} s | "
               f"{r.get('full_over_lowrank', '-')}x | {r['kj_over_lowrank']}x "
               f"({r['kj_to_file_over_lowrank']}x) | "
               f"{r.get('full_over_exact', '-')}x | {r['lowrank_err'][0]:.5f}, {r['lowrank_err'][1]:.5f} | "
