@@ -138,3 +138,19 @@ def test_scratch_uses_the_pool_only_inside_using() -> None:
         assert t.data_ptr() == storage.data_ptr() and t.dtype == torch.bfloat16
     # Given back after the block.
     assert pool.take((4096,)).data_ptr() == storage.data_ptr()
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_bfloat16_products_read_either_stored_layout(gen, wide) -> None:
+    # A wide layer is iterated as the transpose view of its stored matrix; the products take
+    # the stored matrix as it lies, and must equal low @ x and low^T @ q either way.
+    stored = torch.randn(*((70, 300) if wide else (300, 70)), generator=gen).bfloat16()
+    low = stored.mT if wide else stored
+    assert dec._stored_transposed(low) is wide
+    x = torch.randn(low.shape[1], 12, generator=gen)
+    q = torch.randn(low.shape[0], 12, generator=gen)
+    ref = low.double()
+    for got, want in ((dec._product(low, x), ref @ x.bfloat16().double()),
+                      (dec._product_t(low, q), ref.mT @ q.bfloat16().double())):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
