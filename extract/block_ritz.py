@@ -20,6 +20,15 @@ import torch
 # Bases read by the Rayleigh-Ritz step (the last RITZ_BLOCKS of the iterations).
 RITZ_BLOCKS = 3
 
+# ... and after the float32 step that ends bfloat16 iterations where their leak counts (a clean
+# low-rank change kept past its rank): that step's basis and the last bfloat16 one. The float32
+# basis holds the dominant directions to float32 precision; the earlier bases only help the
+# noise-floor directions kept past the change's rank, whose choice barely moves the error: on
+# the clean rank-16 pairs of ``benchmarks/peer_kinds.py`` (kind ``lowrank``) the worst error /
+# optimum went from 1.00040 (three bases) to 1.00063, at 0.87x the decomposition time (the
+# step's product is float32, 96 columns instead of 144).
+RITZ_BLOCKS_AFTER_FLOAT32_STEP = 2
+
 # Directions the earlier bases add to the last one are kept where their share (singular value
 # of their part orthogonal to the last basis) is above this: below it they are float32 rounding
 # of directions the bases agree on (a difference of two float32 bases is exact to ~6e-8).
@@ -50,13 +59,14 @@ def block_span(bases: list[torch.Tensor]) -> torch.Tensor:
 
 
 def ritz_bases(histories: list[list[torch.Tensor]],
-               orthonormal: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The Rayleigh-Ritz bases of a stack: per matrix, the last ``RITZ_BLOCKS`` of its own
+               orthonormal: Callable[[torch.Tensor], torch.Tensor],
+               blocks: int = RITZ_BLOCKS) -> torch.Tensor:
+    """The Rayleigh-Ritz bases of a stack: per matrix, the last ``blocks`` of its own
     bases (``histories[i]``, each ``[M, w]``) through ``block_span`` and ``orthonormal``;
     stacked ``[B, M, width]``, zero columns padding the narrower ones (a zero column adds a
     zero singular value, which the top ``k`` never reach). Each matrix so gets the span it gets
     when decomposed alone, however long the others iterate."""
-    return pad_stack([orthonormal(block_span(h[-RITZ_BLOCKS:])) for h in histories])
+    return pad_stack([orthonormal(block_span(h[-blocks:])) for h in histories])
 
 
 def pad_stack(blocks: list[torch.Tensor]) -> torch.Tensor:

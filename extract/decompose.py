@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .block_ritz import RITZ_BLOCKS, block_span, pad_stack, ritz_bases
+from .block_ritz import RITZ_BLOCKS, RITZ_BLOCKS_AFTER_FLOAT32_STEP, block_span, pad_stack, ritz_bases
 from .cholesky_qr import cholesky_qr, inverse_upper, orthonormal
 from .difference_pool import scratch
 from .norms import gram_float64
@@ -279,6 +279,7 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
             if not stopped:
                 history.append(x)
     exact_product = dtype == mat.dtype
+    blocks = RITZ_BLOCKS
     if not exact_product and _bf16_leak_matters(energies, fro2):
         # One more iteration in float32. bfloat16 products leave the bases within ~1e-3 of
         # the dominant subspace: harmless where the left-out energy dwarfs that, but a clean
@@ -290,10 +291,11 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
         for history, x in zip(histories, q.reshape(-1, *q.shape[-2:]), strict=True):
             history.append(x)
         exact_product = True
+        blocks = RITZ_BLOCKS_AFTER_FLOAT32_STEP
     # Converged matrices: the last basis alone is as good, and the Rayleigh-Ritz step takes the
     # last bfloat16 product as it is (q = Q R, mat^T Q = y R^-1: no new matmul; q came out of a
     # Cholesky-QR, so R is within rounding of the identity). The others (stopped as slow, not
-    # converged within ``niter``, or after a float32 step): the last RITZ_BLOCKS bases together
+    # converged within ``niter``, or after a float32 step): the last ``blocks`` bases together
     # (``block_ritz``), made orthonormal to float32 precision by a Cholesky-QR on a float64
     # Gram matrix, and a new product. Where the leak does not count that product stays in
     # bfloat16: its rounding adds a random error whose energy is ~2^-18 w / M of ||A||^2
@@ -304,7 +306,7 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
         q_orth, r_final = cholesky_qr(q)
         return q_orth, y @ inverse_upper(r_final).to(y.dtype), exact_product
     if not batch or not any(plain):
-        q_orth = _ritz_basis(histories, batch, lambda b: cholesky_qr(b)[0])
+        q_orth = _ritz_basis(histories, batch, lambda b: cholesky_qr(b)[0], blocks)
         return q_orth, (mat.mT @ q_orth if exact_product else _product_t(low, q_orth)), exact_product
     # A stack with both kinds: each matrix as it goes alone, zero columns padding the narrower.
     pieces = []
@@ -314,7 +316,7 @@ def _iterate(mat: torch.Tensor, low: torch.Tensor, omega: torch.Tensor, k: int, 
             q_j, r_j = cholesky_qr(history[-1])
             y_j = y.reshape(-1, *y.shape[-2:])[j] @ inverse_upper(r_j).to(y.dtype)
         else:
-            q_j, _ = cholesky_qr(block_span(history[-RITZ_BLOCKS:]))
+            q_j, _ = cholesky_qr(block_span(history[-blocks:]))
             y_j = a.mT @ q_j if exact_product else _product_t(a_low, q_j)
         pieces.append((q_j, y_j))
     q_orth = pad_stack([q_j for q_j, _ in pieces])
@@ -385,11 +387,13 @@ def _low_precision_iterations(mat: torch.Tensor, q: torch.Tensor, niter: int,
 
 
 def _ritz_basis(histories: list[list[torch.Tensor]], batch: torch.Size,
-                orthonormal: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The Rayleigh-Ritz basis from each matrix's bases (``block_ritz``), shaped as the stack."""
+                orthonormal: Callable[[torch.Tensor], torch.Tensor],
+                blocks: int = RITZ_BLOCKS) -> torch.Tensor:
+    """The Rayleigh-Ritz basis from each matrix's last ``blocks`` bases (``block_ritz``),
+    shaped as the stack."""
     if not batch:
-        return orthonormal(block_span(histories[0][-RITZ_BLOCKS:]))
-    q = ritz_bases(histories, orthonormal)
+        return orthonormal(block_span(histories[0][-blocks:]))
+    q = ritz_bases(histories, orthonormal, blocks)
     return q.reshape(*batch, *q.shape[-2:])
 
 
