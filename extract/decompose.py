@@ -5,7 +5,9 @@ full matrices and always factorizes the tall orientation, which is what makes it
 faster than ``torch.linalg.svd(W)`` on the wide/tall layers of diffusion models. The randomized
 path sketches with a Gaussian test matrix, runs power iterations with re-orthonormalization
 each half-step (without it the sketch collapses onto the top singular vector in float32), and
-finishes with an exact SVD of the small projected matrix (the Rayleigh-Ritz step). On the CPU
+finishes with the SVD of the small projected matrix (the Rayleigh-Ritz step, from its float64
+Gram matrix), projected once more in float32 where that matrix was a bfloat16 product, so that
+the returned singular values are exact for the returned vectors. On the CPU
 the half-steps are normalised by Cholesky-QR (one Gram matmul, one tiny Cholesky, one
 triangular solve; Householder QR only where its pivots say it is unsafe); the iterations stop as
 soon as the kept spectrum has converged, and their big matmuls run in bfloat16 where the CPU
@@ -27,6 +29,8 @@ import torch
 from .block_ritz import RITZ_BLOCKS, RITZ_BLOCKS_AFTER_FLOAT32_STEP, block_span, pad_stack, ritz_bases
 from .cholesky_qr import cholesky_qr, inverse_upper, orthonormal
 from .difference_pool import scratch
+from .low_precision_products import product as _product
+from .low_precision_products import product_t as _product_t
 from .norms import gram_float64
 from .partial_eigh import top_eigenvectors
 from .power_stop import (
@@ -154,35 +158,6 @@ def gaussian_sketch(shape: tuple[int, ...], width: int, generator: torch.Generat
     depend on the device or on which other layers share a batch."""
     m, n = shape[-2:]
     return torch.randn(min(m, n), width, generator=generator, dtype=dtype, device="cpu")
-
-
-def _stored_transposed(low: torch.Tensor) -> bool:
-    """Whether ``low`` is the transpose view of a row-major matrix (a wide layer iterated as
-    its transpose)."""
-    return not low.is_contiguous() and low.mT.is_contiguous()
-
-
-# Products with a bfloat16 matrix read it as stored (row-major, not through a transpose view)
-# and, where they need its transpose, as the right operand: ``S^T x = (x^T S)^T``. The CPU
-# kernel runs 1.1-1.45x faster that way than through a transposed operand (measured at 48
-# columns on 1280x11520, 1280x5120, 640x5760, 3072x12288 stored wide and 10240x1280 stored
-# tall: e.g. 3072x12288 ``S q`` 8.7 vs 10.8 ms, ``S^T z`` 12.3 vs 14.1 ms). In float32 the
-# plain forms are as fast or faster.
-
-
-def _product(low: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``low @ x`` in ``low``'s dtype, returned in ``x``'s (float32: the bases stay float32)."""
-    xl = x.to(low.dtype)
-    if low.dtype != x.dtype and _stored_transposed(low):
-        return (xl.mT @ low.mT).mT.to(x.dtype)
-    return (low @ xl).to(x.dtype)
-
-
-def _product_t(low: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``low^T @ q`` in ``low``'s dtype, returned in ``q``'s."""
-    if low.dtype == q.dtype or _stored_transposed(low):
-        return (low.mT @ q.to(low.dtype)).to(q.dtype)
-    return (q.mT.to(low.dtype) @ low).mT.to(q.dtype)
 
 
 # The energy a bfloat16 basis misses, as a share of the energy it keeps. Measured at rank 32

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_extract.extract import decompose as dec
+from lora_extract.extract import low_precision_products
 from lora_extract.extract.block_ritz import block_span
 from lora_extract.extract.difference_pool import DifferencePool, scratch
 from lora_extract.extract.file_difference import ChunkBuffers, difference_from_files
@@ -167,11 +168,11 @@ def test_bfloat16_products_read_either_stored_layout(gen, wide) -> None:
     # the stored matrix as it lies, and must equal low @ x and low^T @ q either way.
     stored = torch.randn(*((70, 300) if wide else (300, 70)), generator=gen).bfloat16()
     low = stored.mT if wide else stored
-    assert dec._stored_transposed(low) is wide
+    assert low_precision_products.stored_transposed(low) is wide
     x = torch.randn(low.shape[1], 12, generator=gen)
     q = torch.randn(low.shape[0], 12, generator=gen)
     ref = low.double()
-    for got, want in ((dec._product(low, x), ref @ x.bfloat16().double()),
-                      (dec._product_t(low, q), ref.mT @ q.bfloat16().double())):
+    for got, want in ((low_precision_products.product(low, x), ref @ x.bfloat16().double()),
+                      (low_precision_products.product_t(low, q), ref.mT @ q.bfloat16().double())):
         assert got.dtype == torch.float32
         assert torch.allclose(got.double(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
