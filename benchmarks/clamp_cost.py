@@ -50,7 +50,7 @@ from safetensors import safe_open
 
 from lora_extract.extract.clamp import abs_quantile_rows, clamp_factors
 from lora_extract.extract.config import OUTPUT_DTYPES
-from lora_extract.extract.decompose import exact_svd
+from lora_extract.extract.exact_svd import exact_svd
 from lora_extract.extract.norms import frobenius_norm
 
 ClampFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]

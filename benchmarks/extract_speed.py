@@ -34,7 +34,7 @@ import torch
 from bench_pairs import MIXES, params, specs, write_pair
 
 from lora_extract.extract import ExtractConfig, SafetensorsSource, extract_lora, extract_matrix
-from lora_extract.extract.decompose import singular_values
+from lora_extract.extract.exact_svd import singular_values
 from lora_extract.extract.rank_rules import SpectrumTotals, select_rank
 
 

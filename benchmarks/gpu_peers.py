@@ -38,7 +38,9 @@ import torch
 
 from lora_extract.extract import ExtractConfig, extract_matrix
 from lora_extract.extract.batched import batched_randomized_svd, same_shape_groups
-from lora_extract.extract.decompose import TruncatedSVD, exact_svd, randomized_svd
+from lora_extract.extract.decompose import randomized_svd
+from lora_extract.extract.exact_svd import exact_svd
+from lora_extract.extract.truncated_svd import TruncatedSVD
 
 # (shape, count): SDXL-like attention/FF/conv (3x3 convs flattened) and DiT-like layers.
 FULL = [((1280, 1280), 12), ((10240, 1280), 4), ((1280, 5120), 4), ((640, 640), 8),

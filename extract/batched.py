@@ -5,7 +5,7 @@ where batching pays (small and medium layers leave most of the device idle one a
 CPU MKL already uses every core for one matrix, so batching gains nothing there (measured
 0.92-1.15x on DiT-sized layers) and callers keep it off.
 
-Every step mirrors the per-layer path in ``layer.py`` / ``decompose.py`` (same orientation,
+Every step mirrors the per-layer path in ``layer.py`` / ``decompose.py`` / ``exact_svd.py`` (same orientation,
 same per-layer seeded sketch, same rank rules, clamp and scaling through
 ``layer.finish_extraction``), so a layer gets the same rank and the same factors, within float
 rounding, whether it was extracted alone or in a batch.
@@ -20,14 +20,10 @@ from dataclasses import replace
 import torch
 
 from .config import ExtractConfig
-from .decompose import (
-    TruncatedSVD,
-    exact_svd,
-    gaussian_sketch,
-    randomized_svd_with,
-    sketch_width,
-)
+from .decompose import gaussian_sketch, randomized_svd_with, sketch_width
+from .exact_svd import exact_svd
 from .layer import LayerExtraction, choose_rank, finish_extraction, svd_plan
+from .truncated_svd import TruncatedSVD
 
 
 def _unstack(svd: TruncatedSVD) -> list[TruncatedSVD]:

@@ -1,8 +1,7 @@
-"""Truncated SVD of a weight difference: exact (LAPACK) and randomized (Halko et al.).
+"""Randomized truncated SVD of a weight difference (Halko et al.); the exact one is in
+``exact_svd``.
 
-Both return the top singular triplets of a 2-D float32 matrix. The exact path never asks for
-full matrices and always factorizes the tall orientation, which is what makes it several times
-faster than ``torch.linalg.svd(W)`` on the wide/tall layers of diffusion models. The randomized
+Both return the top singular triplets of a 2-D float32 matrix. The randomized
 path sketches with a Gaussian test matrix, runs power iterations with re-orthonormalization
 each half-step (without it the sketch collapses onto the top singular vector in float32), and
 finishes with the SVD of the small projected matrix (the Rayleigh-Ritz step, from its float64
@@ -22,17 +21,15 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import torch
 
 from .block_ritz import RITZ_BLOCKS, RITZ_BLOCKS_AFTER_FLOAT32_STEP, block_span, pad_stack, ritz_bases
 from .cholesky_qr import cholesky_qr, inverse_upper, orthonormal
 from .difference_pool import scratch
+from .exact_svd import gram_svd
 from .low_precision_products import product as _product
 from .low_precision_products import product_t as _product_t
-from .norms import gram_float64
-from .partial_eigh import top_eigenvectors
 from .power_stop import (
     ESTIMATE_RESOLUTION,
     converged,
@@ -41,110 +38,7 @@ from .power_stop import (
     kept_energy,
     ritz_values,
 )
-
-
-@dataclass
-class TruncatedSVD:
-    """Top-k singular triplets: ``A ~= U @ diag(S) @ Vh``; S descending."""
-
-    U: torch.Tensor   # [m, k]
-    S: torch.Tensor   # [k]
-    Vh: torch.Tensor  # [k, n]
-
-    def truncate(self, k: int) -> TruncatedSVD:
-        return replace(self, U=self.U[:, :k], S=self.S[:k], Vh=self.Vh[:k, :])
-
-
-def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, transposed: bool) -> TruncatedSVD:
-    # Undo the transposition used to factorize a wide matrix: A^T = U S Vh  =>  A = Vh^T S U^T.
-    if transposed:
-        return TruncatedSVD(vh.mT, s, u.mT)
-    return TruncatedSVD(u, s, vh)
-
-
-# Above this aspect ratio a float64 Gram eigendecomposition of the small side beats LAPACK's
-# thin SVD on the CPU (measured 1.3-2x on 1280x2048 .. 10240x1280 and 9216x3072).
-GRAM_MIN_ASPECT = 1.5
-
-
-def exact_route(device: torch.device, m: int, n: int, batched: bool, k_max: int | None = None) -> str:
-    """``"gram64"`` (float64 Gram matrix of the small side + eigh) or ``"thin_svd"``.
-
-    CPU: measured (see GRAM_MIN_ASPECT); square layers too when only a few singular vectors
-    are wanted (``k_max``), which the partial eigensolver finds at a fraction of eigh's cost
-    (``partial_eigh_pays``). CUDA: the Gram route for every shape, not measured
-    yet: cuSOLVER's SVD of a large matrix was measured no faster than the full SVD per layer
-    (21.8 s vs 20.5 s on an H200, issue "Fastest on the GPU"), while the Gram route is one
-    matmul and one small symmetric eigensolve (batched for stacks). ``benchmarks/gpu_peers.py``
-    times both routes (``route_*`` rows) on the device; set this from its numbers.
-    """
-    if device.type == "cuda":
-        return "gram64"
-    if device.type == "cpu" and not batched and max(m, n) >= GRAM_MIN_ASPECT * min(m, n):
-        return "gram64"
-    small = min(m, n)
-    if k_max is not None and partial_eigh_pays(device, 3 if batched else 2, min(k_max, small), small):
-        return "gram64"
-    return "thin_svd"
-
-
-def exact_svd(a: torch.Tensor, k_max: int | None = None) -> TruncatedSVD:
-    """All singular values of ``a``, and the top ``k_max`` (default: all) singular vectors.
-
-    Works on ``[m, n]`` or a stack ``[B, m, n]`` (one batched call). The route per device and
-    shape is ``exact_route``'s: the float64 Gram matrix of the small side (exact to float32
-    precision for every singular value above ~1e-8 of the largest) or the thin SVD of the
-    tall orientation.
-    """
-    m, n = a.shape[-2:]
-    transposed = m < n
-    tall = a.mT if transposed else a
-    if exact_route(a.device, m, n, a.dim() > 2, k_max) == "gram64":
-        return _gram_svd(tall, k_max, transposed)
-    # LAPACK's divide-and-conquer is much slower on wide matrices; factorize the transpose.
-    u, s, vh = torch.linalg.svd(tall, full_matrices=False)
-    return _split(u, s, vh, transposed)
-
-
-# The partial eigensolver (eigenvalues, then the top k vectors by a filtered subspace iteration)
-# in place of a full eigh, on the CPU, for k up to this share of n: on 3072x3072 Gram matrices
-# eigvalsh costs ~1.0 s of eigh's ~3.7 s and the filter ~0.1-0.5 s for k = 32.
-PARTIAL_EIGH_MAX_SHARE = 0.25
-
-
-def partial_eigh_pays(device: torch.device, dims: int, k: int, n: int) -> bool:
-    """Whether the top ``k`` of ``n`` eigenvectors come from ``top_eigenvectors``."""
-    return device.type == "cpu" and dims == 2 and n >= 256 and k <= PARTIAL_EIGH_MAX_SHARE * n
-
-
-def _gram_svd(tall: torch.Tensor, k_max: int | None, transposed: bool) -> TruncatedSVD:
-    """SVD of a tall ``[..., M, N]`` matrix from the eigenvectors of its ``N x N`` Gram matrix."""
-    if tall.dim() == 2:
-        # Row blocks upcast one at a time: a float64 copy of the whole layer (twice its float32
-        # size) was the exact path's memory peak (1021 MiB on two 2.6 GiB models).
-        gram = gram_float64(tall.mT)
-    else:
-        t64 = tall.double()
-        gram = t64.mT @ t64
-        del t64
-    n = gram.shape[-1]
-    k = n if k_max is None else min(k_max, n)
-    v = None
-    if partial_eigh_pays(gram.device, gram.dim(), k, n):
-        evals = torch.linalg.eigvalsh(gram).flip(-1)          # descending, no vectors
-        v = top_eigenvectors(gram, evals, k)
-    if v is None:
-        evals, evecs = torch.linalg.eigh(gram)
-        evals, v = evals.flip(-1), evecs.flip(-1)[..., :k]
-    del gram
-    s = evals.clamp_min(0).sqrt()
-    # U = A V / S. A zero singular value (rank-deficient difference) gets a zero column, which
-    # its zero weight cancels; float32 here keeps memory at one extra copy of the layer.
-    vk = v.to(tall.dtype)
-    sk = s[..., :k].to(tall.dtype).unsqueeze(-2)
-    av = tall @ vk
-    u = torch.where(sk > 0, av / sk.clamp_min(torch.finfo(tall.dtype).tiny), torch.zeros_like(av))
-    return _split(u, s.to(tall.dtype), vk.mT, transposed)
+from .truncated_svd import TruncatedSVD, split_transposed
 
 
 def sketch_width(shape: tuple[int, ...], k: int, oversample: int) -> int:
@@ -400,13 +294,13 @@ def randomized_svd_with(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int
         f2 = torch.as_tensor(fro2, dtype=torch.float64).to("cpu")
         q, y, exact = _power_iterations(mat, omega.to(a.device, mat.dtype), k, niter, f2, dtype)
     # y = (q^T mat)^T = vb S ubt: its top k from the float64 Gram matrix of its few columns
-    # (``_gram_svd``: 2.85 vs 7.1 ms for LAPACK's SVD at 3072x144, 0.56 vs 1.24 at 3072x48;
+    # (``gram_svd``: 2.85 vs 7.1 ms for LAPACK's SVD at 3072x144, 0.56 vs 1.24 at 3072x48;
     # values within 6e-8 of LAPACK's), then A ~= (q ubt^T) S vb^T.
-    top = _gram_svd(y, k, False)
+    top = gram_svd(y, k, False)
     u = q @ top.Vh.mT
     if not exact:
-        return _split(*_float32_projection(mat, u), transposed)
-    return _split(u, top.S[..., :k], top.U.mT, transposed)
+        return split_transposed(*_float32_projection(mat, u), transposed)
+    return split_transposed(u, top.S[..., :k], top.U.mT, transposed)
 
 
 def _float32_projection(mat: torch.Tensor, u: torch.Tensor
@@ -438,16 +332,3 @@ def randomized_svd(a: torch.Tensor, k: int, oversample: int, niter: int,
     width = sketch_width(tuple(a.shape), k, oversample)
     omega = gaussian_sketch(tuple(a.shape), width, generator, a.dtype)
     return randomized_svd_with(a, omega, k, niter, fro2=fro2)
-
-
-def singular_values(a: torch.Tensor) -> torch.Tensor:
-    """All singular values, descending, from the smaller Gram matrix (cheaper than svdvals).
-
-    Accumulated in float64: the Gram matrix squares the condition number, and float64 keeps
-    the top values exact to float32 precision, which is all a rank rule needs.
-    """
-    m, n = a.shape
-    small = a if m <= n else a.T
-    g = gram_float64(small)
-    ev = torch.linalg.eigvalsh(g).clamp_min_(0).sqrt_()
-    return ev.flip(0).float()

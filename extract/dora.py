@@ -49,7 +49,8 @@ import torch
 
 from .clamp import clamp_factors
 from .config import ExtractConfig
-from .decompose import TruncatedSVD, exact_svd, randomized_svd
+from .decompose import randomized_svd
+from .exact_svd import exact_svd
 from .layer import (
     DoraOutput,
     LayerExtraction,
@@ -60,6 +61,7 @@ from .layer import (
     svd_plan,
 )
 from .norms import frobenius_norm
+from .truncated_svd import TruncatedSVD
 
 # Alternation steps after the first (plain-LoRA) one, and when to stop early: a step that lowers
 # the error by less than this share of it.

@@ -15,9 +15,11 @@ import torch
 
 from .clamp import clamp_factors
 from .config import ExtractConfig
-from .decompose import TruncatedSVD, exact_svd, randomized_svd, singular_values
+from .decompose import randomized_svd
+from .exact_svd import exact_svd, singular_values
 from .norms import frobenius_norm
 from .rank_rules import RULE_NEEDS, SpectrumTotals, select_rank
+from .truncated_svd import TruncatedSVD
 
 # When the randomized sketch would be this large a share of the smaller side, an exact SVD
 # is as cheap and has no estimation error.

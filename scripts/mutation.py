@@ -43,7 +43,7 @@ CHUNKS: dict[str, tuple[list[str], list[str]]] = {
                       ["tests/extract/test_layer_extraction.py", "tests/extract/test_rank_rules.py", "tests/extract/test_clamp.py",
                        "tests/extract/test_edges.py",
                        f"{UO}::test_lowrank_iters_buys_accuracy"]),
-    "extract-decompose": (["extract/decompose.py", "extract/power_stop.py", "extract/partial_eigh.py",
+    "extract-decompose": (["extract/decompose.py", "extract/exact_svd.py", "extract/power_stop.py", "extract/partial_eigh.py",
                            "extract/norms.py"],
                           ["tests/extract/test_partial_eigh.py", "tests/extract/test_randomized_accuracy.py",
                            "tests/contracts/test_float64_norms.py", "tests/contracts/test_gpu_paths_emulated.py"]),

@@ -16,9 +16,10 @@ import time
 import torch
 
 from ..extract.callbacks import InterruptFn, ProgressFn
-from ..extract.decompose import randomized_svd, singular_values
+from ..extract.decompose import randomized_svd
 from ..extract.devices import checked_device
 from ..extract.errors import ExtractionInputError
+from ..extract.exact_svd import singular_values
 from ..extract.keys.te_keys import model_path
 from ..extract.layer import SPECTRUM_KEEP, layer_kind
 from ..extract.norms import frobenius_norm

@@ -20,7 +20,8 @@ import torch
 from ..callbacks import InterruptFn, ProgressFn
 from ..change_threshold import small_change_reason
 from ..config import ExtractConfig
-from ..decompose import TruncatedSVD, exact_svd, randomized_svd
+from ..decompose import randomized_svd
+from ..exact_svd import exact_svd
 from ..layer import finish_extraction, svd_plan
 from ..layer_config import layer_config
 from ..new_tensors import new_tensor_bytes
@@ -31,6 +32,7 @@ from ..prefetch import Prefetcher
 from ..report import ExtractionReport
 from ..run_setup import set_up_run
 from ..sources import WeightSource
+from ..truncated_svd import TruncatedSVD
 from ..waits import RunWatch
 from .fit_check import check_budget_fits
 from .rank_math import LayerSpectrum, RankPlan, plan_ranks, rank_unit_bytes, size_curve

@@ -10,7 +10,7 @@ import threading
 import pytest
 from execution import run_node
 
-from lora_extract.extract import decompose
+from lora_extract.extract import decompose, exact_svd
 from lora_extract.nodes import NODE_CLASS_MAPPINGS
 from tests.support.helpers import patched_pair
 
@@ -36,14 +36,14 @@ def test_option_reaches_the_decomposition_without_returning(comfy_dirs, monkeypa
                                                             option: str, value, hook: str) -> None:
     _base, _tuned, patcher, tuned_patcher = patched_pair(width=128, seed=5)
     paths: list[list[str]] = []
-    real = getattr(decompose, hook)
+    real = getattr(decompose, hook, None) or getattr(exact_svd, hook)
 
     def spy(*args, **kwargs):
         on_main = threading.current_thread() is threading.main_thread()
         paths.append((on_main, _pack_modules_on_the_stack()))
         return real(*args, **kwargs)
 
-    for mod in ("lora_extract.extract.layer", "lora_extract.extract.decompose",
+    for mod in ("lora_extract.extract.layer", "lora_extract.extract.decompose", "lora_extract.extract.exact_svd",
                 "lora_extract.extract.batched", "lora_extract.extract.dora"):
         m = __import__(mod, fromlist=["x"])
         if hasattr(m, hook):

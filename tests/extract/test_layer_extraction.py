@@ -9,7 +9,8 @@ import torch
 
 from lora_extract.extract import ExtractConfig, extract_matrix
 from lora_extract.extract.clamp import abs_quantile_rows
-from lora_extract.extract.decompose import exact_svd, randomized_svd, singular_values
+from lora_extract.extract.decompose import randomized_svd
+from lora_extract.extract.exact_svd import exact_svd, singular_values
 from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
 
 EXACT = ExtractConfig(rank=16, clamp_quantile=None, output_dtype="fp32")
@@ -127,8 +128,8 @@ def test_gram_route_of_exact_svd_matches_lapack(m: int, n: int, gen: torch.Gener
 
 
 def test_factors_do_not_depend_on_the_svd_route(gen: torch.Generator) -> None:
-    from lora_extract.extract.decompose import TruncatedSVD
     from lora_extract.extract.layer import canonical_signs
+    from lora_extract.extract.truncated_svd import TruncatedSVD
 
     a = matrix_with_spectrum(90, 60, 0.8 ** torch.arange(60, dtype=torch.float32), gen)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)

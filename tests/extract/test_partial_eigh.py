@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_extract.extract import decompose as dec
+from lora_extract.extract import exact_svd as exact
 from lora_extract.extract import partial_eigh as pe
 from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
 
@@ -40,9 +41,9 @@ def test_exact_svd_through_the_partial_eigensolver_is_optimal(kind, shape, gen, 
     a = matrix_with_spectrum(m, n, _spectrum(kind, min(m, n)), gen)
     used = []
     real = pe.top_eigenvectors
-    monkeypatch.setattr(dec, "top_eigenvectors", lambda *args: used.append(real(*args)) or used[-1])
+    monkeypatch.setattr(exact, "top_eigenvectors", lambda *args: used.append(real(*args)) or used[-1])
     k = 32
-    svd = dec.exact_svd(a, k_max=k)
+    svd = exact.exact_svd(a, k_max=k)
     assert len(used) == 1 and used[0] is not None       # certified, no fall back to eigh
     ref = torch.linalg.svdvals(a.double())
     torch.testing.assert_close(svd.S.double(), ref, rtol=1e-5, atol=1e-6 * float(ref[0]))
@@ -77,7 +78,7 @@ def test_zero_matrix_is_left_to_eigh_and_a_rank_deficient_one_is_spanned() -> No
 
 def test_rank_deficient_layer_falls_back_and_stays_exact(gen) -> None:
     a = matrix_with_spectrum(700, 300, torch.linspace(1, 0.5, 6, dtype=torch.float64), gen)
-    svd = dec.exact_svd(a, k_max=32)
+    svd = exact.exact_svd(a, k_max=32)
     assert _rel_error(a, svd.truncate(6)) <= 1e-6
     assert float(svd.S[6:].abs().max()) <= 1e-5
 
@@ -85,7 +86,7 @@ def test_rank_deficient_layer_falls_back_and_stays_exact(gen) -> None:
     # nonzero columns, the rest exactly zero.
     b = torch.zeros(700, 300)
     b[:, :5] = torch.randn(700, 5, generator=gen)
-    svd = dec.exact_svd(b, k_max=32)
+    svd = exact.exact_svd(b, k_max=32)
     zero = svd.S[:32] == 0
     assert int(zero.sum()) >= 20
     assert float(svd.U[:, zero].abs().max()) == 0.0
@@ -106,7 +107,7 @@ def test_energy_check_sees_a_missing_direction() -> None:
 
 def test_deterministic_for_the_same_input(gen) -> None:
     a = matrix_with_spectrum(800, 300, _spectrum("slow", 300), gen)
-    one, two = dec.exact_svd(a, k_max=16), dec.exact_svd(a.clone(), k_max=16)
+    one, two = exact.exact_svd(a, k_max=16), exact.exact_svd(a.clone(), k_max=16)
     assert torch.equal(one.U, two.U) and torch.equal(one.Vh, two.Vh)
 
 

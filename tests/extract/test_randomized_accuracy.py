@@ -11,6 +11,7 @@ import torch
 
 from lora_extract.extract import ExtractConfig, extract_matrix, power_stop
 from lora_extract.extract import decompose as dec
+from lora_extract.extract import exact_svd as exact
 from lora_extract.extract.cholesky_qr import cholesky_qr
 from lora_extract.extract.decompose import gaussian_sketch, randomized_svd, randomized_svd_with
 from tests.support.helpers import matrix_with_spectrum, optimal_rel_error
@@ -212,12 +213,12 @@ def test_stack_stops_each_matrix_on_its_own(gen) -> None:
 @pytest.mark.parametrize("shape", [(300, 300), (200, 520), (480, 160)])
 def test_gram_route_of_cuda_is_exact_alone_and_batched(shape, gen, monkeypatch) -> None:
     # The exact route CUDA takes (float64 Gram + eigh, square and stacked too), run on the CPU.
-    monkeypatch.setattr(dec, "exact_route", lambda device, m, n, batched, k_max=None: "gram64")
+    monkeypatch.setattr(exact, "exact_route", lambda device, m, n, batched, k_max=None: "gram64")
     m, n = shape
     mats = [matrix_with_spectrum(m, n, _spectrum(kind, min(m, n)), gen)
             for kind in ("slow", "power")]
-    alone = [dec.exact_svd(x, k_max=20) for x in mats]
-    stacked = dec.exact_svd(torch.stack(mats), k_max=20)
+    alone = [exact.exact_svd(x, k_max=20) for x in mats]
+    stacked = exact.exact_svd(torch.stack(mats), k_max=20)
     for i, (x, svd) in enumerate(zip(mats, alone, strict=True)):
         ref = torch.linalg.svdvals(x.double())
         torch.testing.assert_close(svd.S.double(), ref, rtol=1e-5, atol=1e-6 * float(ref[0]))
@@ -229,14 +230,14 @@ def test_gram_route_of_cuda_is_exact_alone_and_batched(shape, gen, monkeypatch) 
 
 def test_exact_route_per_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert dec.exact_route(cpu, 9216, 3072, False) == "gram64"
-    assert dec.exact_route(cpu, 3072, 3072, False) == "thin_svd"
+    assert exact.exact_route(cpu, 9216, 3072, False) == "gram64"
+    assert exact.exact_route(cpu, 3072, 3072, False) == "thin_svd"
     # Square layers take the Gram route when only a few vectors are wanted (partial eigh).
-    assert dec.exact_route(cpu, 3072, 3072, False, k_max=32) == "gram64"
-    assert dec.exact_route(cpu, 3072, 3072, False, k_max=1024) == "thin_svd"
-    assert dec.exact_route(cpu, 3072, 3072, True, k_max=32) == "thin_svd"
-    assert dec.exact_route(cpu, 9216, 3072, True) == "thin_svd"
-    assert dec.exact_route(cuda, 3072, 3072, True) == "gram64"
+    assert exact.exact_route(cpu, 3072, 3072, False, k_max=32) == "gram64"
+    assert exact.exact_route(cpu, 3072, 3072, False, k_max=1024) == "thin_svd"
+    assert exact.exact_route(cpu, 3072, 3072, True, k_max=32) == "thin_svd"
+    assert exact.exact_route(cpu, 9216, 3072, True) == "thin_svd"
+    assert exact.exact_route(cuda, 3072, 3072, True) == "gram64"
 
 
 @pytest.mark.parametrize("shape", [(600, 400), (300, 1100), (1000, 500)])
